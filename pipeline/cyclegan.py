@@ -1,0 +1,181 @@
+"""The CycleGAN: two generators, two discriminators, one optimisation step that reads like the
+paper (Zhu et al. 2017), the pool of past fakes, and checkpoints that resume everything."""
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.networks import GANLoss, define_discriminator, define_generator
+from pipeline.params import Params
+
+
+class ImagePool:
+    """Past fakes for the discriminator (Shrivastava et al.): with probability 1/2 a new fake is
+    swapped for a stored one, which damps oscillation. Its own seeded RNG, saved with the checkpoint."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.images, self.rng = size, [], random.Random(seed)
+
+    def query(self, fakes: torch.Tensor) -> torch.Tensor:
+        if self.size == 0:
+            return fakes
+        out = []
+        for img in fakes.detach():
+            if len(self.images) < self.size:
+                self.images.append(img.clone())
+                out.append(img)
+            elif self.rng.random() < 0.5:
+                k = self.rng.randrange(self.size)
+                out.append(self.images[k].clone())
+                self.images[k] = img.clone()
+            else:
+                out.append(img)
+        return torch.stack(out)
+
+    def state_dict(self) -> dict:
+        return {"images": [i.cpu() for i in self.images], "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.images = [i.to(device) for i in state["images"]]
+        self.rng.setstate(state["rng"])
+
+
+@dataclass
+class Nets:
+    G: nn.Module    # photo -> Monet
+    F: nn.Module    # Monet -> photo
+    D_M: nn.Module  # is this a Monet?
+    D_P: nn.Module  # is this a photo?
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"G": self.G, "F": self.F, "D_M": self.D_M, "D_P": self.D_P}
+
+
+def generator_config(p: Params) -> dict:
+    """Everything needed to rebuild a generator; stored beside its weights."""
+    t = p.train
+    return {"kind": t.generator, "image_size": p.image_size, "filters": t.gen_filters, "resnet_blocks": t.resnet_blocks}
+
+
+def build_generator(config: dict) -> nn.Module:
+    return define_generator(config["kind"], config["image_size"], config["filters"], config["resnet_blocks"])
+
+
+def build_nets(p: Params) -> Nets:
+    cfg = generator_config(p)
+    return Nets(G=build_generator(cfg), F=build_generator(cfg),
+                D_M=define_discriminator(p.train.disc_filters), D_P=define_discriminator(p.train.disc_filters))
+
+
+class Trainer:
+    """Optimisers, schedules, losses and the pools around a set of Nets."""
+
+    def __init__(self, nets: Nets, p: Params, device: torch.device, autocast_dtype: torch.dtype | None):
+        t = p.train
+        self.nets, self.p, self.device = nets, p, device
+        betas = (t.beta1, 0.999)
+        self.opt_G = torch.optim.Adam(list(nets.G.parameters()) + list(nets.F.parameters()), lr=t.lr, betas=betas)
+        self.opt_D = torch.optim.Adam(list(nets.D_M.parameters()) + list(nets.D_P.parameters()), lr=t.lr, betas=betas)
+        total = t.epochs * t.steps_per_epoch
+        decay_start = t.decay_from_epoch * t.steps_per_epoch
+
+        def lr_factor(step: int) -> float:  # constant, then linear to zero (paper)
+            return 1.0 - max(0, step - decay_start) / max(1, total - decay_start + 1)
+
+        self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G, lr_factor)
+        self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D, lr_factor)
+        self.gan = GANLoss(t.gan_loss)
+        self.l1 = nn.L1Loss()
+        self.pool_M = ImagePool(t.pool_size, p.seed + 1)
+        self.pool_P = ImagePool(t.pool_size, p.seed + 2)
+        # a mode that is off does nothing: the step never asks which precision it runs in
+        self.autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype \
+            else contextlib.nullcontext
+        self.dtype = autocast_dtype
+        self.step = 0
+
+    def describe(self) -> str:
+        from pipeline.runtime import describe
+        return describe(self.device, self.dtype)
+
+    def train_step(self, real_P: torch.Tensor, real_M: torch.Tensor) -> dict[str, float]:
+        """One CycleGAN step on a batch of photos (P) and paintings (M), both N×3×H×W in [-1, 1]."""
+        n, p = self.nets, self.p
+        lam_cyc, lam_idt = p.lambda_cycle, p.lambda_identity * p.lambda_cycle
+
+        # generators: fool both discriminators, reconstruct both cycles, keep identities
+        for d in (n.D_M, n.D_P):
+            d.requires_grad_(False)
+        with self.autocast():
+            fake_M = n.G(real_P)   # G(P)
+            fake_P = n.F(real_M)   # F(M)
+            rec_P = n.F(fake_M)    # F(G(P)) ≈ P
+            rec_M = n.G(fake_P)    # G(F(M)) ≈ M
+            loss_G_adv = self.gan(n.D_M(fake_M), True)
+            loss_F_adv = self.gan(n.D_P(fake_P), True)
+            loss_cyc = self.l1(rec_P.float(), real_P) + self.l1(rec_M.float(), real_M)
+            loss_idt = torch.zeros((), device=real_P.device)
+            if lam_idt > 0:  # G(M) ≈ M and F(P) ≈ P: preserves colour composition
+                loss_idt = self.l1(n.G(real_M).float(), real_M) + self.l1(n.F(real_P).float(), real_P)
+            loss_gen = loss_G_adv + loss_F_adv + lam_cyc * loss_cyc + lam_idt * loss_idt
+        self.opt_G.zero_grad(set_to_none=True)
+        loss_gen.backward()
+        self.opt_G.step()
+
+        # discriminators: real vs. a pooled past fake, halved as in the paper
+        for d in (n.D_M, n.D_P):
+            d.requires_grad_(True)
+        with self.autocast():
+            pooled_M = self.pool_M.query(fake_M.detach())
+            pooled_P = self.pool_P.query(fake_P.detach())
+            loss_D_M = 0.5 * (self.gan(n.D_M(real_M), True) + self.gan(n.D_M(pooled_M), False))
+            loss_D_P = 0.5 * (self.gan(n.D_P(real_P), True) + self.gan(n.D_P(pooled_P), False))
+        self.opt_D.zero_grad(set_to_none=True)
+        (loss_D_M + loss_D_P).backward()
+        self.opt_D.step()
+
+        self.sched_G.step()
+        self.sched_D.step()
+        self.step += 1
+        return {"loss_G_adv": loss_G_adv.item(), "loss_F_adv": loss_F_adv.item(), "loss_cycle": loss_cyc.item(),
+                "loss_identity": loss_idt.item(), "loss_D_M": loss_D_M.item(), "loss_D_P": loss_D_P.item()}
+
+    def state_dict(self) -> dict:
+        # the uncompiled modules' weights (no `_orig_mod.` prefixes) and everything else that moves
+        return {
+            "nets": {k: _uncompiled(m).state_dict() for k, m in self.nets.modules().items()},
+            "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
+            "sched_G": self.sched_G.state_dict(), "sched_D": self.sched_D.state_dict(),
+            "pool_M": self.pool_M.state_dict(), "pool_P": self.pool_P.state_dict(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, m in self.nets.modules().items():
+            _uncompiled(m).load_state_dict(state["nets"][k])
+        self.opt_G.load_state_dict(state["opt_G"])
+        self.opt_D.load_state_dict(state["opt_D"])
+        self.sched_G.load_state_dict(state["sched_G"])
+        self.sched_D.load_state_dict(state["sched_D"])
+        self.pool_M.load_state_dict(state["pool_M"], self.device)
+        self.pool_P.load_state_dict(state["pool_P"], self.device)
+        self.step = state["step"]
+
+
+def _uncompiled(m: nn.Module) -> nn.Module:
+    return getattr(m, "_orig_mod", m)
+
+
+def to_model_input(images_uint8: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """uint8 N×H×W×3 -> float N×3×H×W in [-1, 1] on `device`."""
+    x = images_uint8.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float N×3×H×W in [-1, 1] -> uint8 N×H×W×3 on the CPU."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().contiguous()

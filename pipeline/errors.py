@@ -1,0 +1,28 @@
+"""User-facing errors and the one place that turns them into a single line and an exit code."""
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class PipelineError(Exception):
+    """Bad input or environment; the message names what and where, in one line."""
+
+
+class DataError(PipelineError):
+    """A data file is missing, truncated, corrupt or of the wrong shape."""
+
+
+def cli(main):
+    """Run a stage's main(): a PipelineError becomes `error: <message>` on stderr and exit 2,
+    never a traceback (bugs still get their traceback)."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except PipelineError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

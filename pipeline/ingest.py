@@ -1,0 +1,190 @@
+"""Stage 1, ingest: competition TFRecords (embedded sample, Kaggle, or a local copy) ->
+verified uint8 tensor shards + a manifest.
+
+    python -m pipeline.ingest --raw data/raw --shards data/shards --manifest data/manifest.csv
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import tempfile
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline import sample, shards, tfrecords
+from pipeline.errors import DataError, PipelineError, cli
+from pipeline.files import atomic_dir, atomic_path
+from pipeline.params import Params, load
+
+COMPETITION = "gan-getting-started"
+TFREC_DIRS = {"monet": "monet_tfrec", "photo": "photo_tfrec"}
+SAMPLE_FILES = {"monet": 5, "photo": 20}  # the Kaggle data has 5 Monet and 20 photo TFRecord files
+
+
+# --- sources: each fills `raw` with monet_tfrec/*.tfrec and photo_tfrec/*.tfrec ---------------
+
+def sample_name(seed: int, domain: str, i: int) -> str:
+    """A 10-hex-digit image name like Kaggle's, stable for (seed, domain, i)."""
+    return hashlib.sha1(f"{seed}/{domain}/{i}".encode()).hexdigest()[:10]
+
+
+def _render_chunk(args: tuple[int, str, list[int]]) -> list[bytes]:
+    seed, domain, positions = args
+    index = sample.monet_index if domain == "monet" else sample.photo_index
+    style = "monet" if domain == "monet" else "photo"
+    pixels = sample.render_batch(seed, [index(i) for i in positions], style)
+    return [tfrecords.encode_jpeg(p) for p in pixels]
+
+
+def write_sample(raw: Path, seed: int, counts: dict[str, int], workers: int) -> None:
+    """Render the embedded sample in the Kaggle layout and TFRecord schema."""
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for domain, count in counts.items():
+            files = min(SAMPLE_FILES[domain], count)
+            for k in range(files):
+                positions = list(range(k * count // files, (k + 1) * count // files))
+                chunks = [(seed, domain, positions[j:j + 32]) for j in range(0, len(positions), 32)]
+                jpegs = [j for chunk in pool.map(_render_chunk, chunks) for j in chunk]
+                examples = (tfrecords.Example(sample_name(seed, domain, i), jpeg, domain)
+                            for i, jpeg in zip(positions, jpegs))
+                path = raw / TFREC_DIRS[domain] / f"{domain}{k:02d}-{len(positions)}.tfrec"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tfrecords.write(path, examples)
+                print(f"ingest: wrote {path.name} ({len(positions)} {domain} images)", flush=True)
+
+
+def copy_competition(source: Path, raw: Path) -> None:
+    """Take the TFRecords from a local copy of the competition zip or its extracted folder."""
+    if not source.exists():
+        raise PipelineError(f"ingest.source: {source} does not exist (expected 'sample', 'kaggle', "
+                            f"or the competition zip / folder)")
+    for domain, folder in TFREC_DIRS.items():
+        (raw / folder).mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        for domain, folder in TFREC_DIRS.items():
+            files = sorted((source / folder).glob("*.tfrec"))
+            if not files:
+                raise DataError(f"{source / folder}: no .tfrec files (is this the {COMPETITION} folder?)")
+            for f in files:
+                shutil.copyfile(f, raw / folder / f.name)
+        return
+    try:
+        with zipfile.ZipFile(source) as zf:
+            for domain, folder in TFREC_DIRS.items():
+                members = [m for m in zf.namelist() if m.startswith(f"{folder}/") and m.endswith(".tfrec")]
+                if not members:
+                    raise DataError(f"{source}: no {folder}/*.tfrec inside (is this the {COMPETITION} zip?)")
+                for m in members:
+                    with zf.open(m) as src, open(raw / folder / Path(m).name, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+    except zipfile.BadZipFile as e:
+        raise DataError(f"{source}: not a readable zip ({e})") from None
+
+
+def kaggle_api():
+    """An authenticated KaggleApi. Imported here: `import kaggle` itself tries to authenticate."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    api = KaggleApi()
+    try:
+        api.authenticate()
+    except SystemExit:  # the package exits when it finds no credentials
+        raise PipelineError("ingest.source=kaggle: no Kaggle credentials found; set KAGGLE_API_TOKEN "
+                            "or KAGGLE_USERNAME/KAGGLE_KEY, or save ~/.kaggle/kaggle.json") from None
+    return api
+
+
+def download_kaggle(raw: Path, api_factory=kaggle_api) -> None:
+    api = api_factory()
+    with tempfile.TemporaryDirectory(dir=raw.parent, prefix=".download.") as tmp:
+        try:
+            api.competition_download_files(COMPETITION, path=tmp, quiet=False)
+        except SystemExit:
+            raise PipelineError(f"ingest.source=kaggle: the Kaggle client gave up downloading {COMPETITION}") from None
+        except Exception as e:
+            if _http_status(e) in (401, 403):
+                raise PipelineError(
+                    f"ingest.source=kaggle: Kaggle refused {COMPETITION} (HTTP {_http_status(e)}); accept the "
+                    f"rules at https://www.kaggle.com/competitions/{COMPETITION}/rules") from None
+            raise PipelineError(f"ingest.source=kaggle: download of {COMPETITION} failed: {e}") from None
+        zips = sorted(Path(tmp).glob("*.zip"))
+        if not zips:
+            raise DataError(f"ingest.source=kaggle: the download of {COMPETITION} produced no zip")
+        copy_competition(zips[0], raw)
+
+
+def _http_status(e: Exception) -> int | None:
+    for obj in (e, getattr(e, "response", None)):
+        for attr in ("status", "status_code"):
+            value = getattr(obj, attr, None)
+            if isinstance(value, int):
+                return value
+    return None
+
+
+# --- reading: every source goes through here ----------------------------------------------
+
+def read_raw(raw: Path, shards_dir: Path, shard_size: int) -> pd.DataFrame:
+    """Verify, decode and check every record; write shards; return the manifest."""
+    manifest = []
+    for domain, folder in TFREC_DIRS.items():
+        files = sorted((raw / folder).glob("*.tfrec"))
+        if not files:
+            raise DataError(f"{raw / folder}: no .tfrec files")
+
+        def examples():
+            for f in files:
+                for i, ex in enumerate(tfrecords.read(f)):
+                    row = {"image_name": ex.image_name, "tfrecord": f"{folder}/{f.name}", "record": i}
+                    yield row, tfrecords.decode_image(ex.image, f"{f}: record {i} ({ex.image_name})")
+
+        progress = tqdm(examples(), desc=f"ingest {domain}", unit="img", mininterval=2)
+        manifest += shards.write_domain(progress, shards_dir, domain, shard_size)
+    frame = pd.DataFrame(manifest, columns=shards.MANIFEST_COLUMNS)
+    for domain, group in frame.groupby("domain"):
+        dup = group["image_name"][group["image_name"].duplicated()]
+        if not dup.empty:
+            raise DataError(f"{raw / TFREC_DIRS[domain]}: image_name '{dup.iloc[0]}' appears twice")
+    return frame
+
+
+def ingest(p: Params, raw: Path, shards_dir: Path, manifest_path: Path, api_factory=kaggle_api) -> pd.DataFrame:
+    source = p.ingest.source
+    with atomic_dir(raw) as tmp_raw:
+        if source == "sample":
+            counts = {"monet": p.ingest.sample_paintings, "photo": p.ingest.sample_photos}
+            write_sample(tmp_raw, p.seed, counts, workers=os.cpu_count() or 1)
+        elif source == "kaggle":
+            download_kaggle(tmp_raw, api_factory)
+        else:
+            copy_competition(Path(source).expanduser(), tmp_raw)
+        with atomic_dir(shards_dir) as tmp_shards:
+            manifest = read_raw(tmp_raw, tmp_shards, p.ingest.shard_size)
+            manifest["tfrecord"] = manifest["tfrecord"].map(lambda t: f"{raw.name}/{t}")
+    with atomic_path(manifest_path) as tmp:
+        manifest.to_csv(tmp, index=False)
+    return manifest
+
+
+@cli
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--raw", type=Path, required=True, help="folder for the competition TFRecords")
+    ap.add_argument("--shards", type=Path, required=True, help="folder for the uint8 tensor shards")
+    ap.add_argument("--manifest", type=Path, required=True, help="CSV index of every image")
+    args = ap.parse_args(argv)
+    p = load(args.params)
+    manifest = ingest(p, args.raw, args.shards, args.manifest)
+    counts = manifest["domain"].value_counts().to_dict()
+    print(f"ingest: {counts.get('photo', 0)} photos, {counts.get('monet', 0)} paintings -> {args.shards}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""CycleGAN networks: the Kaggle tutorial's U-Net and the paper's ResNet generator, a PatchGAN
+discriminator, and the adversarial loss. Images are N×3×H×W in [-1, 1]."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def init_weights(net: nn.Module, gain: float = 0.02) -> nn.Module:
+    """N(0, 0.02) convolutions, as in the CycleGAN paper and the tutorial."""
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return net
+
+
+def _norm(ch: int) -> nn.Module:
+    return nn.InstanceNorm2d(ch, affine=False)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), _norm(ch), nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), _norm(ch),
+        )
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class ResnetGenerator(nn.Module):
+    """c7s1-f, d2f, d4f, R4f × blocks, u2f, uf, c7s1-3 (Zhu et al. 2017, appendix 7.2)."""
+
+    def __init__(self, filters: int = 64, blocks: int = 9):
+        super().__init__()
+        f = filters
+        layers = [nn.ReflectionPad2d(3), nn.Conv2d(3, f, 7), _norm(f), nn.ReLU(True)]
+        for mult in (1, 2):  # two stride-2 downsamplings
+            layers += [nn.Conv2d(f * mult, f * mult * 2, 3, stride=2, padding=1), _norm(f * mult * 2), nn.ReLU(True)]
+        layers += [ResnetBlock(f * 4) for _ in range(blocks)]
+        for mult in (4, 2):
+            layers += [nn.ConvTranspose2d(f * mult, f * mult // 2, 3, stride=2, padding=1, output_padding=1),
+                       _norm(f * mult // 2), nn.ReLU(True)]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(f, 3, 7), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class UnetGenerator(nn.Module):
+    """The Kaggle tutorial's U-Net: stride-2 4×4 convolutions down to 1×1, transposed
+    convolutions back up with skip connections; widths f, 2f, 4f, 8f, 8f, ... (f=64 there)."""
+
+    def __init__(self, image_size: int, filters: int = 64):
+        super().__init__()
+        depth = int(math.log2(image_size))  # halve down to 1×1: 8 levels at 256 px
+        widths = [filters * min(2 ** i, 8) for i in range(depth)]
+        self.down = nn.ModuleList()
+        for i, w in enumerate(widths):
+            block = [nn.Conv2d(3 if i == 0 else widths[i - 1], w, 4, stride=2, padding=1, bias=False)]
+            # no norm on the first layer (tutorial) nor at 1×1, where instance norm would zero everything
+            if 0 < i < depth - 1:
+                block.append(_norm(w))
+            block.append(nn.LeakyReLU(0.2, True))
+            self.down.append(nn.Sequential(*block))
+        self.up = nn.ModuleList()
+        for i in reversed(range(depth - 1)):  # from the bottleneck up to half resolution
+            in_ch = widths[i + 1] * (1 if i == depth - 2 else 2)  # skip concat doubles the input
+            block = [nn.ConvTranspose2d(in_ch, widths[i], 4, stride=2, padding=1, bias=False), _norm(widths[i])]
+            if i >= depth - 4:  # dropout on the three innermost up-blocks (tutorial)
+                block.append(nn.Dropout(0.5))
+            block.append(nn.ReLU(True))
+            self.up.append(nn.Sequential(*block))
+        self.last = nn.Sequential(nn.ConvTranspose2d(widths[0] * 2, 3, 4, stride=2, padding=1), nn.Tanh())
+
+    def forward(self, x):
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        skips = skips[:-1][::-1]  # the bottleneck itself is not a skip
+        for block, skip in zip(self.up, skips):
+            x = torch.cat([block(x), skip], dim=1)
+        return self.last(x)
+
+
+class PatchDiscriminator(nn.Module):
+    """70×70 PatchGAN: C64-C128-C256-C512, then a 1-channel map of real/fake logits per patch."""
+
+    def __init__(self, filters: int = 64):
+        super().__init__()
+        f = filters
+        layers = [nn.Conv2d(3, f, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        for mult_in, mult_out, stride in ((1, 2, 2), (2, 4, 2), (4, 8, 1)):
+            layers += [nn.Conv2d(f * mult_in, f * mult_out, 4, stride=stride, padding=1, bias=False),
+                       _norm(f * mult_out), nn.LeakyReLU(0.2, True)]
+        layers.append(nn.Conv2d(f * 8, 1, 4, stride=1, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def define_generator(kind: str, image_size: int, filters: int, resnet_blocks: int) -> nn.Module:
+    if kind == "resnet":
+        return init_weights(ResnetGenerator(filters, resnet_blocks))
+    if kind == "unet":
+        return init_weights(UnetGenerator(image_size, filters))
+    raise ValueError(f"unknown generator {kind!r}")
+
+
+def define_discriminator(filters: int) -> nn.Module:
+    return init_weights(PatchDiscriminator(filters))
+
+
+class GANLoss(nn.Module):
+    """lsgan: MSE to 1/0 (CycleGAN paper); bce: BCE-with-logits to 1/0 (Kaggle tutorial)."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        if mode not in ("lsgan", "bce"):
+            raise ValueError(f"unknown gan loss {mode!r}")
+        self.loss = nn.MSELoss() if mode == "lsgan" else nn.BCEWithLogitsLoss()
+
+    def forward(self, logits: torch.Tensor, real: bool) -> torch.Tensor:
+        logits = logits.float()  # the loss in fp32 even under bf16 autocast
+        target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+        return self.loss(logits, target)

@@ -1,0 +1,82 @@
+"""Stage 5, package: the submission zip Kaggle accepts, checked before it is written.
+
+    python -m pipeline.package --images data/generated --out data/images.zip --metrics metrics/package.json
+
+The competition wants 7,000–10,000 JPEGs of 256×256×3, flat (no folders) in `images.zip`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import zipfile
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.errors import DataError, cli
+from pipeline.files import atomic_path, write_json
+from pipeline.params import load
+
+
+def check_images(folder: Path, min_images: int, max_images: int) -> list[Path]:
+    """All .jpg files of `folder`, each a 256×256 RGB JPEG; raises DataError naming the first bad one."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder of generated images not found (run the generate stage first)")
+    entries = sorted(folder.iterdir())
+    others = [e.name for e in entries if not (e.is_file() and e.suffix.lower() == ".jpg")]
+    if others:
+        raise DataError(f"{folder}: '{others[0]}' is not a .jpg file (the zip must hold JPEGs only, flat)")
+    if not min_images <= len(entries) <= max_images:
+        raise DataError(f"{folder}: {len(entries)} images; the submission needs {min_images}–{max_images}")
+    lower = [e.name.lower() for e in entries]
+    if len(set(lower)) != len(lower):
+        raise DataError(f"{folder}: file names differ only in case; names must be unique")
+    for path in tqdm(entries, desc="package check", unit="img", mininterval=2):
+        try:
+            with Image.open(path) as img:
+                fmt, size, mode = img.format, img.size, img.mode
+                img.verify()
+        except Exception as e:
+            raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+        if fmt != "JPEG" or size != (256, 256) or mode != "RGB":
+            raise DataError(f"{path}: {fmt} {size[0]}x{size[1]} {mode}; expected a 256x256 RGB JPEG")
+    return entries
+
+
+def write_zip(images: list[Path], out: Path) -> str:
+    """Write the zip atomically (stored: JPEGs do not compress); returns its sha256."""
+    with atomic_path(out) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for path in images:
+                zf.write(path, arcname=path.name)
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    return digest
+
+
+@cli
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--images", type=Path, required=True, help="folder of generated JPEGs")
+    ap.add_argument("--out", type=Path, required=True, help="the submission zip to write")
+    ap.add_argument("--metrics", type=Path, required=True)
+    ap.add_argument("--generator", type=Path, required=True, help="identifies the MLflow run")
+    ap.add_argument("--upstream", type=Path, nargs="*", default=[],
+                    help="metrics/artifacts of earlier stages, logged when this MLflow run is new")
+    args = ap.parse_args(argv)
+    p = load(args.params)
+    images = check_images(args.images, p.package.min_images, p.package.max_images)
+    digest = write_zip(images, args.out)
+    summary = {"images": len(images), "zip_mb": round(args.out.stat().st_size / 2**20, 2), "zip_sha256": digest}
+    write_json(args.metrics, summary)
+
+    from pipeline import tracking
+
+    with tracking.open_run(p, args.generator, backfill=args.upstream):
+        tracking.log_metrics_file(args.metrics)
+    print(f"package: {len(images)} JPEGs -> {args.out} ({summary['zip_mb']} MiB)")
+
+
+if __name__ == "__main__":
+    main()

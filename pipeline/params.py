@@ -1,0 +1,201 @@
+"""params.yaml loaded into frozen, typed structures; unknown keys and wrong types are rejected
+before any stage does work."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+
+class ParamsError(PipelineError, ValueError):
+    """A params.yaml problem; its message names the key and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Ingest:
+    source: str = "sample"
+    shard_size: int = 1024
+    sample_photos: int = 7028
+    sample_paintings: int = 300
+
+    def check(self) -> None:
+        _require(bool(self.source), "ingest.source", "must not be empty")
+        _require(self.sample_photos > 0, "ingest.sample_photos", "must be > 0")
+        _require(self.sample_paintings > 0, "ingest.sample_paintings", "must be > 0")
+        _require(self.shard_size > 0, "ingest.shard_size", "must be > 0")
+
+
+@dataclass(frozen=True)
+class Train:
+    generator: str = "resnet"
+    gen_filters: int = 16
+    disc_filters: int = 16
+    resnet_blocks: int = 4
+    gan_loss: str = "lsgan"
+    epochs: int = 4
+    steps_per_epoch: int = 150
+    batch_size: int = 8
+    lr: float = 2e-4
+    beta1: float = 0.5
+    decay_from_epoch: int = 2
+    pool_size: int = 50
+    compile: bool = False
+    channels_last: bool = False
+    grid_size: int = 8
+
+    def check(self) -> None:
+        _choice(self.generator, "train.generator", ("resnet", "unet"))
+        _choice(self.gan_loss, "train.gan_loss", ("lsgan", "bce"))
+        for name in ("gen_filters", "disc_filters", "epochs", "steps_per_epoch", "batch_size", "grid_size"):
+            _require(getattr(self, name) > 0, f"train.{name}", "must be > 0")
+        _require(self.resnet_blocks >= 0, "train.resnet_blocks", "must be >= 0")
+        _require(self.pool_size >= 0, "train.pool_size", "must be >= 0")
+        _require(self.lr > 0, "train.lr", "must be > 0")
+        _require(0 <= self.beta1 < 1, "train.beta1", "must be in [0, 1)")
+        _require(0 <= self.decay_from_epoch <= self.epochs, "train.decay_from_epoch",
+                 f"must be in [0, train.epochs={self.epochs}]")
+
+
+@dataclass(frozen=True)
+class Generate:
+    batch_size: int = 64
+    jpeg_quality: int = 95
+
+    def check(self) -> None:
+        _require(self.batch_size > 0, "generate.batch_size", "must be > 0")
+        _require(1 <= self.jpeg_quality <= 100, "generate.jpeg_quality", "must be in [1, 100]")
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    weights: str = ""
+    download: bool = True
+    offline_image_size: int = 75
+    batch_size: int = 64
+
+    def check(self) -> None:
+        # Inception-v3's stride-2 stem and reductions need at least 75 px
+        _require(self.offline_image_size >= 75, "evaluate.offline_image_size", "must be >= 75")
+        _require(self.batch_size > 0, "evaluate.batch_size", "must be > 0")
+
+
+@dataclass(frozen=True)
+class Package:
+    min_images: int = 7000
+    max_images: int = 10000
+
+    def check(self) -> None:
+        _require(0 < self.min_images <= self.max_images, "package.min_images",
+                 "must be > 0 and <= package.max_images")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    image_size: int = 64
+    lambda_cycle: float = 10.0
+    lambda_identity: float = 0.5
+    device: str = "auto"
+    precision: str = "auto"
+    ingest: Ingest = field(default_factory=Ingest)
+    train: Train = field(default_factory=Train)
+    generate: Generate = field(default_factory=Generate)
+    evaluate: Evaluate = field(default_factory=Evaluate)
+    package: Package = field(default_factory=Package)
+
+    def check(self) -> None:
+        # the U-Net halves the size 8 times and the ResNet generator twice
+        _require(32 <= self.image_size <= 256 and self.image_size % 32 == 0, "image_size",
+                 "must be a multiple of 32 between 32 and 256")
+        _require(self.lambda_cycle >= 0, "lambda_cycle", "must be >= 0")
+        _require(self.lambda_identity >= 0, "lambda_identity", "must be >= 0")
+        _choice(self.device, "device", ("auto", "cpu", "cuda"))
+        _choice(self.precision, "precision", ("auto", "bf16", "fp32"))
+        for section in (self.ingest, self.train, self.generate, self.evaluate, self.package):
+            section.check()
+
+
+def _require(ok: bool, key: str, what: str) -> None:
+    if not ok:
+        raise ParamsError(f"params: '{key}' {what}")
+
+
+def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, key, f"is {value!r}; expected one of {', '.join(allowed)}")
+
+
+def _build(cls, raw: object, prefix: str):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    where = prefix.rstrip(".") or "params.yaml"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params: '{where}' must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ParamsError(f"params: unknown key '{prefix}{unknown[0]}' (known: {', '.join(sorted(known))})")
+    values = {}
+    for name, value in raw.items():
+        kind = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, value, f"{key}.")
+        else:
+            values[name] = _coerce(value, kind, key)
+    return cls(**values)
+
+
+def _coerce(value: object, kind: type, key: str):
+    # bool is a subclass of int: never let `true` pass as a number or 1 as a switch
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - a new field type needs a rule here
+        raise TypeError(f"no rule for {kind}")
+    if not ok:
+        raise ParamsError(f"params: '{key}' must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def parse(raw: object) -> Params:
+    params = _build(Params, raw if raw is not None else {}, "")
+    params.check()
+    return params
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"params: {path} not found") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"params: {path} is not valid YAML: {e}".splitlines()[0]) from None
+    return parse(raw)
+
+
+def flatten(params: Params) -> dict[str, object]:
+    """{'train.lr': 0.0002, 'lambda_cycle': 10.0, ...} for MLflow."""
+    out: dict[str, object] = {}
+
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out[f"{prefix}{f.name}"] = value
+
+    walk(params, "")
+    return out

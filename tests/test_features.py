@@ -1,0 +1,246 @@
+"""pipeline.features: weight sources, checked download, offline fail-over, offline extractor.
+
+No network and no real weights needed: the "real" weights are a state dict of the FID graph that
+the tests create (with recalibrated, non-trivial BatchNorm statistics)."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pipeline.features as features
+from pipeline.features import (FID_WEIGHTS_NAME, Extractor, FeatureError, extract,
+                               load_extractor, offline_extractor)
+
+CPU = torch.device("cpu")
+OFFLINE_PX = 75   # the smallest size Inception-v3 takes: fastest
+
+
+@pytest.fixture(autouse=True)
+def isolated_hub(tmp_path, monkeypatch):
+    """Every test gets an empty torch hub cache and an unreachable weights URL."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(features, "FID_WEIGHTS_URL",
+                        f"https://fid-weights.invalid/{FID_WEIGHTS_NAME}")
+    return tmp_path / "torch_home" / "hub" / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def paintings() -> torch.Tensor:
+    g = torch.Generator().manual_seed(123)
+    base = torch.rand(8, 3, 1, 1, generator=g) * 200
+    noise = torch.rand(8, 3, 80, 80, generator=g) * 55
+    return (base + noise).to(torch.uint8).permute(0, 2, 3, 1).contiguous()   # (8, 80, 80, 3)
+
+
+@pytest.fixture(scope="module")
+def offline(paintings) -> Extractor:
+    return offline_extractor(paintings, OFFLINE_PX, CPU, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def weights_file(offline, tmp_path_factory) -> Path:
+    """A state dict of the FID graph under the real file name (not the published weights)."""
+    path = tmp_path_factory.mktemp("weights") / FID_WEIGHTS_NAME
+    torch.save(offline.model.inception.state_dict(), path)
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pytorch_fid_features(state_dict, images_uint8: torch.Tensor, monkeypatch) -> np.ndarray:
+    """Features from pytorch-fid's own InceptionV3 wrapper, its download replaced by the dict."""
+    import pytorch_fid.inception as pfi
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: state_dict)
+    net = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    with torch.no_grad():
+        x = images_uint8.permute(0, 3, 1, 2).float() / 255
+        return net(x)[0].squeeze(-1).squeeze(-1).double().numpy()
+
+
+# ------------------------------------------------------------------------------ weight sources
+
+def test_named_weights_file_gives_comparable_extractor_matching_pytorch_fid(
+        weights_file, paintings, monkeypatch):
+    ext = load_extractor(str(weights_file), download=False, offline_image_size=OFFLINE_PX,
+                         reference=None, device=CPU)
+    assert ext.comparable and ext.image_size == 299
+    assert "fid-inception-v3" in ext.name and str(weights_file) in ext.name
+    assert "not the published 6726825d" in ext.name     # our file is not the real weights
+    assert not ext.model.training
+    imgs = paintings[:3]
+    got = extract(ext, imgs, batch_size=2, device=CPU)
+    assert got.shape == (3, 2048) and got.dtype == np.float64
+    expected = pytorch_fid_features(torch.load(weights_file), imgs, monkeypatch)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(got).max() > 0
+
+
+def test_hub_cache_is_used_and_follows_torch_home(weights_file, isolated_hub):
+    assert features.hub_cache_path() == isolated_hub / FID_WEIGHTS_NAME
+    isolated_hub.mkdir(parents=True)
+    (isolated_hub / FID_WEIGHTS_NAME).write_bytes(weights_file.read_bytes())
+    ext = load_extractor("", download=False, offline_image_size=OFFLINE_PX, reference=None,
+                         device=CPU)
+    assert ext.comparable and str(isolated_hub / FID_WEIGHTS_NAME) in ext.name
+
+
+def test_checked_download_good_hash(weights_file, isolated_hub, monkeypatch):
+    monkeypatch.setattr(features, "FID_WEIGHTS_URL", weights_file.as_uri())
+    monkeypatch.setattr(features, "FID_WEIGHTS_SHA256_PREFIX", sha256(weights_file)[:8])
+    ext = load_extractor("", download=True, offline_image_size=OFFLINE_PX, reference=None,
+                         device=CPU)
+    assert ext.comparable
+    assert sorted(p.name for p in isolated_hub.iterdir()) == [FID_WEIGHTS_NAME]  # no temp left
+    assert (isolated_hub / FID_WEIGHTS_NAME).read_bytes() == weights_file.read_bytes()
+    assert "not the published" not in ext.name       # the hash matched what we asked for
+
+
+def test_checked_download_bad_hash_is_an_error_and_caches_nothing(
+        weights_file, isolated_hub, monkeypatch, paintings):
+    monkeypatch.setattr(features, "FID_WEIGHTS_URL", weights_file.as_uri())
+    bad = "0" * 8 if not sha256(weights_file).startswith("0" * 8) else "f" * 8
+    monkeypatch.setattr(features, "FID_WEIGHTS_SHA256_PREFIX", bad)
+    with pytest.raises(FeatureError, match="sha256"):
+        load_extractor("", download=True, offline_image_size=OFFLINE_PX, reference=paintings,
+                       device=CPU)
+    assert not isolated_hub.exists() or list(isolated_hub.iterdir()) == []
+
+
+def test_named_missing_file_is_an_error_even_with_a_good_cache(
+        weights_file, isolated_hub, tmp_path, paintings):
+    isolated_hub.mkdir(parents=True)
+    (isolated_hub / FID_WEIGHTS_NAME).write_bytes(weights_file.read_bytes())
+    missing = tmp_path / "nope" / FID_WEIGHTS_NAME
+    with pytest.raises(FeatureError, match="not found") as err:
+        load_extractor(str(missing), download=True, offline_image_size=OFFLINE_PX,
+                       reference=paintings, device=CPU)
+    assert str(missing) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "wrong_keys", "wrong_shape", "dir"])
+def test_named_corrupt_file_is_an_error(kind, weights_file, tmp_path, paintings):
+    path = tmp_path / FID_WEIGHTS_NAME
+    data = weights_file.read_bytes()
+    if kind == "garbage":
+        path.write_bytes(b"this is not a checkpoint\n" * 10)
+    elif kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "wrong_keys":
+        torch.save({"fc.weight": torch.zeros(3, 3)}, path)
+    elif kind == "wrong_shape":
+        sd = torch.load(weights_file)
+        sd["fc.weight"] = torch.zeros(10, 2048)
+        torch.save(sd, path)
+    else:
+        path.mkdir()
+    with pytest.raises(FeatureError) as err:
+        load_extractor(str(path), download=False, offline_image_size=OFFLINE_PX,
+                       reference=paintings, device=CPU)
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg
+    if kind in ("wrong_keys", "wrong_shape"):
+        assert "FID Inception-v3 graph" in msg
+
+
+def test_corrupt_hub_cache_is_an_error_not_a_fallback(isolated_hub, paintings):
+    isolated_hub.mkdir(parents=True)
+    (isolated_hub / FID_WEIGHTS_NAME).write_bytes(b"\x00" * 100)
+    with pytest.raises(FeatureError, match="cached weights"):
+        load_extractor("", download=True, offline_image_size=OFFLINE_PX, reference=paintings,
+                       device=CPU)
+
+
+def test_offline_failover_when_host_unreachable(paintings, isolated_hub):
+    assert not features._reachable(features.FID_WEIGHTS_URL)   # .invalid never resolves
+    ext = load_extractor("", download=True, offline_image_size=OFFLINE_PX, reference=paintings,
+                         device=CPU, batch_size=4)
+    assert not ext.comparable and "OFFLINE" in ext.name and "not comparable" in ext.name
+    assert ext.image_size == OFFLINE_PX and f"{OFFLINE_PX} px" in ext.name
+    assert "8 paintings" in ext.name
+    assert not isolated_hub.exists() or list(isolated_hub.iterdir()) == []
+
+
+def test_offline_failover_when_download_breaks_after_probe(paintings, tmp_path, monkeypatch,
+                                                           isolated_hub):
+    # file:// URLs skip the probe; a missing file makes urlopen fail like a dropped connection
+    monkeypatch.setattr(features, "FID_WEIGHTS_URL", (tmp_path / "gone.pth").as_uri())
+    ext = load_extractor("", download=True, offline_image_size=OFFLINE_PX, reference=paintings,
+                         device=CPU)
+    assert not ext.comparable and "OFFLINE" in ext.name
+    assert not isolated_hub.exists() or list(isolated_hub.iterdir()) == []
+
+
+def test_no_download_no_cache_goes_offline(paintings):
+    ext = load_extractor("", download=False, offline_image_size=OFFLINE_PX, reference=paintings,
+                         device=CPU)
+    assert not ext.comparable and "OFFLINE" in ext.name
+
+
+def test_offline_needs_reference_and_a_usable_size(paintings):
+    with pytest.raises(FeatureError, match="reference"):
+        load_extractor("", download=False, offline_image_size=OFFLINE_PX, reference=None,
+                       device=CPU)
+    with pytest.raises(FeatureError, match="75 px"):
+        load_extractor("", download=False, offline_image_size=64, reference=paintings,
+                       device=CPU)
+
+
+# ---------------------------------------------------------------------------- offline extractor
+
+def test_offline_extractor_is_deterministic_and_finite(offline, paintings):
+    rng_before = torch.random.get_rng_state()
+    again = offline_extractor(paintings, OFFLINE_PX, CPU, batch_size=8)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)   # caller's RNG untouched
+    assert not any(m.training for m in again.model.modules())       # eval mode, BN included
+    sd1, sd2 = offline.model.state_dict(), again.model.state_dict()
+    assert sd1.keys() == sd2.keys()
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    f1 = extract(offline, paintings, batch_size=8, device=CPU)
+    f2 = extract(again, paintings, batch_size=8, device=CPU)
+    assert f1.shape == (8, 2048) and f1.dtype == np.float64
+    assert np.isfinite(f1).all() and np.array_equal(f1, f2)
+    # recalibrated, not exploded: features of order one, not 1e10
+    assert 1e-3 < np.abs(f1).mean() < 1e2
+
+
+def test_batchnorm_statistics_are_recomputed_on_the_reference(offline, paintings):
+    """One reference batch: the first BatchNorm's running stats are exactly that batch's."""
+    model = offline.model
+    bn = model.inception.Conv2d_1a_3x3.bn
+    with torch.no_grad():
+        x = paintings.permute(0, 3, 1, 2).float() / 255
+        x = torch.nn.functional.interpolate(x, size=(OFFLINE_PX, OFFLINE_PX), mode="bilinear",
+                                            align_corners=False)
+        y = model.inception.Conv2d_1a_3x3.conv(2 * x - 1)
+    torch.testing.assert_close(bn.running_mean, y.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, y.var(dim=(0, 2, 3), unbiased=True),
+                               rtol=1e-4, atol=1e-5)
+    assert not model.training and not bn.training
+    assert bn.momentum is None
+
+
+def test_extract_accepts_batches_and_any_batch_size(offline, paintings):
+    whole = extract(offline, paintings, batch_size=8, device=CPU)
+    small = extract(offline, paintings, batch_size=3, device=CPU)
+    listed = extract(offline, [paintings[:5], paintings[5:]], batch_size=4, device=CPU)
+    generated = extract(offline, (b for b in torch.split(paintings, 2)), batch_size=8,
+                        device=CPU)
+    for other in (small, listed, generated):
+        # float32 conv algorithms differ with the batch shape; misordered rows would be O(1) off
+        np.testing.assert_allclose(other, whole, rtol=1e-3, atol=1e-3)
+    # different images -> different features (the extractor is not constant)
+    shifted = (paintings.int() + 60).clamp(0, 255).to(torch.uint8)
+    assert not np.allclose(extract(offline, shifted, batch_size=8, device=CPU), whole)
+
+
+def test_extract_rejects_non_uint8_images(offline, paintings):
+    with pytest.raises(FeatureError, match="uint8"):
+        extract(offline, paintings.float() / 255, batch_size=4, device=CPU)
+    with pytest.raises(FeatureError, match="uint8"):
+        extract(offline, paintings.permute(0, 3, 1, 2).contiguous(), batch_size=4, device=CPU)

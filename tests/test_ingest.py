@@ -1,0 +1,155 @@
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import ingest, shards, tfrecords
+from pipeline.errors import DataError, PipelineError
+from pipeline.params import parse
+
+
+def _image(value: int, size=(256, 256, 3)) -> np.ndarray:
+    return np.full(size, value, dtype=np.uint8)
+
+
+def _write_competition(folder, n_monet=3, n_photo=4, bad=None):
+    """A tiny competition folder in the Kaggle layout; `bad` = pixels for the last photo."""
+    for domain, n in (("monet", n_monet), ("photo", n_photo)):
+        examples = [tfrecords.Example(f"{domain}{i:03d}", tfrecords.encode_jpeg(_image(10 * i)), domain)
+                    for i in range(n)]
+        if bad is not None and domain == "photo":
+            examples[-1] = tfrecords.Example("badimage", tfrecords.encode_jpeg(bad), domain)
+        tfrecords.write(folder / ingest.TFREC_DIRS[domain] / f"{domain}00-{n}.tfrec", examples)
+    return folder
+
+
+def test_tfrecord_round_trip_and_schema(tmp_path):
+    jpeg = tfrecords.encode_jpeg(_image(7))
+    path = tmp_path / "x.tfrec"
+    assert tfrecords.write(path, [tfrecords.Example("abc", jpeg, "photo")] * 3) == 3
+    assert tfrecords.verify(path) == 3
+    got = list(tfrecords.read(path))
+    assert got == [tfrecords.Example("abc", jpeg, "photo")] * 3
+    assert np.array_equal(tfrecords.decode_image(got[0].image, "x"), np.asarray(
+        __import__("PIL.Image").Image.open(__import__("io").BytesIO(jpeg))))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda b: b[:-7], "truncated"),
+    (lambda b: b[:40] + bytes([b[40] ^ 0xFF]) + b[41:], "data checksum mismatch"),
+    (lambda b: bytes([b[0] ^ 0x01]) + b[1:], "length checksum mismatch"),
+])
+def test_corrupt_tfrecord_is_named(tmp_path, damage, needle):
+    path = tmp_path / "x.tfrec"
+    tfrecords.write(path, [tfrecords.Example("a", tfrecords.encode_jpeg(_image(1)), "photo")] * 2)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(DataError, match=needle) as e:
+        list(tfrecords.read(path))
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("pixels, needle", [
+    (_image(5, (128, 128, 3)), "128x128 RGB"),
+    (_image(5, (256, 256)), "256x256 L"),
+])
+def test_wrong_image_shape_is_named(pixels, needle):
+    with pytest.raises(DataError, match=needle) as e:
+        tfrecords.decode_image(tfrecords.encode_jpeg(pixels), "f.tfrec: record 3")
+    assert "record 3" in str(e.value)
+
+
+def test_undecodable_image():
+    with pytest.raises(DataError, match="does not decode"):
+        tfrecords.decode_image(b"not a jpeg", "here")
+
+
+def _run(tmp_path, source, **kw):
+    p = parse({"ingest": {"source": str(source), "shard_size": 3}})
+    return ingest.ingest(p, tmp_path / "data/raw", tmp_path / "data/shards", tmp_path / "data/manifest.csv", **kw)
+
+
+def test_local_folder_and_zip_give_same_shards(tmp_path):
+    comp = _write_competition(tmp_path / "comp")
+    m1 = _run(tmp_path / "a", comp)
+    zpath = tmp_path / "gan-getting-started.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for f in comp.rglob("*.tfrec"):
+            zf.write(f, f.relative_to(comp).as_posix())
+    m2 = _run(tmp_path / "b", zpath)
+    assert m1.equals(m2)
+    assert list(m1.columns) == shards.MANIFEST_COLUMNS
+    assert (m1["domain"] == "photo").sum() == 4 and (m1["domain"] == "monet").sum() == 3
+    names, photos = shards.load_domain(tmp_path / "a/data/shards", m1, "photo")
+    assert names == [f"photo{i:03d}" for i in range(4)]
+    assert photos.shape == (4, 256, 256, 3) and photos.dtype == torch.uint8
+    assert abs(int(photos[2].float().mean()) - 20) <= 1  # JPEG of a flat grey 20
+    assert len(list((tmp_path / "a/data/shards").glob("photo-*.pt"))) == 2  # shard_size 3
+
+
+def test_bad_image_leaves_nothing_half_written(tmp_path):
+    comp = _write_competition(tmp_path / "comp", bad=_image(3, (200, 256, 3)))
+    with pytest.raises(DataError, match="badimage.*256x200 RGB"):
+        _run(tmp_path, comp)
+    data = tmp_path / "data"
+    assert not (data / "manifest.csv").exists()
+    assert not (data / "shards").exists() and not (data / "raw").exists()
+    assert not list(data.iterdir())  # no temp folders left either
+
+
+def test_duplicate_names_rejected(tmp_path):
+    comp = tmp_path / "comp"
+    ex = tfrecords.Example("same", tfrecords.encode_jpeg(_image(1)), "monet")
+    tfrecords.write(comp / "monet_tfrec/m.tfrec", [ex, ex])
+    tfrecords.write(comp / "photo_tfrec/p.tfrec", [ex._replace(target="photo")])
+    with pytest.raises(DataError, match="'same' appears twice"):
+        _run(tmp_path, comp)
+
+
+def test_missing_source_and_wrong_folder(tmp_path):
+    with pytest.raises(PipelineError, match="does not exist"):
+        _run(tmp_path, tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no .tfrec files"):
+        _run(tmp_path, tmp_path / "empty")
+
+
+class _FakeApi:
+    def __init__(self, comp_zip=None, error=None):
+        self.comp_zip, self.error = comp_zip, error
+
+    def competition_download_files(self, competition, path, quiet):
+        assert competition == "gan-getting-started"
+        if self.error:
+            raise self.error
+        (__import__("pathlib").Path(path) / f"{competition}.zip").write_bytes(self.comp_zip.read_bytes())
+
+
+def test_kaggle_download_path(tmp_path):
+    comp = _write_competition(tmp_path / "comp")
+    zpath = tmp_path / "c.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for f in comp.rglob("*.tfrec"):
+            zf.write(f, f.relative_to(comp).as_posix())
+    m = _run(tmp_path / "k", "kaggle", api_factory=lambda: _FakeApi(zpath))
+    assert len(m) == 7
+
+
+class _Forbidden(Exception):
+    status = 403
+
+
+def test_kaggle_rules_not_accepted(tmp_path):
+    with pytest.raises(PipelineError, match="HTTP 403.*accept the rules"):
+        _run(tmp_path, "kaggle", api_factory=lambda: _FakeApi(error=_Forbidden("Forbidden")))
+    assert not (tmp_path / "data/raw").exists()
+
+
+def test_kaggle_missing_credentials(tmp_path, monkeypatch):
+    # the real client: with no credentials anywhere it raises SystemExit, which we turn into one line
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "nokaggle"))
+    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(PipelineError, match="no Kaggle credentials"):
+        _run(tmp_path, "kaggle")
