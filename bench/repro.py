@@ -56,6 +56,7 @@ def main() -> None:
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["TORCH_HOME"] = str(work / "torch-home")  # no cached FID weights: what a new machine has
+    env["PYTHONUNBUFFERED"] = "1"  # stage lines arrive as they happen, so the stage timings hold
     log = work / "repro.log"
 
     first, stages = run_timed([sys.executable, "-m", "dvc", "repro"], clone, env, log)

@@ -35,6 +35,8 @@ from tqdm import tqdm
 
 from pytorch_fid import inception as _pf
 
+from pipeline.errors import PipelineError
+
 log = logging.getLogger(__name__)
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -47,7 +49,7 @@ OFFLINE_SEED = 0
 PROBE_TIMEOUT_S = 3.0
 
 
-class FeatureError(RuntimeError):
+class FeatureError(PipelineError, RuntimeError):
     """A one-line, user-facing problem with the feature extractor's weights or inputs."""
 
 

@@ -90,6 +90,6 @@ def log_metrics_file(path: str | Path) -> None:
     numbers = {f"{stage}.{k}": float(v) for k, v in data.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     mlflow.log_metrics(numbers)
-    texts = {f"{stage}.{k}": str(v) for k, v in data.items() if isinstance(v, str)}
+    texts = {f"{stage}.{k}": str(v) for k, v in data.items() if isinstance(v, (str, bool))}
     if texts:
         mlflow.set_tags(texts)

@@ -1,0 +1,24 @@
+"""The GPU check must run where only torch (+ pyyaml, pillow, pandas) is installed."""
+import subprocess
+import sys
+
+
+def test_gpu_check_imports_no_mlflow_dvc_or_tfrecord(repo_root):
+    code = ("import runpy, sys; sys.argv = ['train_step.py', '--help']\n"
+            "try:\n    runpy.run_path('bench/train_step.py', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'dvc', 'tfrecord'))\n"
+            "print('LOADED', bad)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
+    assert "LOADED []" in res.stdout, res.stdout[-2000:]
+
+
+def test_gpu_check_runs_and_prints_table_last(repo_root, tmp_path):
+    env = {"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "bench/train_step.py", "--steps", "1"], cwd=repo_root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    last = res.stdout.strip().splitlines()
+    assert last[-5].startswith("mode") and last[-4].startswith("fp32 ")
+    assert "bf16+channels_last" in last[-1]
+    assert (tmp_path / "train_step.txt").read_text().splitlines()[-1] == last[-1]

@@ -1,0 +1,49 @@
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.errors import DataError
+from pipeline.package import check_images, write_zip
+
+
+def _jpegs(folder, n, size=(256, 256), mode="RGB", fmt="JPEG", suffix=".jpg"):
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((size[1], size[0], 3), i, np.uint8)).convert(mode).save(
+            folder / f"img{i:03d}{suffix}", format=fmt)
+    return folder
+
+
+def test_good_folder_becomes_a_flat_zip(tmp_path):
+    images = check_images(_jpegs(tmp_path / "gen", 6), 5, 10)
+    digest = write_zip(images, tmp_path / "out/images.zip")
+    with zipfile.ZipFile(tmp_path / "out/images.zip") as zf:
+        assert sorted(zf.namelist()) == [f"img{i:03d}.jpg" for i in range(6)]
+    assert len(digest) == 64
+
+
+def test_too_few_images_refused_and_nothing_written(tmp_path):
+    with pytest.raises(DataError, match="3 images; the submission needs 5–10"):
+        check_images(_jpegs(tmp_path / "gen", 3), 5, 10)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"size": (128, 256)}, "128x256 RGB"),
+    ({"mode": "L"}, "256x256 L"),
+    ({"fmt": "PNG", "suffix": ".jpg"}, "PNG 256x256"),
+])
+def test_wrong_images_are_named(tmp_path, kw, needle):
+    gen = _jpegs(tmp_path / "gen", 5)
+    _jpegs(tmp_path / "gen", 1, **kw)  # overwrites img000.jpg
+    with pytest.raises(DataError, match=needle) as e:
+        check_images(gen, 5, 10)
+    assert "img000.jpg" in str(e.value)
+
+
+def test_non_jpeg_entries_refused(tmp_path):
+    gen = _jpegs(tmp_path / "gen", 5)
+    (gen / "sub").mkdir()
+    with pytest.raises(DataError, match="'sub' is not a .jpg"):
+        check_images(gen, 5, 10)
