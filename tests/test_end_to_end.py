@@ -122,6 +122,16 @@ def test_exp_run_with_lambda_cycle_is_a_new_row(repo):
     assert values == {"10.0", "5.0"}
 
 
+def test_temp_experiment_logs_into_the_main_store(repo):
+    # `dvc exp run --temp` runs the stages inside .dvc/tmp/exps/...: the row must still land in <repo>/mlflow.db
+    root, env = repo
+    _run([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-S", "lambda_cycle=3"], root, env)
+    with sqlite3.connect(root / "mlflow.db") as con:
+        values = {v for (v,) in con.execute("select value from params where key='lambda_cycle'")}
+    assert values == {"10.0", "5.0", "3.0"}
+    assert not list((root / ".dvc/tmp").rglob("mlflow.db"))
+
+
 def test_bad_param_is_one_line_and_nonzero(repo):
     root, env = repo
     bad = root / "bad.yaml"

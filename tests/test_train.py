@@ -1,0 +1,63 @@
+import dataclasses
+
+import pytest
+import torch
+
+from pipeline import train as train_stage
+from pipeline.cyclegan import Trainer
+from pipeline.params import parse
+
+P = parse({"image_size": 32, "train": {"gen_filters": 4, "disc_filters": 4, "resnet_blocks": 1, "batch_size": 2,
+                                       "epochs": 3, "steps_per_epoch": 2, "decay_from_epoch": 1, "pool_size": 3}})
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8, generator=g),
+            torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=g))
+
+
+def test_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    photos, monets = _data()
+    whole, _ = train_stage.train(P, photos, monets, tmp_path / "a.pt", "key", print_fn=lambda *_: None)
+
+    real_step = Trainer.train_step
+    calls = {"n": 0}
+
+    def dying_step(self, *a):
+        calls["n"] += 1
+        if calls["n"] == 4:  # in the second epoch: the checkpoint holds epoch 1
+            raise KeyboardInterrupt
+        return real_step(self, *a)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage.train(P, photos, monets, tmp_path / "b.pt", "key", print_fn=lambda *_: None)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    said = []
+    resumed, history = train_stage.train(P, photos, monets, tmp_path / "b.pt", "key", print_fn=said.append)
+    assert any("resuming" in s and "step 2" in s for s in said)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    for name, net in whole.nets.modules().items():
+        other = resumed.nets.modules()[name].state_dict()
+        for k, v in net.state_dict().items():
+            assert torch.allclose(v, other[k], atol=1e-6), (name, k)
+
+
+def test_checkpoint_for_other_params_is_not_resumed(tmp_path):
+    photos, monets = _data()
+    train_stage.train(P, photos, monets, tmp_path / "c.pt", "key-1", print_fn=lambda *_: None)
+    said = []
+    train_stage.train(P, photos, monets, tmp_path / "c.pt", "key-2", print_fn=said.append)
+    assert any("starting afresh" in s for s in said)
+
+
+def test_fingerprint_follows_training_params_and_data(tmp_path):
+    m = tmp_path / "manifest.csv"
+    m.write_text("a\n")
+    base = train_stage.fingerprint(P, m)
+    assert train_stage.fingerprint(dataclasses.replace(P, lambda_cycle=5.0), m) != base
+    other_generate = dataclasses.replace(P, generate=dataclasses.replace(P.generate, batch_size=7))
+    assert train_stage.fingerprint(other_generate, m) == base  # not a training param
+    m.write_text("b\n")
+    assert train_stage.fingerprint(P, m) != base
