@@ -81,7 +81,7 @@ def open_run(params: Params, generator_path: str | Path, backfill: list[str | Pa
     return run
 
 
-def log_metrics_file(path: str | Path) -> None:
+def log_metrics_file(path: str | Path, step: int | None = None) -> None:
     """Log the numeric entries of a stage's metrics JSON, prefixed by the stage (`evaluate.fid`)."""
     import mlflow
 
@@ -89,7 +89,7 @@ def log_metrics_file(path: str | Path) -> None:
     data = json.loads(Path(path).read_text())
     numbers = {f"{stage}.{k}": float(v) for k, v in data.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    mlflow.log_metrics(numbers)
+    mlflow.log_metrics(numbers, step=step)
     texts = {f"{stage}.{k}": str(v) for k, v in data.items() if isinstance(v, (str, bool))}
     if texts:
         mlflow.set_tags(texts)

@@ -21,13 +21,13 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from pipeline import shards
-from pipeline.cyclegan import Nets, Trainer, build_nets, generator_config, to_model_input, to_uint8
+from pipeline.cyclegan import Trainer, build_nets, generator_config, to_model_input, to_uint8
 from pipeline.errors import cli
 from pipeline.files import atomic_path, write_json
 from pipeline.params import Params, flatten, load
 from pipeline.runtime import autocast_dtype, describe, pick_device, seed_everything
 
-TRAIN_KEYS = ("seed", "image_size", "lambda_cycle", "lambda_identity", "precision", "ingest.", "train.")
+TRAIN_KEYS = ("seed", "image_size", "lambda_cycle", "lambda_identity", "precision", "train.")  # data: the manifest
 
 
 def fingerprint(p: Params, manifest_path: Path) -> str:
@@ -172,7 +172,7 @@ def main(argv=None) -> None:
         for record in history:
             mlflow.log_metrics({f"train.{k}": v for k, v in record.items() if k.startswith("loss_")},
                                step=record["step"])
-        tracking.log_metrics_file(args.metrics)
+        tracking.log_metrics_file(args.metrics, step=trainer.step)  # the final values end the curves
         mlflow.log_artifact(str(args.grid))
     print(f"train: {trainer.step} steps in {seconds:.0f} s -> {args.models}")
 
