@@ -74,7 +74,7 @@ def main() -> None:
             ("fid / fid_identity", metrics["fid_vs_identity"], BUDGETS["fid_vs_identity"])]
     print(f"\n{'measure':<34} {'value':>9} {'budget':>8} {'ratio':>6}")
     for name, value, budget in rows:
-        print(f"{name:<34} {value:>9.2f} {budget:>8.2f} {value / budget:>6.2f}{'' if value <= budget else '  OVER'}")
+        print(f"{name:<34} {value:>9.4g} {budget:>8.2f} {value / budget:>6.3f}{'' if value <= budget else '  OVER'}")
     print(f"\nfid {metrics['fid']:.2f}, fid_identity {metrics['fid_identity']:.2f}, mifid {metrics['mifid']:.2f}, "
           f"pair_l1 {metrics.get('pair_l1', float('nan')):.4f} (identity {metrics.get('pair_l1_identity', float('nan')):.4f})"
           f"\nextractor: {metrics['feature_extractor']}")
