@@ -277,7 +277,7 @@ def _paint_scene(s: dict, size: int) -> np.ndarray:
     xx = ((np.arange(W, dtype=F32) + F32(0.5)) / F32(W))[None, :]
     hz = s["hz"]
     off = s["tex_off"]
-    img = np.empty((3, H, W), F32)
+    img = np.zeros((3, H, W), F32)  # zeros, not empty: layers blend over rows a nearer layer later covers
     row = lambda frac: int(min(max(frac, 0.0), 1.0) * H)
 
     # Layers far -> near. Each is painted only down to the row below which a nearer opaque
@@ -564,7 +564,7 @@ def _finish_monet(img: np.ndarray, rng, water_top: float | None) -> np.ndarray:
     padded = np.pad(half, ((0, 0), (p, p), (p, p)), mode="edge").transpose(1, 2, 0).reshape(-1, 3)
     wp = size // 2 + _pad(size)
     horiz, mixed = _stroke_layouts(size)
-    out = np.empty((size, size, 3), F32)
+    out = np.zeros((size, size, 3), F32)
     # horizontal strokes for sky and water, mixed directions for the land between
     land_top = int(size * 0.35)
     land_bottom = int(size * water_top) if water_top is not None else size
