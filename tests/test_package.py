@@ -24,7 +24,7 @@ def test_good_folder_becomes_a_flat_zip(tmp_path):
     assert len(digest) == 64
 
 
-def test_too_few_images_refused_and_nothing_written(tmp_path):
+def test_too_few_images_refused(tmp_path):
     with pytest.raises(DataError, match="3 images; the submission needs 5–10"):
         check_images(_jpegs(tmp_path / "gen", 3), 5, 10)
 
