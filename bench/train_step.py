@@ -10,7 +10,6 @@ Writes a CSV and a log under $OUT (or ./bench-out) and prints a short table last
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import sys
@@ -21,7 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.cyclegan import Trainer, build_nets  # noqa: E402  (torch + pyyaml only)
+from pipeline.generator_file import translate  # noqa: E402
 from pipeline.params import load  # noqa: E402
+from pipeline.runtime import autocast, memory_format, place  # noqa: E402
 
 RECIPES = {
     "default": {},  # params.yaml as committed
@@ -45,15 +46,10 @@ def sync(device: torch.device) -> None:
 
 def bench_mode(p, device, dtype, channels_last: bool, compile_: bool, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
-    nets = build_nets(p)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for m in nets.modules().values():
-        m.to(device, memory_format=fmt)
+    nets = build_nets(p).map(lambda m: place(m, device, channels_last, compile_))
     trainer = Trainer(nets, p, device, dtype)
-    if compile_:
-        for name, m in nets.modules().items():
-            setattr(nets, name, torch.compile(m))
     b, s = p.train.batch_size, p.image_size
+    fmt = memory_format(channels_last)
     x = (torch.rand(b, 3, s, s, device=device) * 2 - 1).contiguous(memory_format=fmt)
     y = (torch.rand(b, 3, s, s, device=device) * 2 - 1).contiguous(memory_format=fmt)
     if device.type == "cuda":
@@ -66,17 +62,13 @@ def bench_mode(p, device, dtype, channels_last: bool, compile_: bool, steps: int
         losses = trainer.train_step(x, y)
     sync(device)
     train_s = (time.perf_counter() - start) / steps
-    G = nets.G
-    G.eval()
-    gen_batch = (torch.rand(4 * b, 3, s, s, device=device) * 2 - 1).contiguous(memory_format=fmt)
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    with torch.no_grad(), ctx:
-        G(gen_batch)
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(3):
-            G(gen_batch)
-        sync(device)
+    # generation as the generate stage runs it: uint8 photos in, uint8 paintings out
+    photos = torch.randint(0, 256, (4 * b, s, s, 3), dtype=torch.uint8)
+    ctx = autocast(device, dtype)
+    for i in range(4):  # one warm-up call, then three timed (translate returns on the CPU: synced)
+        if i == 1:
+            start = time.perf_counter()
+        translate(nets.G, photos, s, device, ctx, batch_size=4 * b, channels_last=channels_last)
     gen_s = (time.perf_counter() - start) / 3
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return {"train_img_s": b / train_s, "gen_img_s": 4 * b / gen_s, "peak_gib": peak,

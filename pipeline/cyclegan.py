@@ -2,15 +2,18 @@
 paper (Zhu et al. 2017), the pool of past fakes, and checkpoints that resume everything."""
 from __future__ import annotations
 
-import contextlib
+import functools
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
-from pipeline.networks import GANLoss, define_discriminator, define_generator
+from pipeline import generator_file
+from pipeline.networks import GANLoss, define_discriminator
 from pipeline.params import Params
+from pipeline.runtime import autocast, describe, uncompiled
 
 
 class ImagePool:
@@ -54,21 +57,19 @@ class Nets:
     def modules(self) -> dict[str, nn.Module]:
         return {"G": self.G, "F": self.F, "D_M": self.D_M, "D_P": self.D_P}
 
-
-def generator_config(p: Params) -> dict:
-    """Everything needed to rebuild a generator; stored beside its weights."""
-    t = p.train
-    return {"kind": t.generator, "image_size": p.image_size, "filters": t.gen_filters, "resnet_blocks": t.resnet_blocks}
-
-
-def build_generator(config: dict) -> nn.Module:
-    return define_generator(config["kind"], config["image_size"], config["filters"], config["resnet_blocks"])
+    def map(self, fn: Callable[[nn.Module], nn.Module]) -> "Nets":
+        return Nets(**{name: fn(m) for name, m in self.modules().items()})
 
 
 def build_nets(p: Params) -> Nets:
-    cfg = generator_config(p)
-    return Nets(G=build_generator(cfg), F=build_generator(cfg),
+    cfg = generator_file.config_of(p)
+    return Nets(G=generator_file.build(cfg), F=generator_file.build(cfg),
                 D_M=define_discriminator(p.train.disc_filters), D_P=define_discriminator(p.train.disc_filters))
+
+
+def lr_factor(step: int, total: int, decay_start: int) -> float:
+    """The paper's schedule: constant, then linear to zero, reached after the last of `total` steps."""
+    return 1.0 - max(0, step - decay_start) / max(1, total - decay_start)
 
 
 class Trainer:
@@ -80,26 +81,20 @@ class Trainer:
         betas = (t.beta1, 0.999)
         self.opt_G = torch.optim.Adam(list(nets.G.parameters()) + list(nets.F.parameters()), lr=t.lr, betas=betas)
         self.opt_D = torch.optim.Adam(list(nets.D_M.parameters()) + list(nets.D_P.parameters()), lr=t.lr, betas=betas)
-        total = t.epochs * t.steps_per_epoch
-        decay_start = t.decay_from_epoch * t.steps_per_epoch
-
-        def lr_factor(step: int) -> float:  # constant, then linear to zero (paper)
-            return 1.0 - max(0, step - decay_start) / max(1, total - decay_start + 1)
-
-        self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G, lr_factor)
-        self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D, lr_factor)
+        total, decay_start = t.epochs * t.steps_per_epoch, t.decay_from_epoch * t.steps_per_epoch
+        schedule = functools.partial(lr_factor, total=total, decay_start=decay_start)
+        self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G, schedule)
+        self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D, schedule)
         self.gan = GANLoss(t.gan_loss)
         self.l1 = nn.L1Loss()
         self.pool_M = ImagePool(t.pool_size, p.seed + 1)
         self.pool_P = ImagePool(t.pool_size, p.seed + 2)
         # a mode that is off does nothing: the step never asks which precision it runs in
-        self.autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype \
-            else contextlib.nullcontext
+        self.autocast = autocast(device, autocast_dtype)
         self.dtype = autocast_dtype
         self.step = 0
 
     def describe(self) -> str:
-        from pipeline.runtime import describe
         return describe(self.device, self.dtype)
 
     def train_step(self, real_P: torch.Tensor, real_M: torch.Tensor) -> dict[str, float]:
@@ -147,7 +142,7 @@ class Trainer:
     def state_dict(self) -> dict:
         # the uncompiled modules' weights (no `_orig_mod.` prefixes) and everything else that moves
         return {
-            "nets": {k: _uncompiled(m).state_dict() for k, m in self.nets.modules().items()},
+            "nets": {k: uncompiled(m).state_dict() for k, m in self.nets.modules().items()},
             "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
             "sched_G": self.sched_G.state_dict(), "sched_D": self.sched_D.state_dict(),
             "pool_M": self.pool_M.state_dict(), "pool_P": self.pool_P.state_dict(),
@@ -156,7 +151,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         for k, m in self.nets.modules().items():
-            _uncompiled(m).load_state_dict(state["nets"][k])
+            uncompiled(m).load_state_dict(state["nets"][k])
         self.opt_G.load_state_dict(state["opt_G"])
         self.opt_D.load_state_dict(state["opt_D"])
         self.sched_G.load_state_dict(state["sched_G"])
@@ -165,17 +160,3 @@ class Trainer:
         self.pool_P.load_state_dict(state["pool_P"], self.device)
         self.step = state["step"]
 
-
-def _uncompiled(m: nn.Module) -> nn.Module:
-    return getattr(m, "_orig_mod", m)
-
-
-def to_model_input(images_uint8: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
-    """uint8 N×H×W×3 -> float N×3×H×W in [-1, 1] on `device`."""
-    x = images_uint8.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float N×3×H×W in [-1, 1] -> uint8 N×H×W×3 on the CPU."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().contiguous()

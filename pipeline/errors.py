@@ -13,6 +13,10 @@ class DataError(PipelineError):
     """A data file is missing, truncated, corrupt or of the wrong shape."""
 
 
+class FeatureError(PipelineError):
+    """The feature extractor's weights or inputs are missing, corrupt or of the wrong kind."""
+
+
 def cli(main):
     """Run a stage's main(): a PipelineError becomes `error: <message>` on stderr and exit 2,
     never a traceback (bugs still get their traceback)."""

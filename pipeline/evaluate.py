@@ -23,7 +23,6 @@ from pipeline import sample, shards
 from pipeline.errors import DataError, cli
 from pipeline.features import extract, load_extractor
 from pipeline.files import write_json
-from pipeline.ingest import sample_name
 from pipeline.metrics import fid, mifid
 from pipeline.params import Params, load
 from pipeline.runtime import pick_device
@@ -49,7 +48,7 @@ def pair_l1(images: Path, photo_names: list[str], photos: torch.Tensor, seed: in
     """Mean |generated − ground-truth painting| (0–1 scale) over the first PAIR_IMAGES sample scenes,
     and the same for the untranslated photos."""
     count = min(PAIR_IMAGES, len(photo_names), len(photos))
-    expected = {sample_name(seed, "photo", i): i for i in range(count)}
+    expected = {sample.sample_name(seed, "photo", i): i for i in range(count)}
     if [photo_names[i] for i in range(count)] != list(expected):
         raise DataError("manifest photo names do not match the embedded sample for this seed")
     truth = torch.from_numpy(sample.render_batch(seed, [sample.photo_index(i) for i in range(count)], "monet")).float()
@@ -94,8 +93,6 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=Path, required=True, help="folder of generated JPEGs")
     ap.add_argument("--generator", type=Path, required=True, help="identifies the MLflow run")
     ap.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
-    ap.add_argument("--upstream", type=Path, nargs="*", default=[],
-                    help="metrics/artifacts of earlier stages, logged when this MLflow run is new")
     args = ap.parse_args(argv)
     p = load(args.params)
     result = evaluate(p, args.shards, args.manifest, args.images)
@@ -103,7 +100,7 @@ def main(argv=None) -> None:
 
     from pipeline import tracking
 
-    with tracking.open_run(p, args.generator, backfill=args.upstream):
+    with tracking.open_run(p, args.generator, stage="evaluate"):
         tracking.log_metrics_file(args.out)
     print(f"evaluate: MiFID {result['mifid']:.2f}  FID {result['fid']:.2f}  (photos untranslated: FID "
           f"{result['fid_identity']:.2f})  distance {result['distance']:.4f}  [{extractor_label(result)}]")

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -32,6 +34,14 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 def write_json(path: str | Path, obj: object) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_torch(obj: object, path: str | Path) -> None:
+    """torch.save, atomically and byte-for-byte reproducible: given a path, torch names the archive
+    inside after the file (here a random temp name), so equal tensors would give different bytes
+    and DVC would rerun every stage downstream; given an open file it writes the same bytes."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 @contextlib.contextmanager

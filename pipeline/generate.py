@@ -14,42 +14,16 @@ import io
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import shards
-from pipeline.cyclegan import build_generator, to_model_input
-from pipeline.errors import DataError, cli
+from pipeline import generator_file, shards
+from pipeline.errors import cli
 from pipeline.files import atomic_dir
 from pipeline.params import load
-from pipeline.runtime import autocast_dtype, pick_device
+from pipeline.runtime import autocast, autocast_dtype, pick_device
 
 OUTPUT_SIZE = 256
-
-
-def load_generator(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    try:
-        saved = torch.load(path, map_location=device, weights_only=True)
-        net = build_generator(saved["config"])
-        net.load_state_dict(saved["state_dict"])
-    except FileNotFoundError:
-        raise DataError(f"{path}: generator not found (run the train stage first)") from None
-    except (KeyError, RuntimeError, TypeError) as e:
-        raise DataError(f"{path}: not a generator saved by the train stage ({type(e).__name__})") from None
-    return net.to(device).eval(), saved["config"]
-
-
-@torch.no_grad()
-def stylize(net: torch.nn.Module, photos: torch.Tensor, image_size: int, device: torch.device,
-            dtype: torch.dtype | None) -> torch.Tensor:
-    """uint8 N×256×256×3 photos -> uint8 N×256×256×3 paintings."""
-    x = to_model_input(shards.resize_uint8(photos, image_size), device)
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        y = net(x).float()
-    if image_size != OUTPUT_SIZE:
-        y = F.interpolate(y, size=(OUTPUT_SIZE, OUTPUT_SIZE), mode="bicubic", align_corners=False)
-    return ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 def jpeg_bytes(pixels: torch.Tensor, quality: int) -> bytes:
@@ -61,15 +35,16 @@ def jpeg_bytes(pixels: torch.Tensor, quality: int) -> bytes:
 def generate(shards_dir: Path, manifest_path: Path, generator_path: Path, out: Path, device_name: str,
              precision: str, batch_size: int, quality: int) -> int:
     device = pick_device(device_name)
-    dtype = autocast_dtype(precision, device)
-    net, config = load_generator(generator_path, device)
+    ctx = autocast(device, autocast_dtype(precision, device))
+    net, config = generator_file.load(generator_path, device)
     manifest = shards.read_manifest(manifest_path)
     total = int((manifest["domain"] == "photo").sum())
     count = 0
     with atomic_dir(out) as tmp, tqdm(total=total, desc="generate", unit="img", mininterval=2) as bar:
         for names, photos in shards.iter_domain(shards_dir, manifest, "photo"):
             for k in range(0, len(photos), batch_size):
-                paintings = stylize(net, photos[k:k + batch_size], config["image_size"], device, dtype)
+                paintings = generator_file.translate(net, photos[k:k + batch_size], config["image_size"], device,
+                                                     ctx, out_size=OUTPUT_SIZE, batch_size=batch_size)
                 for name, pixels in zip(names[k:k + batch_size], paintings):
                     (tmp / f"{name}.jpg").write_bytes(jpeg_bytes(pixels, quality))
                 count += len(paintings)

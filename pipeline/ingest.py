@@ -6,7 +6,6 @@ verified uint8 tensor shards + a manifest.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import tempfile
@@ -29,11 +28,6 @@ SAMPLE_FILES = {"monet": 5, "photo": 20}  # the Kaggle data has 5 Monet and 20 p
 
 # --- sources: each fills `raw` with monet_tfrec/*.tfrec and photo_tfrec/*.tfrec ---------------
 
-def sample_name(seed: int, domain: str, i: int) -> str:
-    """A 10-hex-digit image name like Kaggle's, stable for (seed, domain, i)."""
-    return hashlib.sha1(f"{seed}/{domain}/{i}".encode()).hexdigest()[:10]
-
-
 def _render_chunk(args: tuple[int, str, list[int]]) -> list[bytes]:
     seed, domain, positions = args
     index = sample.monet_index if domain == "monet" else sample.photo_index
@@ -51,7 +45,7 @@ def write_sample(raw: Path, seed: int, counts: dict[str, int], workers: int) -> 
                 positions = list(range(k * count // files, (k + 1) * count // files))
                 chunks = [(seed, domain, positions[j:j + 32]) for j in range(0, len(positions), 32)]
                 jpegs = [j for chunk in pool.map(_render_chunk, chunks) for j in chunk]
-                examples = (tfrecords.Example(sample_name(seed, domain, i), jpeg, domain)
+                examples = (tfrecords.Example(sample.sample_name(seed, domain, i), jpeg, domain)
                             for i, jpeg in zip(positions, jpegs))
                 path = raw / TFREC_DIRS[domain] / f"{domain}{k:02d}-{len(positions)}.tfrec"
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,14 @@
 """CycleGAN networks: the Kaggle tutorial's U-Net and the paper's ResNet generator, a PatchGAN
-discriminator, and the adversarial loss. Images are N×3×H×W in [-1, 1]."""
+discriminator, and the adversarial loss. Images are N×3×H×W in [-1, 1]; `to_model_input` and
+`to_uint8` convert from and to the uint8 N×H×W×3 images of the shards and JPEGs."""
 from __future__ import annotations
 
 import math
 
 import torch
 from torch import nn
+
+from pipeline.runtime import memory_format
 
 
 def init_weights(net: nn.Module, gain: float = 0.02) -> nn.Module:
@@ -133,3 +136,14 @@ class GANLoss(nn.Module):
         logits = logits.float()  # the loss in fp32 even under bf16 autocast
         target = torch.ones_like(logits) if real else torch.zeros_like(logits)
         return self.loss(logits, target)
+
+
+def to_model_input(images_uint8: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """uint8 N×H×W×3 -> float N×3×H×W in [-1, 1] on `device`."""
+    x = images_uint8.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return x.contiguous(memory_format=memory_format(channels_last))
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float N×3×H×W in [-1, 1] -> uint8 N×H×W×3 on the CPU."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().contiguous()

@@ -1,6 +1,7 @@
 """Stage 5, package: the submission zip Kaggle accepts, checked before it is written.
 
-    python -m pipeline.package --images data/generated --out data/images.zip --metrics metrics/package.json
+    python -m pipeline.package --images data/generated --out data/images.zip --metrics metrics/package.json \\
+        --generator models/photo2monet.pt
 
 The competition wants 7,000–10,000 JPEGs of 256×256×3, flat (no folders) in `images.zip`.
 """
@@ -62,8 +63,6 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="the submission zip to write")
     ap.add_argument("--metrics", type=Path, required=True)
     ap.add_argument("--generator", type=Path, required=True, help="identifies the MLflow run")
-    ap.add_argument("--upstream", type=Path, nargs="*", default=[],
-                    help="metrics/artifacts of earlier stages, logged when this MLflow run is new")
     args = ap.parse_args(argv)
     p = load(args.params)
     images = check_images(args.images, p.package.min_images, p.package.max_images)
@@ -73,7 +72,7 @@ def main(argv=None) -> None:
 
     from pipeline import tracking
 
-    with tracking.open_run(p, args.generator, backfill=args.upstream):
+    with tracking.open_run(p, args.generator, stage="package"):
         tracking.log_metrics_file(args.metrics)
     print(f"package: {len(images)} JPEGs -> {args.out} ({summary['zip_mb']} MiB)")
 

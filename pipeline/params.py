@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import PipelineError
+from pipeline.sample import MONET_COUNT, PHOTO_COUNT
 
 
 class ParamsError(PipelineError, ValueError):
@@ -20,13 +21,15 @@ class ParamsError(PipelineError, ValueError):
 class Ingest:
     source: str = "sample"
     shard_size: int = 1024
-    sample_photos: int = 7028
-    sample_paintings: int = 300
+    sample_photos: int = PHOTO_COUNT  # the embedded sample renders at most these many scenes
+    sample_paintings: int = MONET_COUNT
 
     def check(self) -> None:
         _require(bool(self.source), "ingest.source", "must not be empty")
-        _require(self.sample_photos > 0, "ingest.sample_photos", "must be > 0")
-        _require(self.sample_paintings > 0, "ingest.sample_paintings", "must be > 0")
+        _require(0 < self.sample_photos <= PHOTO_COUNT, "ingest.sample_photos",
+                 f"must be in [1, {PHOTO_COUNT}] (the photos the embedded sample can render)")
+        _require(0 < self.sample_paintings <= MONET_COUNT, "ingest.sample_paintings",
+                 f"must be in [1, {MONET_COUNT}] (the paintings the embedded sample can render)")
         _require(self.shard_size > 0, "ingest.shard_size", "must be > 0")
 
 
@@ -174,10 +177,16 @@ def parse(raw: object) -> Params:
     return params
 
 
+def read_yaml(path: str | Path) -> object:
+    """A YAML file (params.yaml, dvc.yaml, dvc.lock) as plain Python values; every reader of
+    these files goes through here so that they all read values alike."""
+    return yaml.safe_load(Path(path).read_text())
+
+
 def load(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path)
     except FileNotFoundError:
         raise ParamsError(f"params: {path} not found") from None
     except yaml.YAMLError as e:

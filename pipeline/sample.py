@@ -24,6 +24,7 @@ Texture tiles and stroke layouts come from a fixed seed, are built once per size
 from __future__ import annotations
 
 import functools
+import hashlib
 from typing import Sequence
 
 import numpy as np
@@ -44,6 +45,12 @@ F32 = np.float32
 # ----------------------------------------------------------------------------------------------
 # Public interface
 # ----------------------------------------------------------------------------------------------
+
+def sample_name(seed: int, domain: str, i: int) -> str:
+    """The i-th image's name in `domain` ("photo" or "monet"): 10 hex digits like Kaggle's,
+    stable for (seed, domain, i)."""
+    return hashlib.sha1(f"{seed}/{domain}/{i}".encode()).hexdigest()[:10]
+
 
 def photo_index(i: int) -> int:
     """Scene index of the i-th photo (0 <= i < PHOTO_COUNT)."""

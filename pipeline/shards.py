@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import DataError
-from pipeline.files import atomic_path
+from pipeline.files import save_torch
 
 DOMAINS = ("monet", "photo")
 MANIFEST_COLUMNS = ["domain", "image_name", "shard", "offset", "tfrecord", "record"]
@@ -27,8 +27,7 @@ def write_domain(items: Iterable[tuple[dict, np.ndarray]], out_dir: Path, domain
 
     def flush():
         nonlocal batch, k
-        with atomic_path(out_dir / shard_name(domain, k)) as tmp:
-            torch.save(torch.from_numpy(np.stack(batch)), tmp)
+        save_torch(torch.from_numpy(np.stack(batch)), out_dir / shard_name(domain, k))
         batch, k = [], k + 1
 
     for row, pixels in items:

@@ -1,23 +1,29 @@
-"""MLflow run model: one row per pipeline execution.
+"""MLflow, and every call to it: one row per pipeline execution.
 
-A row is identified by a key = hash(all params, the trained generator's bytes). Train opens the
-row; generate, evaluate and package find it by key and add to it. When only downstream params
-changed (DVC reruns evaluate but not train), the key differs, so a new row is made and filled
-from the metrics files that the skipped upstream stages left, so every row is complete. Stages
-that DVC skips log nothing, hence no empty rows.
+A row is identified by a key = hash(all params, the trained generator's bytes). The first stage
+that logs in an execution opens the row; later stages find it by key and add to it. When only
+some stages rerun (say `evaluate.*` changed), the key differs, so the first of them makes a new
+row and copies into it what the stages DVC skips left on disk, where their results still hold
+(`stage_results`), so every row is complete. Stages that DVC skips log nothing: no empty rows.
 
 The store is `sqlite:///<main repo>/mlflow.db` unless MLFLOW_TRACKING_URI is set; the main repo is
 DVC_ROOT (DVC points it at the parent repo inside `dvc exp run --temp`/queued runs), so temp
-experiments log into the same place as the workspace.
+experiments log into the same place as the workspace. A row is named after its DVC experiment,
+or, for a workspace run, after the commit and the time it started.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import subprocess
+import time
 from pathlib import Path
 
+import pandas as pd
+
 from pipeline.params import Params, flatten
+from pipeline.stage_results import held_results
 
 EXPERIMENT = "monet-cyclegan"
 
@@ -44,6 +50,20 @@ def run_key(params: Params, generator_path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def run_name() -> str:
+    """The DVC experiment's name, else `workspace@<commit> <date time>`: what a person recognises.
+    Always set explicitly: MLflow's own random names repeat, because the stages seed `random`."""
+    name = os.environ.get("DVC_EXP_NAME")
+    if name:
+        return name
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"workspace@{commit or 'no-commit'} {time.strftime('%Y-%m-%d %H:%M:%S')}"
+
+
 def _experiment_id(mlflow, own_store: bool) -> str:
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     exp = mlflow.get_experiment_by_name(name)
@@ -54,11 +74,10 @@ def _experiment_id(mlflow, own_store: bool) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
-def open_run(params: Params, generator_path: str | Path, backfill: list[str | Path] = ()):
-    """Start (or resume) the run of this pipeline execution; returns the active mlflow.ActiveRun.
+def open_run(params: Params, generator_path: str | Path, stage: str):
+    """Start (or resume) the row of this pipeline execution for `stage`; use it as a context.
 
-    `backfill`: files of upstream stages (metrics JSON, or artifacts such as the sample grid),
-    logged only when the row is new, i.e. when DVC skipped those stages this time."""
+    A new row also gets every param, and the results of the other stages that still hold."""
     import mlflow  # heavy; only the stages that log import it
 
     own_store = "MLFLOW_TRACKING_URI" not in os.environ  # read first: set_tracking_uri sets it
@@ -69,27 +88,51 @@ def open_run(params: Params, generator_path: str | Path, backfill: list[str | Pa
                                output_format="list")
     if found:
         return mlflow.start_run(run_id=found[0].info.run_id)
-    name = os.environ.get("DVC_EXP_NAME")
-    run = mlflow.start_run(experiment_id=exp_id, run_name=name,
-                           tags={"pipeline_key": key, "dvc_exp_name": name or "workspace"})
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    run = mlflow.start_run(experiment_id=exp_id, run_name=run_name(),
+                           tags={"pipeline_key": key, "dvc_exp_name": exp_name or "workspace"})
     mlflow.log_params(flatten(params))
-    for path in map(Path, backfill):
-        if path.suffix == ".json" and path.exists():
-            log_metrics_file(path)
-        elif path.exists():
-            mlflow.log_artifact(str(path))
+    for other, files in held_results(stage).items():
+        for path in files:
+            log_file(path, other)
     return run
 
 
+def log_file(path: Path, stage: str) -> None:
+    """A stage's metrics JSON, curve CSV or picture, each the way its kind is logged."""
+    if path.suffix == ".json":
+        log_metrics_file(path)
+    elif path.suffix == ".csv":
+        log_curve(path, stage)
+    else:
+        log_artifact(path)
+
+
 def log_metrics_file(path: str | Path, step: int | None = None) -> None:
-    """Log the numeric entries of a stage's metrics JSON, prefixed by the stage (`evaluate.fid`)."""
+    """Log the numeric entries of a stage's metrics JSON, prefixed by its name (`evaluate.fid`);
+    text entries become tags."""
     import mlflow
 
-    stage = Path(path).stem
+    prefix = Path(path).stem
     data = json.loads(Path(path).read_text())
-    numbers = {f"{stage}.{k}": float(v) for k, v in data.items()
+    numbers = {f"{prefix}.{k}": float(v) for k, v in data.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     mlflow.log_metrics(numbers, step=step)
-    texts = {f"{stage}.{k}": str(v) for k, v in data.items() if isinstance(v, (str, bool))}
+    texts = {f"{prefix}.{k}": str(v) for k, v in data.items() if isinstance(v, (str, bool))}
     if texts:
         mlflow.set_tags(texts)
+
+
+def log_curve(path: str | Path, prefix: str) -> None:
+    """A curve CSV (a `step` column and `loss_*` columns, one row per point) as metric histories."""
+    import mlflow
+
+    for row in pd.read_csv(path).to_dict("records"):
+        mlflow.log_metrics({f"{prefix}.{k}": float(v) for k, v in row.items() if k.startswith("loss_")},
+                           step=int(row["step"]))
+
+
+def log_artifact(path: str | Path) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(path))

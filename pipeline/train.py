@@ -1,6 +1,7 @@
 """Stage 2, train: a CycleGAN between the photo and Monet shards.
 
-    python -m pipeline.train --shards data/shards --manifest data/manifest.csv --models models \\
+    python -m pipeline.train --shards data/shards --manifest data/manifest.csv \\
+        --generator models/photo2monet.pt --reverse-generator models/monet2photo.pt \\
         --checkpoint models/checkpoint.pt --metrics metrics/train.json \\
         --curve metrics/train_curve.csv --grid metrics/grid.png
 
@@ -20,12 +21,13 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from pipeline import shards
-from pipeline.cyclegan import Trainer, build_nets, generator_config, to_model_input, to_uint8
+from pipeline import generator_file, shards
+from pipeline.cyclegan import Trainer, build_nets
 from pipeline.errors import cli
-from pipeline.files import atomic_path, write_json
+from pipeline.files import atomic_path, save_torch, write_json
+from pipeline.networks import to_model_input
 from pipeline.params import Params, flatten, load
-from pipeline.runtime import autocast_dtype, describe, pick_device, seed_everything
+from pipeline.runtime import autocast_dtype, pick_device, place, rng_state, seed_everything, set_rng_state
 
 TRAIN_KEYS = ("seed", "image_size", "lambda_cycle", "lambda_identity", "precision", "train.")  # data: the manifest
 
@@ -55,45 +57,27 @@ def photo_grid(photos: torch.Tensor, generated: torch.Tensor, px: int = 128) -> 
     return Image.fromarray(grid.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
-@torch.no_grad()
-def translate(G: torch.nn.Module, photos_uint8: torch.Tensor, device: torch.device, autocast, batch_size: int = 64,
-              channels_last: bool = False) -> torch.Tensor:
-    G.eval()
-    out = []
-    for chunk in photos_uint8.split(batch_size):
-        with autocast():
-            out.append(to_uint8(G(to_model_input(chunk, device, channels_last))))
-    G.train()
-    return torch.cat(out)
-
-
 def train(p: Params, photos: torch.Tensor, monets: torch.Tensor, checkpoint: Path, resume_key: str,
           print_fn=print) -> tuple[Trainer, list[dict]]:
     """Train on uint8 N×H×W×3 photos and paintings at p.image_size, checkpointing every epoch;
     a checkpoint whose `resume_key` matches is resumed. Returns the trainer and per-epoch mean losses."""
     t = p.train
     device = pick_device(p.device)
-    dtype = autocast_dtype(p.precision, device)
     data_gen = seed_everything(p.seed)
-    nets = build_nets(p)
-    for m in nets.modules().values():
-        m.to(device, memory_format=torch.channels_last if t.channels_last else torch.preserve_format)
-    trainer = Trainer(nets, p, device, dtype)
+    nets = build_nets(p).map(lambda m: place(m, device, t.channels_last, t.compile))
+    trainer = Trainer(nets, p, device, autocast_dtype(p.precision, device))
     history: list[dict] = []
     if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
         if state.get("fingerprint") == resume_key:
             trainer.load_state_dict(state["trainer"])
             data_gen.set_state(state["data_rng"])
-            torch.set_rng_state(state["torch_rng"])
+            set_rng_state(state["rng"], device)
             history = state["history"]
             print_fn(f"train: resuming from {checkpoint} at step {trainer.step}")
         else:
             print_fn(f"train: {checkpoint} was written for other params or data; starting afresh")
-    if t.compile:
-        for name, m in nets.modules().items():
-            setattr(nets, name, torch.compile(m))
-    print_fn(f"train: {describe(device, dtype)}; {len(photos)} photos, {len(monets)} paintings at {p.image_size} px; "
+    print_fn(f"train: {trainer.describe()}; {len(photos)} photos, {len(monets)} paintings at {p.image_size} px; "
              f"{t.generator} generator, {t.epochs}×{t.steps_per_epoch} steps of {t.batch_size}")
 
     total = t.epochs * t.steps_per_epoch
@@ -114,17 +98,10 @@ def train(p: Params, photos: torch.Tensor, monets: torch.Tensor, checkpoint: Pat
         record = {"epoch": epoch + 1, "step": trainer.step, **{k: v / steps for k, v in sums.items()},
                   "seconds": time.perf_counter() - started}
         history.append(record)
-        with atomic_path(checkpoint) as tmp:
-            torch.save({"fingerprint": resume_key, "trainer": trainer.state_dict(), "history": history,
-                        "data_rng": data_gen.get_state(), "torch_rng": torch.get_rng_state()}, tmp)
+        save_torch({"fingerprint": resume_key, "trainer": trainer.state_dict(), "history": history,
+                    "data_rng": data_gen.get_state(), "rng": rng_state(device)}, checkpoint)
     bar.close()
     return trainer, history
-
-
-def save_generator(net: torch.nn.Module, config: dict, path: Path) -> None:
-    net = getattr(net, "_orig_mod", net)
-    with atomic_path(path) as tmp:
-        torch.save({"config": config, "state_dict": net.state_dict()}, tmp)
 
 
 @cli
@@ -133,7 +110,8 @@ def main(argv=None) -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--shards", type=Path, required=True)
     ap.add_argument("--manifest", type=Path, required=True)
-    ap.add_argument("--models", type=Path, required=True, help="folder for the exported generators")
+    ap.add_argument("--generator", type=Path, required=True, help="the photo→Monet generator to write")
+    ap.add_argument("--reverse-generator", type=Path, required=True, help="the Monet→photo generator to write")
     ap.add_argument("--checkpoint", type=Path, required=True, help="resumable training state")
     ap.add_argument("--metrics", type=Path, required=True)
     ap.add_argument("--curve", type=Path, required=True, help="per-epoch losses (CSV, a DVC plot)")
@@ -149,12 +127,12 @@ def main(argv=None) -> None:
     trainer, history = train(p, photos, monets, args.checkpoint, fingerprint(p, args.manifest))
     seconds = time.perf_counter() - started
 
-    config = generator_config(p)
-    save_generator(trainer.nets.G, config, args.models / "photo2monet.pt")
-    save_generator(trainer.nets.F, config, args.models / "monet2photo.pt")
+    config = generator_file.config_of(p)
+    generator_file.save(trainer.nets.G, config, args.generator)
+    generator_file.save(trainer.nets.F, config, args.reverse_generator)
     grid_photos = photos[: p.train.grid_size]
-    generated = translate(trainer.nets.G, grid_photos, trainer.device, trainer.autocast,
-                          channels_last=p.train.channels_last)
+    generated = generator_file.translate(trainer.nets.G, grid_photos, p.image_size, trainer.device,
+                                         trainer.autocast, channels_last=p.train.channels_last)
     with atomic_path(args.grid) as tmp:
         photo_grid(grid_photos, generated).save(tmp, format="PNG")
     with atomic_path(args.curve) as tmp:
@@ -166,15 +144,11 @@ def main(argv=None) -> None:
 
     from pipeline import tracking  # mlflow only after the work is safely on disk
 
-    with tracking.open_run(p, args.models / "photo2monet.pt"):
-        import mlflow
-
-        for record in history:
-            mlflow.log_metrics({f"train.{k}": v for k, v in record.items() if k.startswith("loss_")},
-                               step=record["step"])
+    with tracking.open_run(p, args.generator, stage="train"):
+        tracking.log_curve(args.curve, "train")
         tracking.log_metrics_file(args.metrics, step=trainer.step)  # the final values end the curves
-        mlflow.log_artifact(str(args.grid))
-    print(f"train: {trainer.step} steps in {seconds:.0f} s -> {args.models}")
+        tracking.log_artifact(args.grid)
+    print(f"train: {trainer.step} steps in {seconds:.0f} s -> {args.generator}, {args.reverse_generator}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""All five stages through DVC on a tiny configuration, in a temporary copy of the repository."""
+"""All five stages through DVC on a tiny configuration, in a temporary copy of the repository.
+
+Each test stands alone (`pytest -k NAME`): the `reproduced` fixture runs the first `dvc repro`
+once per module, and a test that changes the workspace counts the MLflow rows it adds itself."""
 import json
 import os
 import shutil
@@ -21,6 +24,7 @@ TINY = {
     "evaluate": {"offline_image_size": 75, "batch_size": 16, "download": False},
     "package": {"min_images": 20, "max_images": 30},
 }
+STAGES = ("ingest", "train", "generate", "evaluate", "package")
 
 
 def _run(cmd, cwd, env, check=True):
@@ -30,11 +34,20 @@ def _run(cmd, cwd, env, check=True):
     return res
 
 
+def _dvc(root, env, *args):
+    return _run([sys.executable, "-m", "dvc", *args], root, env)
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
         out[k] = _merge(base[k], v) if isinstance(v, dict) else v
     return out
+
+
+def _set_params(root: Path, over: dict) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, over), sort_keys=False))
 
 
 @pytest.fixture(scope="module")
@@ -47,35 +60,62 @@ def repo(tmp_path_factory, repo_root):
         if (repo_root / f).is_file():
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(repo_root / f, dst / f)
-    params = yaml.safe_load((dst / "params.yaml").read_text())
-    (dst / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
+    _set_params(dst, TINY)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
                TORCH_HOME=str(dst / ".torch"), PYTHONPATH=str(dst))
     _run(["git", "init", "-q"], dst, env)
     if not (dst / ".dvc").exists():
-        _run([sys.executable, "-m", "dvc", "init", "-q"], dst, env)
+        _dvc(dst, env, "init", "-q")
     _run(["git", "add", "-A"], dst, env)
     _run(["git", "commit", "-qm", "tiny"], dst, env)
     return dst, env
 
 
-def _mlflow_runs(db: Path):
-    with sqlite3.connect(db) as con:
-        return con.execute("select run_uuid, status from runs").fetchall()
-
-
-def _metric(db: Path, run: str, key: str) -> float:
-    with sqlite3.connect(db) as con:
-        row = con.execute("select value from latest_metrics where run_uuid=? and key=?", (run, key)).fetchone()
-    return row[0] if row else None
-
-
-def test_dvc_repro_runs_all_five_stages(repo):
+@pytest.fixture(scope="module")
+def reproduced(repo):
+    """The repo after its first `dvc repro`; returns (root, env, that repro's output)."""
     root, env = repo
-    res = _run([sys.executable, "-m", "dvc", "repro"], root, env)
-    for stage in ("ingest", "train", "generate", "evaluate", "package"):
-        assert f"Running stage '{stage}'" in res.stdout
+    res = _dvc(root, env, "repro")
+    return root, env, res.stdout
+
+
+def _rows(root: Path) -> dict[str, dict]:
+    """Every MLflow run of the store: name, status, params, latest metrics, tags, artifact files."""
+    with sqlite3.connect(root / "mlflow.db") as con:
+        runs = con.execute("select run_uuid, name, status, artifact_uri from runs").fetchall()
+        rows = {}
+        for run, name, status, artifact_uri in runs:
+            q = lambda sql: dict(con.execute(sql, (run,)).fetchall())  # noqa: E731
+            artifacts = Path(artifact_uri.removeprefix("file://"))
+            rows[run] = {"name": name, "status": status,
+                         "params": q("select key, value from params where run_uuid=?"),
+                         "metrics": q("select key, value from latest_metrics where run_uuid=?"),
+                         "tags": q("select key, value from tags where run_uuid=?"),
+                         "artifacts": sorted(p.name for p in artifacts.rglob("*")) if artifacts.exists() else []}
+    return rows
+
+
+def _new_rows(root: Path, before: dict) -> list[dict]:
+    return [row for run, row in _rows(root).items() if run not in before]
+
+
+def _assert_complete(row: dict, metrics_dir: Path) -> None:
+    """The row holds every param, the final numbers of train, evaluate and package, and the grid."""
+    assert row["status"] == "FINISHED"
+    for stage in ("train", "evaluate", "package"):
+        numbers = {k: v for k, v in json.loads((metrics_dir / f"{stage}.json").read_text()).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for key, value in numbers.items():
+            assert row["metrics"].get(f"{stage}.{key}") == pytest.approx(value), (stage, key)
+    assert "grid.png" in row["artifacts"]
+    assert len(row["params"]) > 30 and row["params"]["lambda_cycle"] in {"10.0", "5.0", "3.0"}
+
+
+def test_dvc_repro_runs_all_five_stages(reproduced):
+    root, env, out = reproduced
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in out
 
     with zipfile.ZipFile(root / "data/images.zip") as zf:
         names = zf.namelist()
@@ -90,45 +130,107 @@ def test_dvc_repro_runs_all_five_stages(repo):
     assert "OFFLINE" in metrics["feature_extractor"] and metrics["comparable_to_kaggle"] is False
     assert metrics["generated_images"] == 24 and metrics["paintings"] == 12
 
-    runs = _mlflow_runs(root / "mlflow.db")
-    assert len(runs) == 1 and runs[0][1] == "FINISHED"
-    run = runs[0][0]
-    assert _metric(root / "mlflow.db", run, "evaluate.mifid") == pytest.approx(metrics["mifid"])
-    assert _metric(root / "mlflow.db", run, "package.images") == 24
-    assert _metric(root / "mlflow.db", run, "train.loss_cycle") is not None
-    with sqlite3.connect(root / "mlflow.db") as con:
-        params = dict(con.execute("select key, value from params where run_uuid=?", (run,)).fetchall())
-    assert params["lambda_cycle"] == "10.0" and params["train.epochs"] == "1"
-    assert list((root / "mlartifacts").rglob("grid.png"))
+
+def test_first_repro_makes_one_complete_row(reproduced):
+    root, env, _ = reproduced
+    first = [r for r in _rows(root).values() if r["params"].get("lambda_cycle") == "10.0"
+             and r["params"]["evaluate.batch_size"] == "16" and r["params"]["package.min_images"] == "20"]
+    assert len(first) == 1
+    _assert_complete(first[0], root / "metrics")
+    assert first[0]["params"]["train.epochs"] == "1"
+    assert first[0]["name"].startswith("workspace@") and first[0]["tags"]["dvc_exp_name"] == "workspace"
 
 
-def test_second_repro_does_nothing_and_logs_nothing(repo):
-    root, env = repo
-    before = _mlflow_runs(root / "mlflow.db")
-    res = _run([sys.executable, "-m", "dvc", "repro"], root, env)
+def test_every_file_the_stages_write_is_declared_in_dvc_yaml(reproduced):
+    root, _, _ = reproduced
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    declared = {Path(next(iter(e)) if isinstance(e, dict) else e)
+                for s in stages.values() for k in ("outs", "metrics", "plots") for e in s.get(k, [])}
+    written = [f.relative_to(root) for d in ("data", "models", "metrics") for f in (root / d).rglob("*")
+               if f.is_file() and f.name != ".gitignore"]
+    undeclared = [str(f) for f in written if not any(f == d or d in f.parents for d in declared)]
+    assert written and not undeclared
+
+
+def test_real_dvc_lock_is_read_as_holding_after_a_repro(reproduced, monkeypatch):
+    # the lock format DVC itself writes (hashes, folded commands, dotted params) reads as holding
+    from pipeline.stage_results import held_results
+
+    root, _, _ = reproduced
+    assert list(held_results("evaluate", root)) == ["ingest", "train", "generate", "package"]
+
+
+def test_second_repro_does_nothing_and_logs_nothing(reproduced):
+    root, env, _ = reproduced
+    before = _rows(root)
+    res = _dvc(root, env, "repro")
     assert "Running stage" not in res.stdout
-    assert _mlflow_runs(root / "mlflow.db") == before
+    assert _rows(root) == before
 
 
-def test_exp_run_with_lambda_cycle_is_a_new_row(repo):
-    root, env = repo
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "lock"], root, env)
-    _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "lambda_cycle=5"], root, env)
-    runs = _mlflow_runs(root / "mlflow.db")
-    assert len(runs) == 2
-    with sqlite3.connect(root / "mlflow.db") as con:
-        values = {v for (v,) in con.execute("select value from params where key='lambda_cycle'")}
-    assert values == {"10.0", "5.0"}
+def test_evaluate_only_rerun_makes_a_complete_row(reproduced):
+    # DVC reruns evaluate alone: its new row gets train's and the unchanged package's results too
+    root, env, _ = reproduced
+    before = _rows(root)
+    _set_params(root, {"evaluate": {"batch_size": 8}})
+    res = _dvc(root, env, "repro")
+    assert "Running stage 'evaluate'" in res.stdout
+    assert not any(f"Running stage '{s}'" in res.stdout for s in ("ingest", "train", "generate", "package"))
+    new = _new_rows(root, before)
+    assert len(new) == 1 and new[0]["params"]["evaluate.batch_size"] == "8"
+    _assert_complete(new[0], root / "metrics")
+    assert "train.loss_cycle" in new[0]["metrics"]  # the training curve is copied too
 
 
-def test_temp_experiment_logs_into_the_main_store(repo):
+def test_retraining_to_the_same_weights_skips_the_rest_and_still_makes_a_complete_row(reproduced):
+    # a train-only param (the grid's size) retrains; training is deterministic and the generator
+    # file reproducible, so DVC skips generate/evaluate/package and train's new row is filled from them
+    root, env, _ = reproduced
+    before = _rows(root)
+    generator = (root / "models/photo2monet.pt").read_bytes()
+    _set_params(root, {"train": {"grid_size": 3}})
+    res = _dvc(root, env, "repro")
+    assert "Running stage 'train'" in res.stdout
+    assert not any(f"Running stage '{s}'" in res.stdout for s in ("generate", "evaluate", "package"))
+    assert (root / "models/photo2monet.pt").read_bytes() == generator
+    new = _new_rows(root, before)
+    assert len(new) == 1 and new[0]["params"]["train.grid_size"] == "3"
+    _assert_complete(new[0], root / "metrics")
+
+
+def test_package_only_reruns_make_complete_rows_with_distinct_names(reproduced):
+    root, env, _ = reproduced
+    before = _rows(root)
+    for min_images in (19, 18):
+        _set_params(root, {"package": {"min_images": min_images}})
+        res = _dvc(root, env, "repro")
+        assert "Running stage 'package'" in res.stdout and "Running stage 'evaluate'" not in res.stdout
+    new = _new_rows(root, before)
+    assert sorted(r["params"]["package.min_images"] for r in new) == ["18", "19"]
+    for row in new:
+        _assert_complete(row, root / "metrics")
+    names = [r["name"] for r in new]
+    assert len(set(names)) == 2 and all(n.startswith("workspace@") for n in names)
+
+
+def test_exp_run_is_a_new_complete_row_named_after_the_experiment(reproduced):
+    root, env, _ = reproduced
+    before = _rows(root)
+    _dvc(root, env, "exp", "run", "-n", "cycle-five", "-S", "lambda_cycle=5")
+    new = _new_rows(root, before)
+    assert len(new) == 1 and new[0]["params"]["lambda_cycle"] == "5.0"
+    assert new[0]["name"] == "cycle-five" and new[0]["tags"]["dvc_exp_name"] == "cycle-five"
+    _assert_complete(new[0], root / "metrics")
+
+
+def test_temp_experiment_logs_into_the_main_store(reproduced):
     # `dvc exp run --temp` runs the stages inside .dvc/tmp/exps/...: the row must still land in <repo>/mlflow.db
-    root, env = repo
-    _run([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-S", "lambda_cycle=3"], root, env)
-    with sqlite3.connect(root / "mlflow.db") as con:
-        values = {v for (v,) in con.execute("select value from params where key='lambda_cycle'")}
-    assert values == {"10.0", "5.0", "3.0"}
+    root, env, _ = reproduced
+    before = _rows(root)
+    _dvc(root, env, "exp", "run", "--temp", "-S", "lambda_cycle=3")
+    new = _new_rows(root, before)
+    assert len(new) == 1 and new[0]["params"]["lambda_cycle"] == "3.0"
+    assert new[0]["status"] == "FINISHED" and "evaluate.fid" in new[0]["metrics"]
     assert not list((root / ".dvc/tmp").rglob("mlflow.db"))
 
 
@@ -137,8 +239,8 @@ def test_bad_param_is_one_line_and_nonzero(repo):
     bad = root / "bad.yaml"
     bad.write_text("lambda_cycle: 5\ntrain:\n  epochz: 3\n")
     res = _run([sys.executable, "-m", "pipeline.train", "--params", str(bad), "--shards", "x", "--manifest", "x",
-                "--models", "x", "--checkpoint", "x", "--metrics", "x", "--curve", "x", "--grid", "x"],
-               root, env, check=False)
+                "--generator", "x", "--reverse-generator", "x", "--checkpoint", "x", "--metrics", "x",
+                "--curve", "x", "--grid", "x"], root, env, check=False)
     assert res.returncode == 2
     assert res.stderr.startswith("error: params: unknown key 'train.epochz'")
     assert len(res.stderr.strip().splitlines()) == 1

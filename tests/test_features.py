@@ -1,4 +1,5 @@
-"""pipeline.features: weight sources, checked download, offline fail-over, offline extractor.
+"""pipeline.features and pipeline.fid_weights: weight sources, checked download, offline fail-over,
+offline extractor.
 
 No network and no real weights needed: the "real" weights are a state dict of the FID graph that
 the tests create (with recalibrated, non-trivial BatchNorm statistics)."""
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.features as features
-from pipeline.features import (FID_WEIGHTS_NAME, Extractor, FeatureError, extract,
-                               load_extractor, offline_extractor)
+from pipeline import fid_weights
+from pipeline.errors import FeatureError
+from pipeline.features import Extractor, extract, load_extractor, offline_extractor
+from pipeline.fid_weights import FID_WEIGHTS_NAME
 
 CPU = torch.device("cpu")
 OFFLINE_PX = 75   # the smallest size Inception-v3 takes: fastest
@@ -23,7 +25,7 @@ OFFLINE_PX = 75   # the smallest size Inception-v3 takes: fastest
 def isolated_hub(tmp_path, monkeypatch):
     """Every test gets an empty torch hub cache and an unreachable weights URL."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(features, "FID_WEIGHTS_URL",
+    monkeypatch.setattr(fid_weights, "FID_WEIGHTS_URL",
                         f"https://fid-weights.invalid/{FID_WEIGHTS_NAME}")
     return tmp_path / "torch_home" / "hub" / "checkpoints"
 
@@ -82,7 +84,7 @@ def test_named_weights_file_gives_comparable_extractor_matching_pytorch_fid(
 
 
 def test_hub_cache_is_used_and_follows_torch_home(weights_file, isolated_hub):
-    assert features.hub_cache_path() == isolated_hub / FID_WEIGHTS_NAME
+    assert fid_weights.hub_cache_path() == isolated_hub / FID_WEIGHTS_NAME
     isolated_hub.mkdir(parents=True)
     (isolated_hub / FID_WEIGHTS_NAME).write_bytes(weights_file.read_bytes())
     ext = load_extractor("", download=False, offline_image_size=OFFLINE_PX, reference=None,
@@ -91,8 +93,8 @@ def test_hub_cache_is_used_and_follows_torch_home(weights_file, isolated_hub):
 
 
 def test_checked_download_good_hash(weights_file, isolated_hub, monkeypatch):
-    monkeypatch.setattr(features, "FID_WEIGHTS_URL", weights_file.as_uri())
-    monkeypatch.setattr(features, "FID_WEIGHTS_SHA256_PREFIX", sha256(weights_file)[:8])
+    monkeypatch.setattr(fid_weights, "FID_WEIGHTS_URL", weights_file.as_uri())
+    monkeypatch.setattr(fid_weights, "FID_WEIGHTS_SHA256_PREFIX", sha256(weights_file)[:8])
     ext = load_extractor("", download=True, offline_image_size=OFFLINE_PX, reference=None,
                          device=CPU)
     assert ext.comparable
@@ -103,9 +105,9 @@ def test_checked_download_good_hash(weights_file, isolated_hub, monkeypatch):
 
 def test_checked_download_bad_hash_is_an_error_and_caches_nothing(
         weights_file, isolated_hub, monkeypatch, paintings):
-    monkeypatch.setattr(features, "FID_WEIGHTS_URL", weights_file.as_uri())
+    monkeypatch.setattr(fid_weights, "FID_WEIGHTS_URL", weights_file.as_uri())
     bad = "0" * 8 if not sha256(weights_file).startswith("0" * 8) else "f" * 8
-    monkeypatch.setattr(features, "FID_WEIGHTS_SHA256_PREFIX", bad)
+    monkeypatch.setattr(fid_weights, "FID_WEIGHTS_SHA256_PREFIX", bad)
     with pytest.raises(FeatureError, match="sha256"):
         load_extractor("", download=True, offline_image_size=OFFLINE_PX, reference=paintings,
                        device=CPU)
@@ -157,7 +159,7 @@ def test_corrupt_hub_cache_is_an_error_not_a_fallback(isolated_hub, paintings):
 
 
 def test_offline_failover_when_host_unreachable(paintings, isolated_hub):
-    assert not features._reachable(features.FID_WEIGHTS_URL)   # .invalid never resolves
+    assert not fid_weights.reachable(fid_weights.FID_WEIGHTS_URL)   # .invalid never resolves
     ext = load_extractor("", download=True, offline_image_size=OFFLINE_PX, reference=paintings,
                          device=CPU, batch_size=4)
     assert not ext.comparable and "OFFLINE" in ext.name and "not comparable" in ext.name
@@ -169,7 +171,7 @@ def test_offline_failover_when_host_unreachable(paintings, isolated_hub):
 def test_offline_failover_when_download_breaks_after_probe(paintings, tmp_path, monkeypatch,
                                                            isolated_hub):
     # file:// URLs skip the probe; a missing file makes urlopen fail like a dropped connection
-    monkeypatch.setattr(features, "FID_WEIGHTS_URL", (tmp_path / "gone.pth").as_uri())
+    monkeypatch.setattr(fid_weights, "FID_WEIGHTS_URL", (tmp_path / "gone.pth").as_uri())
     ext = load_extractor("", download=True, offline_image_size=OFFLINE_PX, reference=paintings,
                          device=CPU)
     assert not ext.comparable and "OFFLINE" in ext.name

@@ -169,7 +169,7 @@ def test_sample_round_trip_in_the_kaggle_schema(tmp_path):
     assert set(rec) == {"image_name", "image", "target"}
     assert bytes(rec["target"]) == b"photo" and bytes(rec["image"])[:2] == b"\xff\xd8"  # a JPEG
     names, photos = shards.load_domain(tmp_path / "shards", manifest, "photo")
-    assert names == [ingest.sample_name(0, "photo", i) for i in range(5)]
+    assert names == [sample.sample_name(0, "photo", i) for i in range(5)]
     rendered = sample.render_batch(0, [sample.photo_index(i) for i in range(5)], "photo")
     err = np.abs(photos.numpy().astype(int) - rendered.astype(int)).mean()
     assert err < 4  # only JPEG (quality 95) loss between the render and the shard

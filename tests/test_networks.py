@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from pipeline.networks import GANLoss, define_discriminator, define_generator
+from pipeline.cyclegan import ImagePool, Trainer, build_nets
+from pipeline.networks import GANLoss, define_discriminator, define_generator, to_model_input, to_uint8
 from pipeline.params import parse
-from pipeline.cyclegan import ImagePool, Trainer, build_nets, to_model_input, to_uint8
 
 
 @pytest.mark.parametrize("kind", ["unet", "resnet"])

@@ -1,3 +1,4 @@
+import hashlib
 import zipfile
 
 import numpy as np
@@ -21,7 +22,7 @@ def test_good_folder_becomes_a_flat_zip(tmp_path):
     digest = write_zip(images, tmp_path / "out/images.zip")
     with zipfile.ZipFile(tmp_path / "out/images.zip") as zf:
         assert sorted(zf.namelist()) == [f"img{i:03d}.jpg" for i in range(6)]
-    assert len(digest) == 64
+    assert digest == hashlib.sha256((tmp_path / "out/images.zip").read_bytes()).hexdigest()
 
 
 def test_too_few_images_refused(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline import train as train_stage
-from pipeline.cyclegan import Trainer
+from pipeline.cyclegan import Trainer, build_nets
 from pipeline.params import parse
 
 P = parse({"image_size": 32, "train": {"gen_filters": 4, "disc_filters": 4, "resnet_blocks": 1, "batch_size": 2,
@@ -61,3 +61,37 @@ def test_fingerprint_follows_training_params_and_data(tmp_path):
     assert train_stage.fingerprint(other_generate, m) == base  # not a training param
     m.write_text("b\n")
     assert train_stage.fingerprint(P, m) != base
+
+
+def test_learning_rate_is_constant_then_linear_to_zero_at_the_end():
+    p = dataclasses.replace(P, train=dataclasses.replace(P.train, epochs=3, steps_per_epoch=2, decay_from_epoch=1))
+    trainer = Trainer(build_nets(p), p, torch.device("cpu"), None)
+    photos, monets = (torch.rand(2, 3, 32, 32) * 2 - 1 for _ in range(2))
+    lrs = []
+    for _ in range(6):
+        lrs.append((trainer.opt_G.param_groups[0]["lr"], trainer.opt_D.param_groups[0]["lr"]))
+        trainer.train_step(photos, monets)
+    lr = p.train.lr
+    # the lr each of the 6 steps used: constant for the first epoch, then down by lr/4 a step ...
+    assert [g for g, _ in lrs] == pytest.approx([lr, lr, lr, 0.75 * lr, 0.5 * lr, 0.25 * lr])
+    assert [d for _, d in lrs] == [g for g, _ in lrs]
+    # ... reaching zero after the last one
+    assert trainer.opt_G.param_groups[0]["lr"] == 0 and trainer.opt_D.param_groups[0]["lr"] == 0
+
+
+def test_no_decay_keeps_the_learning_rate(tmp_path):
+    p = dataclasses.replace(P, train=dataclasses.replace(P.train, epochs=1, steps_per_epoch=3, decay_from_epoch=1))
+    trainer = Trainer(build_nets(p), p, torch.device("cpu"), None)
+    photos, monets = (torch.rand(2, 3, 32, 32) * 2 - 1 for _ in range(2))
+    for _ in range(3):
+        trainer.train_step(photos, monets)
+    assert trainer.opt_G.param_groups[0]["lr"] == p.train.lr
+
+
+def test_checkpoint_loads_with_weights_only_and_holds_the_rng_states(tmp_path):
+    photos, monets = _data()
+    train_stage.train(P, photos, monets, tmp_path / "c.pt", "key", print_fn=lambda *_: None)
+    state = torch.load(tmp_path / "c.pt", weights_only=True)  # plain tensors and containers only
+    assert set(state) == {"fingerprint", "trainer", "history", "data_rng", "rng"}
+    assert state["rng"]["cpu"].dtype == torch.uint8 and state["data_rng"].dtype == torch.uint8
+    assert state["trainer"]["step"] == 6

@@ -1,0 +1,74 @@
+"""The photo→Monet generator as a file: `train` saves it, `generate` and bench/ load it, and
+`translate` turns uint8 photos into uint8 paintings for all of them (the training grid too).
+
+The file holds the uncompiled module's state_dict and the config needed to rebuild it, so it
+loads with `torch.load(weights_only=True)` and needs no training code or params.yaml.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Callable, ContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import DataError
+from pipeline.files import save_torch
+from pipeline.networks import define_generator, to_model_input, to_uint8
+from pipeline.params import Params
+from pipeline.runtime import uncompiled
+from pipeline.shards import resize_uint8
+
+
+def config_of(p: Params) -> dict:
+    """Everything needed to rebuild a generator; stored beside its weights."""
+    t = p.train
+    return {"kind": t.generator, "image_size": p.image_size, "filters": t.gen_filters, "resnet_blocks": t.resnet_blocks}
+
+
+def build(config: dict) -> nn.Module:
+    return define_generator(config["kind"], config["image_size"], config["filters"], config["resnet_blocks"])
+
+
+def save(net: nn.Module, config: dict, path: Path) -> None:
+    save_torch({"config": config, "state_dict": uncompiled(net).state_dict()}, path)
+
+
+def load(path: Path, device: torch.device) -> tuple[nn.Module, dict]:
+    """The generator saved at `path`, in eval mode on `device`, and its config."""
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+        net = build(saved["config"])
+        net.load_state_dict(saved["state_dict"])
+    except FileNotFoundError:
+        raise DataError(f"{path}: generator not found (run the train stage first)") from None
+    except (KeyError, RuntimeError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise DataError(f"{path}: not a generator saved by the train stage ({type(e).__name__})") from None
+    return net.to(device).eval(), saved["config"]
+
+
+@torch.no_grad()
+def translate(net: nn.Module, photos: torch.Tensor, image_size: int, device: torch.device,
+              autocast: Callable[[], ContextManager], out_size: int | None = None, batch_size: int = 64,
+              channels_last: bool = False) -> torch.Tensor:
+    """uint8 N×H×W×3 photos -> uint8 N×S×S×3 paintings on the CPU, S = out_size (default: H).
+
+    Photos are resized to the generator's `image_size` and its output is upscaled (bicubic,
+    before rounding) to `out_size`. The net runs in eval mode and gets its mode back after."""
+    out_size = out_size or photos.shape[1]
+    was_training = net.training
+    net.eval()
+    out = []
+    try:
+        for chunk in photos.split(batch_size):
+            x = to_model_input(resize_uint8(chunk, image_size), device, channels_last)
+            with autocast():
+                y = net(x).float()
+            if y.shape[-1] != out_size:
+                y = F.interpolate(y, size=(out_size, out_size), mode="bicubic", align_corners=False)
+            out.append(to_uint8(y))
+    finally:
+        net.train(was_training)
+    return torch.cat(out)

@@ -1,0 +1,106 @@
+"""Which DVC stages' recorded results still hold, read from dvc.yaml and dvc.lock (DVC itself is
+not imported). A stage that opens a new MLflow row copies these into it, so the row is complete
+even when DVC skipped the other stages: say only `evaluate.*` changed, then `evaluate` makes the
+new row and fills it from `train` (before it) and `package` (after it, which DVC will skip).
+
+A stage's results hold when DVC would not rerun it: dvc.lock still matches its command, deps,
+params and outputs in dvc.yaml, params.yaml and on disk. A dep made by another stage holds when
+that stage's results hold and the recorded hashes agree; one made by the stage running now is
+hashed afresh (its lock entry is not written until it ends). Whatever cannot be confirmed this way
+(say, a folder written by the running stage) counts as not holding, so nothing stale is copied.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pipeline.params import read_yaml
+
+
+def held_results(running: str, root: Path = Path(".")) -> dict[str, list[Path]]:
+    """{stage: its metrics and plots files} for every stage other than `running` whose results
+    hold, in dvc.yaml order; {} outside a DVC workspace or before anything is locked."""
+    try:
+        pipeline, lock = read_yaml(root / "dvc.yaml"), read_yaml(root / "dvc.lock")
+    except (OSError, ValueError):  # no dvc.yaml / dvc.lock, or one that does not parse
+        return {}
+    check = _Checker(root, pipeline.get("stages") or {}, (lock or {}).get("stages") or {}, running)
+    return {name: [root / path for path in _paths(stage, ("metrics", "plots"))]
+            for name, stage in check.declared.items() if name != running and check.holds(name)}
+
+
+def _paths(stage: dict, kinds: tuple[str, ...]) -> list[str]:
+    """Paths of a dvc.yaml stage's entries of `kinds` (entries are a path or {path: options})."""
+    return [next(iter(e)) if isinstance(e, dict) else e for kind in kinds for e in stage.get(kind) or []]
+
+
+def _md5(path: Path) -> str | None:
+    """DVC's hash of a file (plain md5 of its bytes); None for a folder or a missing file."""
+    if not path.is_file():
+        return None
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _Checker:
+    def __init__(self, root: Path, declared: dict, locked: dict, running: str):
+        self.root, self.declared, self.locked, self.running = root, declared, locked, running
+        self.maker = {o["path"]: name for name, s in locked.items() for o in s.get("outs") or []}
+        self.memo: dict[str, bool] = {}
+        self.params: dict[str, object] = {}
+
+    def holds(self, name: str) -> bool:
+        if name not in self.memo:
+            self.memo[name] = False  # a cycle never confirms itself
+            self.memo[name] = name != self.running and self._holds(name)
+        return self.memo[name]
+
+    def _holds(self, name: str) -> bool:
+        stage, lock = self.declared.get(name), self.locked.get(name)
+        if not stage or not lock:
+            return False
+        if " ".join(str(stage.get("cmd")).split()) != " ".join(str(lock.get("cmd")).split()):
+            return False
+        deps = {d["path"]: d.get("md5") for d in lock.get("deps") or []}
+        outs = {o["path"]: o.get("md5") for o in lock.get("outs") or []}
+        if set(deps) != set(stage.get("deps") or []) or set(outs) != set(_paths(stage, ("outs", "metrics", "plots"))):
+            return False
+        return (self._params_hold(stage, lock) and all(self._dep_holds(p, md5) for p, md5 in deps.items())
+                and all(_md5(self.root / p) == md5 for p, md5 in outs.items() if (self.root / p).is_file())
+                and all((self.root / p).exists() for p in outs))
+
+    def _dep_holds(self, path: str, md5: str | None) -> bool:
+        maker = self.maker.get(path)
+        if maker and maker != self.running:  # another stage's output: that stage must hold too
+            recorded = next(o.get("md5") for o in self.locked[maker]["outs"] if o["path"] == path)
+            return recorded == md5 and self.holds(maker)
+        return md5 is not None and _md5(self.root / path) == md5  # a source file, or fresh from `running`
+
+    def _params_hold(self, stage: dict, lock: dict) -> bool:
+        declared = {}
+        for entry in stage.get("params") or []:
+            for file, keys in (entry.items() if isinstance(entry, dict) else [("params.yaml", [entry])]):
+                declared.setdefault(file, set()).update(keys)
+        recorded = lock.get("params") or {}
+        if {f: set(k) for f, k in recorded.items()} != declared:
+            return False
+        return all(self._param(file, key) == value for file, values in recorded.items() for key, value in values.items())
+
+    def _param(self, file: str, key: str) -> object:
+        if file not in self.params:
+            try:
+                self.params[file] = read_yaml(self.root / file)
+            except (OSError, ValueError):
+                self.params[file] = None
+        value = self.params[file]
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                return _MISSING
+            value = value[part]
+        return value
+
+
+_MISSING = object()

@@ -1,0 +1,109 @@
+"""stage_results: which stages' recorded results still hold, from dvc.yaml + dvc.lock.
+
+A toy pipeline a -> b -> c, its lock written the way DVC writes it (plain md5 of each file).
+The real DVC lock format is exercised by the end-to-end test."""
+import hashlib
+
+import pytest
+import yaml
+
+from pipeline.stage_results import held_results
+
+PIPELINE = {"stages": {
+    "a": {"cmd": "python a.py", "deps": ["a.py"], "params": ["seed", "a"],
+          "outs": ["out_a.bin"], "metrics": [{"metrics/a.json": {"cache": False}}]},
+    "b": {"cmd": "python b.py", "deps": ["out_a.bin", "b.py"], "params": ["b.lr"],
+          "outs": ["out_b.bin"], "metrics": ["metrics/b.json"], "plots": ["metrics/b.csv"]},
+    "c": {"cmd": "python c.py", "deps": ["out_b.bin", "c.py"],
+          "metrics": ["metrics/c.json"]},
+}}
+PARAMS = {"seed": 0, "a": {"n": 3}, "b": {"lr": 0.5, "other": 1}}
+
+
+def _md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _lookup(params: dict, key: str):
+    for part in key.split("."):
+        params = params[part]
+    return params
+
+
+def _lock(root) -> dict:
+    """What `dvc repro` would record now."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    stages = {}
+    for name, s in PIPELINE["stages"].items():
+        outs = [next(iter(o)) if isinstance(o, dict) else o for k in ("outs", "metrics", "plots") for o in s.get(k, [])]
+        keys = s.get("params", [])
+        stages[name] = {
+            "cmd": s["cmd"],
+            "deps": [{"path": d, "hash": "md5", "md5": _md5(root / d), "size": 1} for d in s["deps"]],
+            **({"params": {"params.yaml": {k: _lookup(params, k) for k in keys}}} if keys else {}),
+            "outs": [{"path": o, "hash": "md5", "md5": _md5(root / o), "size": 1} for o in outs],
+        }
+    return {"schema": "2.0", "stages": stages}
+
+
+@pytest.fixture
+def ws(tmp_path):
+    (tmp_path / "metrics").mkdir()
+    for f in ("a.py", "b.py", "c.py", "out_a.bin", "out_b.bin", "metrics/a.json", "metrics/b.json",
+              "metrics/b.csv", "metrics/c.json"):
+        (tmp_path / f).write_text(f"contents of {f}\n")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(PIPELINE))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(_lock(tmp_path)))
+    return tmp_path
+
+
+def test_every_other_stage_holds_after_a_full_run(ws):
+    held = held_results("b", ws)
+    assert held == {"a": [ws / "metrics/a.json"], "c": [ws / "metrics/c.json"]}
+    assert list(held_results("a", ws)) == ["b", "c"]
+
+
+def test_running_stage_with_same_outputs_leaves_downstream_holding(ws):
+    (ws / "out_a.bin").write_text("contents of out_a.bin\n")  # rewritten by the running stage, same bytes
+    assert list(held_results("a", ws)) == ["b", "c"]
+
+
+def test_running_stage_with_new_outputs_invalidates_everything_downstream(ws):
+    (ws / "out_a.bin").write_text("new weights\n")
+    assert held_results("a", ws) == {}  # b reads out_a.bin; c reads b's output
+
+
+def test_a_changed_source_file_invalidates_its_stage_and_what_follows(ws):
+    (ws / "b.py").write_text("changed\n")
+    assert list(held_results("c", ws)) == ["a"]
+    assert list(held_results("a", ws)) == []  # c depends on b, which will rerun
+
+
+@pytest.mark.parametrize("change, not_held", [
+    ({"b": {"lr": 0.1, "other": 1}}, {"b", "c"}),
+    ({"b": {"lr": 0.5, "other": 2}}, set()),  # b tracks b.lr only
+    ({"seed": 1}, {"a", "b", "c"}),
+])
+def test_params_count_by_the_keys_a_stage_declares(ws, change, not_held):
+    (ws / "params.yaml").write_text(yaml.safe_dump({**PARAMS, **change}))
+    held = set(held_results("nothing-running", ws))
+    assert held == {"a", "b", "c"} - not_held
+
+
+def test_an_edited_metrics_file_is_not_copied(ws):
+    (ws / "metrics/c.json").write_text('{"edited": 1}\n')
+    assert list(held_results("a", ws)) == ["b"]
+
+
+def test_a_changed_command_or_dep_list_means_the_stage_reruns(ws):
+    pipeline = yaml.safe_load((ws / "dvc.yaml").read_text())
+    pipeline["stages"]["c"]["cmd"] = "python c.py --fast"
+    pipeline["stages"]["b"]["deps"].append("a.py")
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(pipeline))
+    assert list(held_results("nothing-running", ws)) == ["a"]
+
+
+def test_outside_a_dvc_workspace_nothing_is_copied(ws):
+    (ws / "dvc.lock").unlink()
+    assert held_results("b", ws) == {}
