@@ -9,8 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -40,6 +38,8 @@ def save_torch(obj: object, path: str | Path) -> None:
     """torch.save, atomically and byte-for-byte reproducible: given a path, torch names the archive
     inside after the file (here a random temp name), so equal tensors would give different bytes
     and DVC would rerun every stage downstream; given an open file it writes the same bytes."""
+    import torch  # here: the stages that never save tensors (package) should not pay for importing it
+
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
 

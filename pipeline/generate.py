@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -32,6 +33,12 @@ def jpeg_bytes(pixels: torch.Tensor, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def write_jpegs(folder: Path, names: list[str], paintings: torch.Tensor, quality: int) -> int:
+    for name, pixels in zip(names, paintings):
+        (folder / f"{name}.jpg").write_bytes(jpeg_bytes(pixels, quality))
+    return len(names)
+
+
 def generate(shards_dir: Path, manifest_path: Path, generator_path: Path, out: Path, device_name: str,
              precision: str, batch_size: int, quality: int) -> int:
     device = pick_device(device_name)
@@ -40,15 +47,24 @@ def generate(shards_dir: Path, manifest_path: Path, generator_path: Path, out: P
     manifest = shards.read_manifest(manifest_path)
     total = int((manifest["domain"] == "photo").sum())
     count = 0
-    with atomic_dir(out) as tmp, tqdm(total=total, desc="generate", unit="img", mininterval=2) as bar:
+    # JPEG encoding (Pillow releases the GIL) runs in a thread while the network does the next batch;
+    # at most two batches wait for it, so memory stays bounded
+    with atomic_dir(out) as tmp, ThreadPoolExecutor(max_workers=2) as encoder, \
+            tqdm(total=total, desc="generate", unit="img", mininterval=2) as bar:
+        waiting: list[Future] = []
         for names, photos in shards.iter_domain(shards_dir, manifest, "photo"):
             for k in range(0, len(photos), batch_size):
                 paintings = generator_file.translate(net, photos[k:k + batch_size], config["image_size"], device,
                                                      ctx, out_size=OUTPUT_SIZE, batch_size=batch_size)
-                for name, pixels in zip(names[k:k + batch_size], paintings):
-                    (tmp / f"{name}.jpg").write_bytes(jpeg_bytes(pixels, quality))
-                count += len(paintings)
-                bar.update(len(paintings))
+                waiting.append(encoder.submit(write_jpegs, tmp, names[k:k + batch_size], paintings, quality))
+                while len(waiting) > 2 or (waiting and waiting[0].done()):
+                    done = waiting.pop(0).result()
+                    count += done
+                    bar.update(done)
+        for future in waiting:
+            done = future.result()
+            count += done
+            bar.update(done)
     return count
 
 

