@@ -3,10 +3,6 @@
 Each test stands alone (`pytest -k NAME`): the `reproduced` fixture runs the first `dvc repro`
 once per module, and a test that changes the workspace counts the MLflow rows it adds itself."""
 import json
-import os
-import shutil
-import sqlite3
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -14,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from workspace import dvc, make_repo, new_rows, rows, run, set_params
 
 TINY = {
     "image_size": 32,
@@ -27,77 +24,18 @@ TINY = {
 STAGES = ("ingest", "train", "generate", "evaluate", "package")
 
 
-def _run(cmd, cwd, env, check=True):
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return res
-
-
-def _dvc(root, env, *args):
-    return _run([sys.executable, "-m", "dvc", *args], root, env)
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) else v
-    return out
-
-
-def _set_params(root: Path, over: dict) -> None:
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, over), sort_keys=False))
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, repo_root):
     """A git + DVC repo holding the project's files (tracked and new), with tiny params."""
-    dst = tmp_path_factory.mktemp("e2e") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo_root,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (repo_root / f).is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo_root / f, dst / f)
-    _set_params(dst, TINY)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
-               TORCH_HOME=str(dst / ".torch"), PYTHONPATH=str(dst))
-    _run(["git", "init", "-q"], dst, env)
-    if not (dst / ".dvc").exists():
-        _dvc(dst, env, "init", "-q")
-    _run(["git", "add", "-A"], dst, env)
-    _run(["git", "commit", "-qm", "tiny"], dst, env)
-    return dst, env
+    return make_repo(tmp_path_factory.mktemp("e2e"), repo_root, TINY)
 
 
 @pytest.fixture(scope="module")
 def reproduced(repo):
     """The repo after its first `dvc repro`; returns (root, env, that repro's output)."""
     root, env = repo
-    res = _dvc(root, env, "repro")
+    res = dvc(root, env, "repro")
     return root, env, res.stdout
-
-
-def _rows(root: Path) -> dict[str, dict]:
-    """Every MLflow run of the store: name, status, params, latest metrics, tags, artifact files."""
-    with sqlite3.connect(root / "mlflow.db") as con:
-        runs = con.execute("select run_uuid, name, status, artifact_uri from runs").fetchall()
-        rows = {}
-        for run, name, status, artifact_uri in runs:
-            q = lambda sql: dict(con.execute(sql, (run,)).fetchall())  # noqa: E731
-            artifacts = Path(artifact_uri.removeprefix("file://"))
-            rows[run] = {"name": name, "status": status,
-                         "params": q("select key, value from params where run_uuid=?"),
-                         "metrics": q("select key, value from latest_metrics where run_uuid=?"),
-                         "tags": q("select key, value from tags where run_uuid=?"),
-                         "artifacts": sorted(p.name for p in artifacts.rglob("*")) if artifacts.exists() else []}
-    return rows
-
-
-def _new_rows(root: Path, before: dict) -> list[dict]:
-    return [row for run, row in _rows(root).items() if run not in before]
 
 
 def _assert_complete(row: dict, metrics_dir: Path) -> None:
@@ -133,7 +71,7 @@ def test_dvc_repro_runs_all_five_stages(reproduced):
 
 def test_first_repro_makes_one_complete_row(reproduced):
     root, env, _ = reproduced
-    first = [r for r in _rows(root).values() if r["params"].get("lambda_cycle") == "10.0"
+    first = [r for r in rows(root).values() if r["params"].get("lambda_cycle") == "10.0"
              and r["params"]["evaluate.batch_size"] == "16" and r["params"]["package.min_images"] == "20"]
     assert len(first) == 1
     _assert_complete(first[0], root / "metrics")
@@ -162,21 +100,21 @@ def test_real_dvc_lock_is_read_as_holding_after_a_repro(reproduced, monkeypatch)
 
 def test_second_repro_does_nothing_and_logs_nothing(reproduced):
     root, env, _ = reproduced
-    before = _rows(root)
-    res = _dvc(root, env, "repro")
+    before = rows(root)
+    res = dvc(root, env, "repro")
     assert "Running stage" not in res.stdout
-    assert _rows(root) == before
+    assert rows(root) == before
 
 
 def test_evaluate_only_rerun_makes_a_complete_row(reproduced):
     # DVC reruns evaluate alone: its new row gets train's and the unchanged package's results too
     root, env, _ = reproduced
-    before = _rows(root)
-    _set_params(root, {"evaluate": {"batch_size": 8}})
-    res = _dvc(root, env, "repro")
+    before = rows(root)
+    set_params(root, {"evaluate": {"batch_size": 8}})
+    res = dvc(root, env, "repro")
     assert "Running stage 'evaluate'" in res.stdout
     assert not any(f"Running stage '{s}'" in res.stdout for s in ("ingest", "train", "generate", "package"))
-    new = _new_rows(root, before)
+    new = newrows(root, before)
     assert len(new) == 1 and new[0]["params"]["evaluate.batch_size"] == "8"
     _assert_complete(new[0], root / "metrics")
     assert "train.loss_cycle" in new[0]["metrics"]  # the training curve is copied too
@@ -186,26 +124,26 @@ def test_retraining_to_the_same_weights_skips_the_rest_and_still_makes_a_complet
     # a train-only param (the grid's size) retrains; training is deterministic and the generator
     # file reproducible, so DVC skips generate/evaluate/package and train's new row is filled from them
     root, env, _ = reproduced
-    before = _rows(root)
+    before = rows(root)
     generator = (root / "models/photo2monet.pt").read_bytes()
-    _set_params(root, {"train": {"grid_size": 3}})
-    res = _dvc(root, env, "repro")
+    set_params(root, {"train": {"grid_size": 3}})
+    res = dvc(root, env, "repro")
     assert "Running stage 'train'" in res.stdout
     assert not any(f"Running stage '{s}'" in res.stdout for s in ("generate", "evaluate", "package"))
     assert (root / "models/photo2monet.pt").read_bytes() == generator
-    new = _new_rows(root, before)
+    new = newrows(root, before)
     assert len(new) == 1 and new[0]["params"]["train.grid_size"] == "3"
     _assert_complete(new[0], root / "metrics")
 
 
 def test_package_only_reruns_make_complete_rows_with_distinct_names(reproduced):
     root, env, _ = reproduced
-    before = _rows(root)
+    before = rows(root)
     for min_images in (19, 18):
-        _set_params(root, {"package": {"min_images": min_images}})
-        res = _dvc(root, env, "repro")
+        set_params(root, {"package": {"min_images": min_images}})
+        res = dvc(root, env, "repro")
         assert "Running stage 'package'" in res.stdout and "Running stage 'evaluate'" not in res.stdout
-    new = _new_rows(root, before)
+    new = newrows(root, before)
     assert sorted(r["params"]["package.min_images"] for r in new) == ["18", "19"]
     for row in new:
         _assert_complete(row, root / "metrics")
@@ -215,9 +153,9 @@ def test_package_only_reruns_make_complete_rows_with_distinct_names(reproduced):
 
 def test_exp_run_is_a_new_complete_row_named_after_the_experiment(reproduced):
     root, env, _ = reproduced
-    before = _rows(root)
-    _dvc(root, env, "exp", "run", "-n", "cycle-five", "-S", "lambda_cycle=5")
-    new = _new_rows(root, before)
+    before = rows(root)
+    dvc(root, env, "exp", "run", "-n", "cycle-five", "-S", "lambda_cycle=5")
+    new = newrows(root, before)
     assert len(new) == 1 and new[0]["params"]["lambda_cycle"] == "5.0"
     assert new[0]["name"] == "cycle-five" and new[0]["tags"]["dvc_exp_name"] == "cycle-five"
     _assert_complete(new[0], root / "metrics")
@@ -226,9 +164,9 @@ def test_exp_run_is_a_new_complete_row_named_after_the_experiment(reproduced):
 def test_temp_experiment_logs_into_the_main_store(reproduced):
     # `dvc exp run --temp` runs the stages inside .dvc/tmp/exps/...: the row must still land in <repo>/mlflow.db
     root, env, _ = reproduced
-    before = _rows(root)
-    _dvc(root, env, "exp", "run", "--temp", "-S", "lambda_cycle=3")
-    new = _new_rows(root, before)
+    before = rows(root)
+    dvc(root, env, "exp", "run", "--temp", "-S", "lambda_cycle=3")
+    new = newrows(root, before)
     assert len(new) == 1 and new[0]["params"]["lambda_cycle"] == "3.0"
     assert new[0]["status"] == "FINISHED" and "evaluate.fid" in new[0]["metrics"]
     assert not list((root / ".dvc/tmp").rglob("mlflow.db"))
@@ -238,7 +176,7 @@ def test_bad_param_is_one_line_and_nonzero(repo):
     root, env = repo
     bad = root / "bad.yaml"
     bad.write_text("lambda_cycle: 5\ntrain:\n  epochz: 3\n")
-    res = _run([sys.executable, "-m", "pipeline.train", "--params", str(bad), "--shards", "x", "--manifest", "x",
+    res = run([sys.executable, "-m", "pipeline.train", "--params", str(bad), "--shards", "x", "--manifest", "x",
                 "--generator", "x", "--reverse-generator", "x", "--checkpoint", "x", "--metrics", "x",
                 "--curve", "x", "--grid", "x"], root, env, check=False)
     assert res.returncode == 2

@@ -1,0 +1,43 @@
+"""The README's recipes, read from the README itself: each `dvc exp run -n NAME -S key=value ...`
+command there, as the param overrides it sets. The bench and the tests run exactly what a user
+copies, so they follow the README when it changes."""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def recipes(readme: Path = README) -> dict[str, list[str]]:
+    """{name: ["key=value", ...]} for every `dvc exp run -n NAME` command in the README's code blocks."""
+    found = {}
+    for block in re.findall(r"```bash\n(.*?)```", readme.read_text(), flags=re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(command, comments=True)
+            if words[:3] == ["dvc", "exp", "run"] and "-n" in words:
+                name = words[words.index("-n") + 1]
+                found[name] = [words[i + 1] for i, w in enumerate(words) if w == "-S"]
+    return found
+
+
+def overrides(name: str, readme: Path = README) -> dict[str, object]:
+    """{"train.batch_size": 8, ...}: the recipe's values parsed as YAML, as `dvc exp run -S` does
+    (a key given twice keeps its last value)."""
+    pairs = (setting.split("=", 1) for setting in recipes(readme)[name])
+    return {key: yaml.safe_load(value) for key, value in pairs}
+
+
+def apply(raw: dict, over: dict[str, object]) -> dict:
+    """A copy of the params mapping `raw` with the dotted keys of `over` set."""
+    out = yaml.safe_load(yaml.safe_dump(raw))
+    for key, value in over.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
