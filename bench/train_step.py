@@ -1,42 +1,60 @@
-"""Training-step and generation throughput of the CycleGAN under each precision / memory-format /
-compile mode, as ratios against plain fp32 measured in the same run. Needs only torch and
-pyyaml (no dvc, mlflow or tfrecord), so it also serves as the GPU check.
+"""The GPU check: training and generation throughput of the pipeline's own code paths, each as a
+ratio against a reference measured in the same run. Needs only torch (+ pyyaml, pillow, pandas,
+numpy, tqdm): no dvc, mlflow or tfrecord, so it runs on a bare GPU machine.
 
-    python bench/train_step.py                       # CPU: the default recipe (64 px, small nets)
-    python bench/train_step.py --recipe competition  # GPU: 256 px, ResNet-9, 64 filters, batch 8
+    python bench/train_step.py                        # CPU: the default recipe (params.yaml)
+    python bench/train_step.py --recipe competition   # the README's competition command (the CUDA default)
+    python bench/train_step.py --generate 7028        # also generate + package that many images
 
-Writes a CSV and a log under $OUT (or ./bench-out) and prints a short table last.
+Training rows, in pairs (photo + painting) per second:
+- reference: the reference CycleGAN implementation's recipe on the same networks: fp32, eager,
+  batch 1, each batch copied from the host, `.item()` on every loss after every step;
+- pipeline: the train stage's step as the recipe configures it (batch size, precision `auto`,
+  channels_last, compile), images resident on the device, losses read every `log_every` steps;
+- one row per precision / memory-format mode of that step, to see what each buys.
+Generation: the generate stage's `generate()` and package's check and zip over synthetic photos,
+against the implementation they replaced (sequential JPEG encoding, F.interpolate's bicubic and
+large float temporaries), which the bench keeps below as `reference_generate`.
+
+Writes its log and the table under $OUT (or ./bench-out); prints the table last.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.cyclegan import Trainer, build_nets  # noqa: E402  (torch + pyyaml only)
-from pipeline.generator_file import translate  # noqa: E402
-from pipeline.params import load  # noqa: E402
-from pipeline.runtime import autocast, memory_format, place  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import readme_recipes  # noqa: E402
+from pipeline import generator_file, shards  # noqa: E402
+from pipeline.cyclegan import LossMeter, Trainer, build_nets, sample_batch  # noqa: E402
+from pipeline.generate import generate  # noqa: E402
+from pipeline.networks import to_model_input  # noqa: E402
+from pipeline.package import check_images, write_zip  # noqa: E402
+from pipeline.params import Params, parse, read_yaml  # noqa: E402
+from pipeline.runtime import autocast_dtype, place  # noqa: E402
 
-RECIPES = {
-    "default": {},  # params.yaml as committed
-    "competition": {"image_size": 256, "generator": "resnet", "gen_filters": 64, "disc_filters": 64,
-                    "resnet_blocks": 9, "batch_size": 8},
-}
 
-
-def configure(recipe: str):
-    p = load(Path(__file__).resolve().parents[1] / "params.yaml")
-    over = RECIPES[recipe]
-    train = {k: v for k, v in over.items() if k != "image_size"}
-    return dataclasses.replace(p, image_size=over.get("image_size", p.image_size),
-                               train=dataclasses.replace(p.train, **train))
+def recipe(name: str, device: torch.device) -> Params:
+    """params.yaml, with the README's command `name` applied ("default": as committed)."""
+    raw = read_yaml(ROOT / "params.yaml")
+    if name != "default":
+        raw = readme_recipes.apply(raw, {**readme_recipes.overrides(name), "device": device.type})
+    return parse(raw)
 
 
 def sync(device: torch.device) -> None:
@@ -44,79 +62,182 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_mode(p, device, dtype, channels_last: bool, compile_: bool, steps: int, warmup: int) -> dict:
+def pairs_per_second(p: Params, device: torch.device, dtype, reference: bool, steps: int, warmup: int) -> dict:
+    """Time `steps` training steps (after `warmup`); the reference reads every loss every step."""
+    t = p.train
     torch.manual_seed(0)
-    nets = build_nets(p).map(lambda m: place(m, device, channels_last, compile_))
+    nets = build_nets(p).map(lambda m: place(m, device, t.channels_last, t.compile))
     trainer = Trainer(nets, p, device, dtype)
-    b, s = p.train.batch_size, p.image_size
-    fmt = memory_format(channels_last)
-    x = (torch.rand(b, 3, s, s, device=device) * 2 - 1).contiguous(memory_format=fmt)
-    y = (torch.rand(b, 3, s, s, device=device) * 2 - 1).contiguous(memory_format=fmt)
+    data = torch.randint(0, 256, (64, p.image_size, p.image_size, 3), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    if not reference:  # the train stage keeps the images on the device and draws batches there
+        data, gen = data.to(device), torch.Generator(device).manual_seed(0)
+    meter = LossMeter(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(warmup):
-        trainer.train_step(x, y)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        losses = trainer.train_step(x, y)
-    sync(device)
-    train_s = (time.perf_counter() - start) / steps
-    # generation as the generate stage runs it: uint8 photos in, uint8 paintings out
-    photos = torch.randint(0, 256, (4 * b, s, s, 3), dtype=torch.uint8)
-    ctx = autocast(device, dtype)
-    for i in range(4):  # one warm-up call, then three timed (translate returns on the CPU: synced)
-        if i == 1:
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
             start = time.perf_counter()
-        translate(nets.G, photos, s, device, ctx, batch_size=4 * b, channels_last=channels_last)
-    gen_s = (time.perf_counter() - start) / 3
+        losses = trainer.train_on(data, data, gen)
+        if reference:
+            losses = {k: v.item() for k, v in losses.items()}
+        else:
+            meter.add(i + 1, losses)
+            if (i + 1) % t.log_every == 0:
+                meter.check()
+    if not reference:
+        meter.check()
+    sync(device)
+    seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"train_img_s": b / train_s, "gen_img_s": 4 * b / gen_s, "peak_gib": peak,
-            "finite": all(v == v and abs(v) < 1e6 for v in losses.values())}
+    return {"pairs_s": t.batch_size / seconds, "peak_gib": peak}
+
+
+def training_rows(p: Params, device: torch.device, steps: int, rounds: int, compile_ok: bool) -> list[tuple[str, dict]]:
+    """The reference and the pipeline rows measured in turns, `rounds` times (the median is kept:
+    a shared machine's speed drifts), then each mode once."""
+    fp32, bf16 = None, torch.bfloat16
+    auto = autocast_dtype(p.precision, device)
+    ref_p = dataclasses.replace(p, train=dataclasses.replace(p.train, batch_size=1, channels_last=False, compile=False))
+    pipeline_p = p if compile_ok else dataclasses.replace(p, train=dataclasses.replace(p.train, compile=False))
+    plain = dataclasses.replace(p, train=dataclasses.replace(p.train, channels_last=False, compile=False))
+    cl = dataclasses.replace(plain, train=dataclasses.replace(plain.train, channels_last=True))
+    pipeline_name = (f"pipeline ({'bf16' if auto else 'fp32'}, batch {p.train.batch_size}"
+                     f"{', channels_last' if p.train.channels_last else ''}"
+                     f"{', compile' if pipeline_p.train.compile else ''})")
+    runs = [("reference (fp32, batch 1, .item())", ref_p, fp32, True, rounds),
+            (pipeline_name, pipeline_p, auto, False, rounds),
+            ("fp32", plain, fp32, False, 1), ("fp32+channels_last", cl, fp32, False, 1),
+            ("bf16", plain, bf16, False, 1), ("bf16+channels_last", cl, bf16, False, 1)]
+    results: dict[str, list[dict]] = {name: [] for name, *_ in runs}
+    for round_ in range(rounds):
+        for name, params, dtype, reference, repeats in runs:
+            if round_ >= repeats:
+                continue
+            warmup = 5 if params.train.compile else 2
+            try:
+                r = pairs_per_second(params, device, dtype, reference, steps, warmup)
+            except Exception as e:  # a mode that fails on this machine is reported, not hidden
+                r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"}
+            print(name, r, flush=True)
+            results[name].append(r)
+    rows = []
+    for name, rs in results.items():
+        ok = sorted([r for r in rs if "error" not in r] or rs, key=lambda r: r.get("pairs_s", 0))
+        rows.append((name, ok[len(ok) // 2]))
+    return rows
+
+
+def synthetic_photos(folder: Path, count: int) -> tuple[Path, Path]:
+    """Shards and manifest of `count` random 256×256 photos, as ingest writes them."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 256, (64, 256, 256, 3), dtype=torch.uint8, generator=g)
+
+    def items():
+        for i in range(count):
+            yield {"image_name": f"p{i:05d}", "tfrecord": "synthetic", "record": i}, base[i % 64].roll(i, 0).numpy()
+
+    rows = shards.write_domain(items(), folder / "shards", "photo", shard_size=1024)
+    pd.DataFrame(rows, columns=shards.MANIFEST_COLUMNS).to_csv(folder / "manifest.csv", index=False)
+    return folder / "shards", folder / "manifest.csv"
+
+
+def reference_generate(shards_dir: Path, manifest_path: Path, generator_path: Path, out: Path,
+                       device: torch.device, batch_size: int, quality: int) -> int:
+    """The generate stage as it was before it was made faster: the same images, made sequentially."""
+    net, config = generator_file.load(generator_path, device)
+    manifest = shards.read_manifest(manifest_path)
+    out.mkdir(parents=True)
+    count = 0
+    with torch.no_grad():
+        for names, photos in shards.iter_domain(shards_dir, manifest, "photo"):
+            photos = photos.clone()  # it loaded shards whole into memory
+            for k in range(0, len(photos), batch_size):
+                chunk = photos[k:k + batch_size]
+                small = []
+                for part in chunk.split(256):
+                    x = F.interpolate(part.permute(0, 3, 1, 2).float(), size=(config["image_size"],) * 2,
+                                      mode="bilinear", antialias=True, align_corners=False)
+                    small.append(x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous())
+                y = net(to_model_input(torch.cat(small), device)).float()
+                if config["image_size"] != 256:
+                    y = F.interpolate(y, size=(256, 256), mode="bicubic", align_corners=False)
+                pixels = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+                for name, px in zip(names[k:k + batch_size], pixels):
+                    buf = io.BytesIO()
+                    Image.fromarray(px.numpy()).save(buf, format="JPEG", quality=quality)
+                    (out / f"{name}.jpg").write_bytes(buf.getvalue())
+                count += len(pixels)
+    return count
+
+
+def generation_rows(p: Params, device: torch.device, count: int, work: Path) -> list[tuple[str, dict]]:
+    shards_dir, manifest = synthetic_photos(work, count)
+    torch.manual_seed(0)
+    generator_path = work / "generator.pt"
+    config = generator_file.config_of(p)
+    generator_file.save(generator_file.build(config), config, generator_path)
+    rows = []
+    for name, run in (("reference generate + package", reference_generate), ("pipeline generate + package", None)):
+        out = work / name.split()[0]
+        sync(device)
+        start = time.perf_counter()
+        if run:
+            run(shards_dir, manifest, generator_path, out, device, p.generate.batch_size, p.generate.jpeg_quality)
+        else:
+            generate(shards_dir, manifest, generator_path, out, device.type, p.precision, p.generate.batch_size,
+                     p.generate.jpeg_quality)
+        generate_s = time.perf_counter() - start
+        write_zip(check_images(out, 1, 10**6), work / f"{name.split()[0]}.zip")
+        rows.append((name, {"seconds": time.perf_counter() - start, "generate_s": generate_s}))
+        print(name, rows[-1][1], flush=True)
+    a, b = (sorted((work / d).iterdir()) for d in ("reference", "pipeline"))
+    diffs = [np.abs(np.asarray(Image.open(x), dtype=float) - np.asarray(Image.open(y), dtype=float)).mean()
+             for x, y in zip(a[:200], b[:200])]
+    rows.append(("images: mean |pipeline - reference|", {"levels": sum(diffs) / len(diffs)}))
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", choices=sorted(RECIPES), default=None,
-                    help="default on CPU, competition on CUDA")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per mode")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile modes")
+    ap.add_argument("--recipe", default=None, help="default (params.yaml) or a README command's name; "
+                                                   "default on CPU, competition on CUDA")
+    ap.add_argument("--steps", type=int, default=None, help="timed training steps per row")
+    ap.add_argument("--generate", type=int, default=None, metavar="N",
+                    help="also time generate + package of N photos (CUDA default 7028, CPU default 0)")
+    ap.add_argument("--rounds", type=int, default=3, help="turns of reference and pipeline rows (median kept)")
+    ap.add_argument("--no-compile", action="store_true", help="the pipeline row without torch.compile")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    recipe = args.recipe or ("competition" if device.type == "cuda" else "default")
-    p = configure(recipe)
-    steps = args.steps or (20 if device.type == "cuda" else 5)
+    name = args.recipe or ("competition" if device.type == "cuda" else "default")
+    p = recipe(name, device)
+    steps = args.steps or (30 if device.type == "cuda" else 5)
+    count = args.generate if args.generate is not None else (7028 if device.type == "cuda" else 0)
     out = Path(os.environ.get("OUT", "bench-out"))
     out.mkdir(parents=True, exist_ok=True)
-    torch.backends.cudnn.benchmark = True
-
-    modes = [("fp32", None, False, False), ("fp32+channels_last", None, True, False),
-             ("bf16", torch.bfloat16, False, False), ("bf16+channels_last", torch.bfloat16, True, False)]
-    if device.type == "cuda" and not args.no_compile:
-        modes.append(("bf16+channels_last+compile", torch.bfloat16, True, True))
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    header = (f"torch {torch.__version__}, {where}; recipe {recipe}: {p.image_size} px, {p.train.generator} "
-              f"f{p.train.gen_filters}/{p.train.resnet_blocks} blocks, D f{p.train.disc_filters}, "
-              f"batch {p.train.batch_size}")
+    t = p.train
+    header = (f"torch {torch.__version__}, {where}; recipe {name}: {p.image_size} px, {t.generator} "
+              f"f{t.gen_filters}/{t.resnet_blocks} blocks, D f{t.disc_filters}, batch {t.batch_size}")
     print(header, flush=True)
-    rows = []
-    for name, dtype, cl, comp in modes:
+    train = training_rows(p, device, steps, args.rounds, compile_ok=not args.no_compile)
+    ref = train[0][1].get("pairs_s")
+    lines = [header, f"{'training step':<44} {'pairs/s':>9} {'x ref':>7} {'peak GiB':>9}"]
+    for row_name, r in train:
+        lines.append(f"{row_name:<44} {r['error']}" if "error" in r else
+                     f"{row_name:<44} {r['pairs_s']:>9.2f} {r['pairs_s'] / ref:>7.2f} {r['peak_gib']:>9.2f}")
+    if count:
+        work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
         try:
-            r = bench_mode(p, device, dtype, cl, comp, steps, warmup=3 if comp else 2)
-        except Exception as e:  # a mode that fails on this machine is reported, not hidden
-            r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"}
-        rows.append((name, r))
-        print(name, r, flush=True)
-
-    ref = rows[0][1]
-    lines = [header, f"{'mode':<28} {'train img/s':>11} {'x fp32':>7} {'gen img/s':>10} {'x fp32':>7} {'peak GiB':>9}"]
-    for name, r in rows:
-        if "error" in r:
-            lines.append(f"{name:<28} {r['error']}")
-            continue
-        lines.append(f"{name:<28} {r['train_img_s']:>11.1f} {r['train_img_s'] / ref['train_img_s']:>7.2f} "
-                     f"{r['gen_img_s']:>10.1f} {r['gen_img_s'] / ref['gen_img_s']:>7.2f} {r['peak_gib']:>9.2f}"
-                     f"{'' if r['finite'] else '  NON-FINITE LOSS'}")
+            gen = generation_rows(p, device, count, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        ref_s = gen[0][1]["seconds"]
+        lines.append(f"{f'generate + package, {count} images':<44} {'seconds':>9} {'x ref':>7} {'generate':>9}")
+        for row_name, r in gen[:2]:
+            lines.append(f"{row_name:<44} {r['seconds']:>9.1f} {ref_s / r['seconds']:>7.2f} {r['generate_s']:>9.1f}")
+        lines.append(f"{gen[2][0]:<44} {gen[2][1]['levels']:>9.3f}")
     (out / "train_step.txt").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
 

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from pipeline import generator_file
-from pipeline.networks import GANLoss, define_discriminator
+from pipeline.networks import GANLoss, define_discriminator, to_model_input
 from pipeline.params import Params
-from pipeline.runtime import autocast, describe, uncompiled
+from pipeline.errors import PipelineError
+from pipeline.runtime import autocast, describe, local, uncompiled
 
 
 class ImagePool:
@@ -72,23 +73,35 @@ def lr_factor(step: int, total: int, decay_start: int) -> float:
     return 1.0 - max(0, step - decay_start) / max(1, total - decay_start)
 
 
-class Trainer:
-    """Optimisers, schedules, losses and the pools around a set of Nets."""
+def sample_batch(images: torch.Tensor, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    """A random batch (with replacement) of uint8 N×H×W×3 images, each flipped left-right with p=1/2,
+    drawn on the images' device with `gen` (a generator of that device): no host round trip."""
+    idx = torch.randint(len(images), (batch_size,), generator=gen, device=images.device)
+    batch = images[idx]
+    flip = torch.rand(batch_size, generator=gen, device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], batch.flip(2), batch)
 
-    def __init__(self, nets: Nets, p: Params, device: torch.device, autocast_dtype: torch.dtype | None):
+
+class Trainer:
+    """Optimisers, schedules, losses and the pools around a set of Nets (plain, compiled, or
+    DistributedDataParallel). `rank` gives each process its own pool RNG streams."""
+
+    def __init__(self, nets: Nets, p: Params, device: torch.device, autocast_dtype: torch.dtype | None,
+                 rank: int = 0):
         t = p.train
         self.nets, self.p, self.device = nets, p, device
-        betas = (t.beta1, 0.999)
-        self.opt_G = torch.optim.Adam(list(nets.G.parameters()) + list(nets.F.parameters()), lr=t.lr, betas=betas)
-        self.opt_D = torch.optim.Adam(list(nets.D_M.parameters()) + list(nets.D_P.parameters()), lr=t.lr, betas=betas)
+        # one fused kernel per parameter group on CUDA instead of a loop of small ones
+        adam = functools.partial(torch.optim.Adam, lr=t.lr, betas=(t.beta1, 0.999), fused=device.type == "cuda")
+        self.opt_G = adam(list(nets.G.parameters()) + list(nets.F.parameters()))
+        self.opt_D = adam(list(nets.D_M.parameters()) + list(nets.D_P.parameters()))
         total, decay_start = t.epochs * t.steps_per_epoch, t.decay_from_epoch * t.steps_per_epoch
         schedule = functools.partial(lr_factor, total=total, decay_start=decay_start)
         self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G, schedule)
         self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D, schedule)
         self.gan = GANLoss(t.gan_loss)
         self.l1 = nn.L1Loss()
-        self.pool_M = ImagePool(t.pool_size, p.seed + 1)
-        self.pool_P = ImagePool(t.pool_size, p.seed + 2)
+        self.pool_M = ImagePool(t.pool_size, p.seed + 1 + 2 * rank)
+        self.pool_P = ImagePool(t.pool_size, p.seed + 2 + 2 * rank)
         # a mode that is off does nothing: the step never asks which precision it runs in
         self.autocast = autocast(device, autocast_dtype)
         self.dtype = autocast_dtype
@@ -97,10 +110,21 @@ class Trainer:
     def describe(self) -> str:
         return describe(self.device, self.dtype)
 
-    def train_step(self, real_P: torch.Tensor, real_M: torch.Tensor) -> dict[str, float]:
-        """One CycleGAN step on a batch of photos (P) and paintings (M), both N×3×H×W in [-1, 1]."""
+    def train_on(self, photos: torch.Tensor, monets: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """One step on batches drawn from uint8 N×H×W×3 photos and paintings (best kept on the device)."""
+        t = self.p.train
+        real_P = to_model_input(sample_batch(photos, t.batch_size, gen), self.device, t.channels_last)
+        real_M = to_model_input(sample_batch(monets, t.batch_size, gen), self.device, t.channels_last)
+        return self.train_step(real_P, real_M)
+
+    def train_step(self, real_P: torch.Tensor, real_M: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One CycleGAN step on a batch of photos (P) and paintings (M), both N×3×H×W in [-1, 1].
+        Returns the losses as 0-d tensors on the device: reading them is the caller's (rare) sync."""
         n, p = self.nets, self.p
         lam_cyc, lam_idt = p.lambda_cycle, p.lambda_identity * p.lambda_cycle
+        # the generators' step looks through the discriminators without training them: their
+        # forward outside DDP, so no gradient sync is set up for weights that get no gradient
+        D_M, D_P = local(n.D_M), local(n.D_P)
 
         # generators: fool both discriminators, reconstruct both cycles, keep identities
         for d in (n.D_M, n.D_P):
@@ -110,8 +134,8 @@ class Trainer:
             fake_P = n.F(real_M)   # F(M)
             rec_P = n.F(fake_M)    # F(G(P)) ≈ P
             rec_M = n.G(fake_P)    # G(F(M)) ≈ M
-            loss_G_adv = self.gan(n.D_M(fake_M), True)
-            loss_F_adv = self.gan(n.D_P(fake_P), True)
+            loss_G_adv = self.gan(D_M(fake_M), True)
+            loss_F_adv = self.gan(D_P(fake_P), True)
             loss_cyc = self.l1(rec_P.float(), real_P) + self.l1(rec_M.float(), real_M)
             loss_idt = torch.zeros((), device=real_P.device)
             if lam_idt > 0:  # G(M) ≈ M and F(P) ≈ P: preserves colour composition
@@ -136,16 +160,17 @@ class Trainer:
         self.sched_G.step()
         self.sched_D.step()
         self.step += 1
-        return {"loss_G_adv": loss_G_adv.item(), "loss_F_adv": loss_F_adv.item(), "loss_cycle": loss_cyc.item(),
-                "loss_identity": loss_idt.item(), "loss_D_M": loss_D_M.item(), "loss_D_P": loss_D_P.item()}
+        losses = {"loss_G_adv": loss_G_adv, "loss_F_adv": loss_F_adv, "loss_cycle": loss_cyc,
+                  "loss_identity": loss_idt, "loss_D_M": loss_D_M, "loss_D_P": loss_D_P}
+        return {k: v.detach() for k, v in losses.items()}
 
     def state_dict(self) -> dict:
-        # the uncompiled modules' weights (no `_orig_mod.` prefixes) and everything else that moves
+        """What every rank shares: the plain modules' weights (no `module.` or `_orig_mod.`
+        prefixes), the optimisers, the schedules and the step."""
         return {
             "nets": {k: uncompiled(m).state_dict() for k, m in self.nets.modules().items()},
             "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
             "sched_G": self.sched_G.state_dict(), "sched_D": self.sched_D.state_dict(),
-            "pool_M": self.pool_M.state_dict(), "pool_P": self.pool_P.state_dict(),
             "step": self.step,
         }
 
@@ -156,7 +181,54 @@ class Trainer:
         self.opt_D.load_state_dict(state["opt_D"])
         self.sched_G.load_state_dict(state["sched_G"])
         self.sched_D.load_state_dict(state["sched_D"])
-        self.pool_M.load_state_dict(state["pool_M"], self.device)
-        self.pool_P.load_state_dict(state["pool_P"], self.device)
         self.step = state["step"]
 
+    def pools_state(self) -> dict:
+        """What is this rank's own: its pools of past fakes and their RNGs."""
+        return {"pool_M": self.pool_M.state_dict(), "pool_P": self.pool_P.state_dict()}
+
+    def load_pools_state(self, state: dict) -> None:
+        self.pool_M.load_state_dict(state["pool_M"], self.device)
+        self.pool_P.load_state_dict(state["pool_P"], self.device)
+
+
+class NonFiniteLoss(PipelineError):
+    """A loss went NaN or infinite: training stops, and the last checkpoint stays as it was."""
+
+
+class LossMeter:
+    """Losses summed on the device step after step, with the first non-finite one remembered there
+    too: nothing waits on the host until `check` or `means` is called (every log_every steps)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.names = device, []
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums, self.count = None, 0
+        self.first_bad = torch.full((), _NONE, dtype=torch.long, device=self.device)  # step * 8 + loss index
+
+    def add(self, step: int, losses: dict[str, torch.Tensor]) -> None:
+        self.names = list(losses)
+        values = torch.stack([v.float() for v in losses.values()])  # (losses,)
+        self.sums = values if self.sums is None else self.sums + values
+        self.count += 1
+        index = torch.arange(len(values), device=values.device)
+        code = torch.where(torch.isfinite(values), _NONE, step * 8 + index).min()
+        self.first_bad = torch.minimum(self.first_bad, code)
+
+    def check(self, reduce_min=lambda t: t) -> None:
+        """Raise NonFiniteLoss naming the first bad step and loss (over all ranks via `reduce_min`)."""
+        code = int(reduce_min(self.first_bad.clone()).item())
+        if code != _NONE:
+            step, which = divmod(code, 8)
+            raise NonFiniteLoss(f"train: {self.names[which]} is not finite at step {step}; stopped there, "
+                                f"and the checkpoint keeps the last good epoch (a lower train.lr may help)")
+
+    def means(self, reduce_sum=lambda t: t, world_size: int = 1) -> dict[str, float]:
+        """Mean of each loss since the last reset (over all ranks via `reduce_sum`)."""
+        sums = reduce_sum(self.sums.clone()) / (self.count * world_size)
+        return dict(zip(self.names, sums.tolist()))
+
+
+_NONE = torch.iinfo(torch.long).max  # "no non-finite loss yet"

@@ -50,11 +50,14 @@ class Train:
     compile: bool = False
     channels_last: bool = False
     grid_size: int = 8
+    processes: int = 1
+    log_every: int = 50
 
     def check(self) -> None:
         _choice(self.generator, "train.generator", ("resnet", "unet"))
         _choice(self.gan_loss, "train.gan_loss", ("lsgan", "bce"))
-        for name in ("gen_filters", "disc_filters", "epochs", "steps_per_epoch", "batch_size", "grid_size"):
+        for name in ("gen_filters", "disc_filters", "epochs", "steps_per_epoch", "batch_size", "grid_size",
+                     "processes", "log_every"):
             _require(getattr(self, name) > 0, f"train.{name}", "must be > 0")
         _require(self.resnet_blocks >= 0, "train.resnet_blocks", "must be >= 0")
         _require(self.pool_size >= 0, "train.pool_size", "must be >= 0")

@@ -13,6 +13,7 @@ from typing import Callable, ContextManager
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.errors import PipelineError
 
@@ -63,17 +64,23 @@ def place(net: nn.Module, device: torch.device, channels_last: bool = False, com
     return torch.compile(net) if compiled else net
 
 
+def local(net: nn.Module) -> nn.Module:
+    """`net` without its DistributedDataParallel wrapper: a forward that joins no gradient sync."""
+    return net.module if isinstance(net, DistributedDataParallel) else net
+
+
 def uncompiled(net: nn.Module) -> nn.Module:
-    """The module under a torch.compile wrapper (its state_dict has no `_orig_mod.` prefix)."""
+    """The plain module under DDP and torch.compile wrappers: its state_dict has no `module.` or
+    `_orig_mod.` prefixes, so it loads anywhere."""
+    net = local(net)
     return getattr(net, "_orig_mod", net)
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """One seed for Python, NumPy and torch (CUDA included); returns a torch.Generator for data sampling."""
+def seed_everything(seed: int) -> None:
+    """One seed for Python, NumPy and torch (CUDA included)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

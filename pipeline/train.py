@@ -5,13 +5,18 @@
         --checkpoint models/checkpoint.pt --metrics metrics/train.json \\
         --curve metrics/train_curve.csv --grid metrics/grid.png
 
-Resumes from --checkpoint when it was written for the same params and data.
+Resumes from --checkpoint when it was written for the same params and data. With
+`train.processes: N` > 1 it starts N DDP workers of itself (torch.distributed.run); or run it
+under torchrun yourself:
+
+    torchrun --standalone --nproc_per_node=8 -m pipeline.train --shards data/shards ...
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -21,32 +26,25 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from pipeline import generator_file, shards
-from pipeline.cyclegan import Trainer, build_nets
-from pipeline.errors import cli
+from pipeline import distributed, generator_file, shards
+from pipeline.cyclegan import LossMeter, Trainer, build_nets
+from pipeline.distributed import World
+from pipeline.errors import PipelineError, cli
 from pipeline.files import atomic_path, save_torch, write_json
-from pipeline.networks import to_model_input
 from pipeline.params import Params, flatten, load
-from pipeline.runtime import autocast_dtype, pick_device, place, rng_state, seed_everything, set_rng_state
+from pipeline.runtime import (autocast_dtype, pick_device, place, rng_state, seed_everything, set_rng_state,
+                              uncompiled)
 
 TRAIN_KEYS = ("seed", "image_size", "lambda_cycle", "lambda_identity", "precision", "train.")  # data: the manifest
+NOT_TRAINING = ("train.processes", "train.log_every", "train.grid_size")  # change no weight (processes: checked apart)
 
 
 def fingerprint(p: Params, manifest_path: Path) -> str:
     """What a checkpoint must match to be resumed: the training params and the data."""
-    relevant = {k: v for k, v in flatten(p).items() if k.startswith(TRAIN_KEYS)}
+    relevant = {k: v for k, v in flatten(p).items() if k.startswith(TRAIN_KEYS) and k not in NOT_TRAINING}
     h = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
     h.update(manifest_path.read_bytes())
     return h.hexdigest()
-
-
-def sample_batch(images: torch.Tensor, batch_size: int, gen: torch.Generator) -> torch.Tensor:
-    """A random batch (with replacement) of uint8 N×H×W×3 images, each flipped left-right with p=1/2."""
-    idx = torch.randint(len(images), (batch_size,), generator=gen)
-    batch = images[idx]
-    flip = torch.rand(batch_size, generator=gen) < 0.5
-    batch[flip] = batch[flip].flip(2)
-    return batch
 
 
 def photo_grid(photos: torch.Tensor, generated: torch.Tensor, px: int = 128) -> Image.Image:
@@ -57,51 +55,95 @@ def photo_grid(photos: torch.Tensor, generated: torch.Tensor, px: int = 128) -> 
     return Image.fromarray(grid.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
-def train(p: Params, photos: torch.Tensor, monets: torch.Tensor, checkpoint: Path, resume_key: str,
-          print_fn=print) -> tuple[Trainer, list[dict]]:
-    """Train on uint8 N×H×W×3 photos and paintings at p.image_size, checkpointing every epoch;
-    a checkpoint whose `resume_key` matches is resumed. Returns the trainer and per-epoch mean losses."""
-    t = p.train
-    device = pick_device(p.device)
-    data_gen = seed_everything(p.seed)
-    nets = build_nets(p).map(lambda m: place(m, device, t.channels_last, t.compile))
-    trainer = Trainer(nets, p, device, autocast_dtype(p.precision, device))
-    history: list[dict] = []
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if state.get("fingerprint") == resume_key:
-            trainer.load_state_dict(state["trainer"])
-            data_gen.set_state(state["data_rng"])
-            set_rng_state(state["rng"], device)
-            history = state["history"]
-            print_fn(f"train: resuming from {checkpoint} at step {trainer.step}")
-        else:
-            print_fn(f"train: {checkpoint} was written for other params or data; starting afresh")
-    print_fn(f"train: {trainer.describe()}; {len(photos)} photos, {len(monets)} paintings at {p.image_size} px; "
-             f"{t.generator} generator, {t.epochs}×{t.steps_per_epoch} steps of {t.batch_size}")
+def _resume(trainer: Trainer, checkpoint: Path, resume_key: str, world: World, total: int,
+            data_gen: torch.Generator, print_fn) -> list[dict]:
+    """Load a matching checkpoint into the trainer and this rank's RNGs; returns its history."""
+    if not checkpoint.exists():
+        return []
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != resume_key:
+        print_fn(f"train: {checkpoint} was written for other params or data; starting afresh")
+        return []
+    if state.get("processes", 1) != world.size:
+        if state["trainer"]["step"] < total:  # an unfinished run resumes only as it was split
+            raise PipelineError(
+                f"train: {checkpoint} stopped at step {state['trainer']['step']} of a run with "
+                f"{state['processes']} processes, and this run has {world.size}: set train.processes="
+                f"{state['processes']} to resume it, or delete it to start afresh")
+        print_fn(f"train: {checkpoint} is a finished run with {state['processes']} processes; starting afresh")
+        return []
+    trainer.load_state_dict(state["trainer"])
+    mine = state["ranks"][world.rank]
+    trainer.load_pools_state(mine)
+    data_gen.set_state(mine["data_rng"])
+    set_rng_state(mine["rng"], trainer.device)
+    print_fn(f"train: resuming from {checkpoint} at step {trainer.step}")
+    return state["history"]
 
+
+def train(p: Params, photos: torch.Tensor, monets: torch.Tensor, checkpoint: Path, resume_key: str,
+          print_fn=print, world: World = World(), device: torch.device | None = None) -> tuple[Trainer, list[dict]]:
+    """Train on uint8 N×H×W×3 photos and paintings at p.image_size, checkpointing every epoch;
+    a checkpoint whose `resume_key` matches is resumed. Returns the trainer and per-epoch mean losses.
+    In a DDP world every rank calls this; rank 0 alone writes the checkpoint."""
+    t = p.train
+    device = device or pick_device(p.device)
+    seed_everything(p.seed)
+    nets = build_nets(p)  # the same init on every rank (and DDP starts from rank 0's)
+    if world.rank:
+        torch.manual_seed(p.seed + world.rank)  # each rank its own dropout stream
+    data_gen = torch.Generator(device).manual_seed(p.seed + world.rank)  # and its own batches
+    # compiled inside DDP, so the generators' step can look through a discriminator's compiled
+    # forward without joining DDP's gradient sync (runtime.local)
+    nets = nets.map(lambda m: distributed.wrap(place(m, device, t.channels_last, t.compile), world, device))
+    trainer = Trainer(nets, p, device, autocast_dtype(p.precision, device), rank=world.rank)
     total = t.epochs * t.steps_per_epoch
-    bar = tqdm(total=total, initial=trainer.step, desc="train", unit="step", mininterval=2)
+    history = _resume(trainer, checkpoint, resume_key, world, total, data_gen, print_fn)
+    photos, monets = photos.to(device), monets.to(device)  # resident: batches are drawn on the device
+    print_fn(f"train: {trainer.describe()}; {len(photos)} photos, {len(monets)} paintings at {p.image_size} px; "
+             f"{t.generator} generator, {t.epochs}×{t.steps_per_epoch} steps of {t.batch_size}"
+             + (f" per process × {world.size} processes" if world.size > 1 else ""))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolutions once
+
+    reduce_min = lambda x: distributed.minimum(x, world)  # noqa: E731
+    meter = LossMeter(device)
+    bar = tqdm(total=total, initial=trainer.step, desc="train", unit="step", mininterval=2, disable=not world.main)
     while trainer.step < total:
         epoch = trainer.step // t.steps_per_epoch
-        sums: dict[str, float] = {}
+        meter.reset()
         started = time.perf_counter()
-        steps = t.steps_per_epoch - trainer.step % t.steps_per_epoch  # fewer when resuming mid-epoch
-        for _ in range(steps):
-            real_P = to_model_input(sample_batch(photos, t.batch_size, data_gen), device, t.channels_last)
-            real_M = to_model_input(sample_batch(monets, t.batch_size, data_gen), device, t.channels_last)
-            losses = trainer.train_step(real_P, real_M)
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v
+        for _ in range(t.steps_per_epoch - trainer.step % t.steps_per_epoch):  # fewer when resuming mid-epoch
+            meter.add(trainer.step + 1, trainer.train_on(photos, monets, data_gen))
             bar.update()
-            bar.set_postfix(cyc=f"{losses['loss_cycle']:.3f}", D=f"{losses['loss_D_M']:.3f}", refresh=False)
-        record = {"epoch": epoch + 1, "step": trainer.step, **{k: v / steps for k, v in sums.items()},
-                  "seconds": time.perf_counter() - started}
-        history.append(record)
-        save_torch({"fingerprint": resume_key, "trainer": trainer.state_dict(), "history": history,
-                    "data_rng": data_gen.get_state(), "rng": rng_state(device)}, checkpoint)
+            if trainer.step % t.log_every == 0:  # the only host syncs: every log_every steps
+                meter.check(reduce_min)
+                means = meter.means()
+                bar.set_postfix(cyc=f"{means['loss_cycle']:.3f}", D=f"{means['loss_D_M']:.3f}", refresh=False)
+        meter.check(reduce_min)
+        means = meter.means(lambda x: distributed.sum_(x, world), world.size)
+        history.append({"epoch": epoch + 1, "step": trainer.step, **means, "seconds": time.perf_counter() - started})
+        ranks = distributed.gather({"data_rng": data_gen.get_state(), "rng": rng_state(device),
+                                    **trainer.pools_state()}, world)
+        if world.main:
+            save_torch({"fingerprint": resume_key, "processes": world.size, "trainer": trainer.state_dict(),
+                        "ranks": ranks, "history": history}, checkpoint)
     bar.close()
+    if world.size > 1:
+        _check_same_weights(trainer, world, print_fn)
     return trainer, history
+
+
+def _check_same_weights(trainer: Trainer, world: World, print_fn) -> None:
+    """DDP keeps every rank's weights equal; confirm it before rank 0 saves them for all."""
+    h = hashlib.sha256()
+    for net in trainer.nets.modules().values():
+        for tensor in uncompiled(net).state_dict().values():
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digests = distributed.gather(h.hexdigest(), world)
+    if len(set(digests)) != 1:
+        raise PipelineError(f"train: the weights differ between processes after training ({len(set(digests))} versions)")
+    print_fn(f"train: weights identical on all {world.size} processes")
 
 
 @cli
@@ -116,16 +158,36 @@ def main(argv=None) -> None:
     ap.add_argument("--metrics", type=Path, required=True)
     ap.add_argument("--curve", type=Path, required=True, help="per-epoch losses (CSV, a DVC plot)")
     ap.add_argument("--grid", type=Path, required=True, help="photo | generated sample grid (PNG)")
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     p = load(args.params)
+    world = distributed.current()
+    if p.train.processes > 1 and world.size == 1:  # the stage itself starts the DDP workers
+        distributed.launch(p.train.processes, "pipeline.train", argv)
+        return
+    device = distributed.start(world, pick_device(p.device))
+    try:
+        run(p, args, world, device)
+    except Exception as e:
+        if distributed.peer_lost(e, world):  # one line here; the launcher names the process that died
+            raise PipelineError(f"train: process {world.rank} lost contact with the others "
+                                f"({str(e).splitlines()[0][:120]})") from None
+        raise
+    finally:
+        distributed.finish(world)
 
+
+def run(p: Params, args: argparse.Namespace, world: World, device: torch.device) -> None:
+    say = print if world.main else (lambda *_: None)
     manifest = shards.read_manifest(args.manifest)
     _, photos = shards.load_domain(args.shards, manifest, "photo", p.image_size)
     _, monets = shards.load_domain(args.shards, manifest, "monet", p.image_size)
 
     started = time.perf_counter()
-    trainer, history = train(p, photos, monets, args.checkpoint, fingerprint(p, args.manifest))
+    trainer, history = train(p, photos, monets, args.checkpoint, fingerprint(p, args.manifest), say, world, device)
     seconds = time.perf_counter() - started
+    if not world.main:  # rank 0 alone writes outputs and logs
+        return
 
     config = generator_file.config_of(p)
     generator_file.save(trainer.nets.G, config, args.generator)
@@ -139,7 +201,7 @@ def main(argv=None) -> None:
         pd.DataFrame(history).to_csv(tmp, index=False)
     final = {k: v for k, v in history[-1].items() if k.startswith("loss_")}
     write_json(args.metrics, {**final, "steps": trainer.step, "seconds": round(seconds, 1),
-                              "photos": len(photos), "paintings": len(monets),
+                              "photos": len(photos), "paintings": len(monets), "processes": world.size,
                               "device": trainer.describe()})
 
     from pipeline import tracking  # mlflow only after the work is safely on disk

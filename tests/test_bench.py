@@ -15,14 +15,18 @@ def test_gpu_check_imports_no_mlflow_dvc_or_tfrecord(repo_root):
 
 def test_gpu_check_runs_and_prints_table_last(repo_root, tmp_path):
     env = {"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    res = subprocess.run([sys.executable, "bench/train_step.py", "--steps", "1"], cwd=repo_root, env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "bench/train_step.py", "--steps", "1", "--rounds", "1", "--generate", "20"],
+                         cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()
-    # the table ends the output: its header, then one row per mode (CUDA adds compile rows)
-    header = max(i for i, line in enumerate(lines) if line.startswith("mode "))
-    rows = {line.split()[0]: line.split()[1:] for line in lines[header + 1:]}
-    assert {"fp32", "fp32+channels_last", "bf16", "bf16+channels_last"} <= set(rows)
-    assert float(rows["fp32"][1]) == 1.0  # the reference row: ratio 1 against itself
-    assert all(float(r[0]) > 0 for r in rows.values())  # every mode ran and trained
+    start = max(i for i, line in enumerate(lines) if line.startswith("training step"))
+    table = lines[start + 1:]
+    train = {line[:44].strip(): line[44:].split() for line in table[:6]}
+    assert list(train)[0].startswith("reference") and float(train[list(train)[0]][1]) == 1.0  # ratio to itself
+    assert list(train)[1].startswith("pipeline (fp32, batch 8")
+    assert {"fp32", "fp32+channels_last", "bf16", "bf16+channels_last"} <= set(train)
+    assert all(float(r[0]) > 0 for r in train.values())  # every mode trained
+    assert table[6].startswith("generate + package, 20 images")
+    assert table[7].startswith("reference generate") and table[8].startswith("pipeline generate")
+    assert float(table[9].split()[-1]) < 1.0  # the same images, up to JPEG rounding
     assert (tmp_path / "train_step.txt").read_text().splitlines()[-1] == lines[-1]

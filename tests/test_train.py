@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pipeline import train as train_stage
-from pipeline.cyclegan import Trainer, build_nets
+from pipeline.cyclegan import NonFiniteLoss, Trainer, build_nets
+from pipeline.errors import PipelineError
 from pipeline.params import parse
 
 P = parse({"image_size": 32, "train": {"gen_filters": 4, "disc_filters": 4, "resnet_blocks": 1, "batch_size": 2,
@@ -92,6 +93,82 @@ def test_checkpoint_loads_with_weights_only_and_holds_the_rng_states(tmp_path):
     photos, monets = _data()
     train_stage.train(P, photos, monets, tmp_path / "c.pt", "key", print_fn=lambda *_: None)
     state = torch.load(tmp_path / "c.pt", weights_only=True)  # plain tensors and containers only
-    assert set(state) == {"fingerprint", "trainer", "history", "data_rng", "rng"}
-    assert state["rng"]["cpu"].dtype == torch.uint8 and state["data_rng"].dtype == torch.uint8
-    assert state["trainer"]["step"] == 6
+    assert set(state) == {"fingerprint", "processes", "trainer", "ranks", "history"}
+    assert state["processes"] == 1 and len(state["ranks"]) == 1 and state["trainer"]["step"] == 6
+    mine = state["ranks"][0]  # what is this process's own: RNGs and pools
+    assert mine["rng"]["cpu"].dtype == torch.uint8 and mine["data_rng"].dtype == torch.uint8
+    assert len(mine["pool_M"]["images"]) == 3
+
+
+def _interrupted(tmp_path, monkeypatch, at_call: int):
+    """A training of P killed at its `at_call`-th step; returns the checkpoint path."""
+    photos, monets = _data()
+    real_step = Trainer.train_step
+    calls = {"n": 0}
+
+    def dying_step(self, *a):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return real_step(self, *a)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage.train(P, photos, monets, tmp_path / "k.pt", "key", print_fn=lambda *_: None)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    return tmp_path / "k.pt"
+
+
+def test_an_unfinished_checkpoint_of_another_process_count_is_a_clear_error(tmp_path, monkeypatch):
+    ckpt = _interrupted(tmp_path, monkeypatch, at_call=4)
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({**state, "processes": 2, "ranks": state["ranks"] * 2}, ckpt)
+    before = ckpt.read_bytes()
+    with pytest.raises(PipelineError, match=r"step 2 of a run with 2 processes, and this run has 1: "
+                                            r"set train.processes=2 to resume it"):
+        train_stage.train(P, *_data(), ckpt, "key", print_fn=lambda *_: None)
+    assert ckpt.read_bytes() == before  # kept for the resume the message offers
+
+
+def test_a_finished_checkpoint_of_another_process_count_starts_afresh_and_says_so(tmp_path):
+    photos, monets = _data()
+    train_stage.train(P, photos, monets, tmp_path / "f.pt", "key", print_fn=lambda *_: None)
+    state = torch.load(tmp_path / "f.pt", weights_only=True)
+    torch.save({**state, "processes": 4}, tmp_path / "f.pt")
+    said = []
+    _, history = train_stage.train(P, photos, monets, tmp_path / "f.pt", "key", print_fn=said.append)
+    assert any("finished run with 4 processes; starting afresh" in s for s in said)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    photos, monets = _data()
+    real_step = Trainer.train_step
+
+    def poisoning_step(self, *a):
+        if self.step == 3:  # the first step of epoch 2 (step 4) runs on poisoned weights
+            with torch.no_grad():
+                next(self.nets.G.parameters()).fill_(float("nan"))
+        return real_step(self, *a)
+
+    monkeypatch.setattr(Trainer, "train_step", poisoning_step)
+    p = dataclasses.replace(P, train=dataclasses.replace(P.train, steps_per_epoch=3, log_every=100))
+    with pytest.raises(NonFiniteLoss, match=r"^train: loss_G_adv is not finite at step 4; stopped") as e:
+        train_stage.train(p, photos, monets, tmp_path / "n.pt", "key", print_fn=lambda *_: None)
+    assert "\n" not in str(e.value)
+    state = torch.load(tmp_path / "n.pt", weights_only=True)
+    assert state["trainer"]["step"] == 3  # epoch 1's checkpoint, untouched by the failed epoch
+    assert all(torch.isfinite(v).all() for v in state["trainer"]["nets"]["G"].values())
+
+
+def test_loss_meter_names_the_first_non_finite_step_and_loss():
+    # a PipelineError: the stage's cli() turns it into one `error: ...` line and exit code 2
+    from pipeline.cyclegan import LossMeter
+
+    meter = LossMeter(torch.device("cpu"))
+    meter.add(1, {"loss_a": torch.tensor(1.0), "loss_b": torch.tensor(2.0)})
+    meter.add(2, {"loss_a": torch.tensor(float("inf")), "loss_b": torch.tensor(float("nan"))})
+    meter.add(3, {"loss_a": torch.tensor(float("nan")), "loss_b": torch.tensor(1.0)})
+    with pytest.raises(NonFiniteLoss, match="loss_a is not finite at step 2"):
+        meter.check()
+    assert isinstance(NonFiniteLoss("x"), PipelineError)

@@ -1,0 +1,92 @@
+"""Training in two processes on the CPU (gloo), as the train stage starts them under DVC and as a
+plain torchrun does; and a killed worker that must fail the stage at once, not hang it."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from workspace import dvc, make_repo, new_rows, rows, run, set_params
+
+TINY = {
+    "image_size": 32,
+    "ingest": {"sample_photos": 24, "sample_paintings": 12, "shard_size": 16},
+    "train": {"gen_filters": 4, "disc_filters": 4, "resnet_blocks": 1, "epochs": 2, "steps_per_epoch": 3,
+              "batch_size": 2, "decay_from_epoch": 1, "grid_size": 4, "log_every": 1, "processes": 2},
+    "generate": {"batch_size": 16},
+    "evaluate": {"offline_image_size": 75, "batch_size": 16, "download": False},
+    "package": {"min_images": 20, "max_images": 30},
+}
+TRAIN_ARGS = ["--shards", "data/shards", "--manifest", "data/manifest.csv", "--generator", "models/photo2monet.pt",
+              "--reverse-generator", "models/monet2photo.pt", "--checkpoint", "models/checkpoint.pt",
+              "--metrics", "metrics/train.json", "--curve", "metrics/train_curve.csv", "--grid", "metrics/grid.png"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, repo_root):
+    root, env = make_repo(tmp_path_factory.mktemp("ddp"), repo_root, TINY)
+    dvc(root, env, "repro", "ingest")
+    return root, env
+
+
+def test_two_processes_through_dvc(repo):
+    root, env = repo
+    set_params(root, {"train": TINY["train"]})
+    before = rows(root)
+    res = dvc(root, env, "repro")
+    for stage in ("train", "generate", "evaluate", "package"):  # generate loads the generator in one process
+        assert f"Running stage '{stage}'" in res.stdout
+    assert "weights identical on all 2 processes" in res.stdout
+    train = json.loads((root / "metrics/train.json").read_text())
+    assert train["processes"] == 2 and train["steps"] == 6
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in train.items() if k.startswith("loss_"))
+    state = torch.load(root / "models/checkpoint.pt", weights_only=True)
+    assert state["processes"] == 2 and len(state["ranks"]) == 2
+    assert not torch.equal(state["ranks"][0]["data_rng"], state["ranks"][1]["data_rng"])  # own batches
+    (row,) = new_rows(root, before)  # one row, from rank 0 alone
+    assert row["status"] == "FINISHED" and row["params"]["train.processes"] == "2"
+    assert row["metrics"]["train.processes"] == 2 and "evaluate.fid" in row["metrics"]
+
+
+def test_plain_torchrun_works_too(repo):
+    root, env = repo
+    set_params(root, {"train": {**TINY["train"], "processes": 1, "epochs": 1, "decay_from_epoch": 1}})
+    res = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "pipeline.train", *TRAIN_ARGS], root, env, timeout=600)
+    assert "weights identical on all 2 processes" in res.stdout
+    assert json.loads((root / "metrics/train.json").read_text())["processes"] == 2
+
+
+def _worker(rank: int, timeout: float = 120) -> psutil.Process:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if "pipeline.train" in " ".join(proc.info["cmdline"] or []) \
+                        and proc.environ().get("LOCAL_RANK") == str(rank):
+                    return proc
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        time.sleep(0.5)
+    raise AssertionError(f"no worker of rank {rank} appeared")
+
+
+def test_a_killed_worker_fails_the_stage_with_a_clear_error(repo):
+    root, env = repo
+    set_params(root, {"train": {**TINY["train"], "steps_per_epoch": 100_000}})  # hours, unless stopped
+    stage = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=root, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        survivor, victim = _worker(0), _worker(1)
+        time.sleep(5)  # let it train a little
+        victim.send_signal(signal.SIGKILL)
+        out, err = stage.communicate(timeout=120)  # no hang: the others are stopped at once
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+    assert stage.returncode != 0
+    assert "error: pipeline.train: worker 1 of 2 failed (signal SIGKILL); every worker was stopped" in out + err
+    assert not survivor.is_running() or survivor.status() == psutil.STATUS_ZOMBIE
