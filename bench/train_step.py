@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import readme_recipes  # noqa: E402
 from pipeline import generator_file, shards  # noqa: E402
-from pipeline.cyclegan import LossMeter, Trainer, build_nets, sample_batch  # noqa: E402
+from pipeline.cyclegan import LossMeter, Trainer, build_nets  # noqa: E402
 from pipeline.generate import generate  # noqa: E402
 from pipeline.networks import to_model_input  # noqa: E402
 from pipeline.package import check_images, write_zip  # noqa: E402

@@ -114,7 +114,7 @@ def test_evaluate_only_rerun_makes_a_complete_row(reproduced):
     res = dvc(root, env, "repro")
     assert "Running stage 'evaluate'" in res.stdout
     assert not any(f"Running stage '{s}'" in res.stdout for s in ("ingest", "train", "generate", "package"))
-    new = newrows(root, before)
+    new = new_rows(root, before)
     assert len(new) == 1 and new[0]["params"]["evaluate.batch_size"] == "8"
     _assert_complete(new[0], root / "metrics")
     assert "train.loss_cycle" in new[0]["metrics"]  # the training curve is copied too
@@ -131,7 +131,7 @@ def test_retraining_to_the_same_weights_skips_the_rest_and_still_makes_a_complet
     assert "Running stage 'train'" in res.stdout
     assert not any(f"Running stage '{s}'" in res.stdout for s in ("generate", "evaluate", "package"))
     assert (root / "models/photo2monet.pt").read_bytes() == generator
-    new = newrows(root, before)
+    new = new_rows(root, before)
     assert len(new) == 1 and new[0]["params"]["train.grid_size"] == "3"
     _assert_complete(new[0], root / "metrics")
 
@@ -143,7 +143,7 @@ def test_package_only_reruns_make_complete_rows_with_distinct_names(reproduced):
         set_params(root, {"package": {"min_images": min_images}})
         res = dvc(root, env, "repro")
         assert "Running stage 'package'" in res.stdout and "Running stage 'evaluate'" not in res.stdout
-    new = newrows(root, before)
+    new = new_rows(root, before)
     assert sorted(r["params"]["package.min_images"] for r in new) == ["18", "19"]
     for row in new:
         _assert_complete(row, root / "metrics")
@@ -155,7 +155,7 @@ def test_exp_run_is_a_new_complete_row_named_after_the_experiment(reproduced):
     root, env, _ = reproduced
     before = rows(root)
     dvc(root, env, "exp", "run", "-n", "cycle-five", "-S", "lambda_cycle=5")
-    new = newrows(root, before)
+    new = new_rows(root, before)
     assert len(new) == 1 and new[0]["params"]["lambda_cycle"] == "5.0"
     assert new[0]["name"] == "cycle-five" and new[0]["tags"]["dvc_exp_name"] == "cycle-five"
     _assert_complete(new[0], root / "metrics")
@@ -166,7 +166,7 @@ def test_temp_experiment_logs_into_the_main_store(reproduced):
     root, env, _ = reproduced
     before = rows(root)
     dvc(root, env, "exp", "run", "--temp", "-S", "lambda_cycle=3")
-    new = newrows(root, before)
+    new = new_rows(root, before)
     assert len(new) == 1 and new[0]["params"]["lambda_cycle"] == "3.0"
     assert new[0]["status"] == "FINISHED" and "evaluate.fid" in new[0]["metrics"]
     assert not list((root / ".dvc/tmp").rglob("mlflow.db"))
