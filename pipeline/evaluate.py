@@ -1,17 +1,25 @@
-"""Stage 4, evaluate: MiFID of the generated JPEGs against the Monet paintings, as Kaggle
-defines it, plus the do-nothing baseline (untranslated photos) under the same extractor.
+"""Stage 4, evaluate: how good the generated JPEGs are, against the Monet paintings.
 
     python -m pipeline.evaluate --shards data/shards --manifest data/manifest.csv \\
-        --images data/generated --generator models/photo2monet.pt --out metrics/evaluate.json
+        --images data/generated --generator models/photo2monet.pt --out metrics/evaluate.json \\
+        --memorization metrics/memorization.png --features-cache .cache/features
 
-Which Inception weights were used is written beside the numbers (`feature_extractor`); numbers
-from the offline extractor (no FID weights on this machine) are not comparable to Kaggle's.
-On the embedded sample, each photo's scene can also be rendered as a painting, so the mean
-absolute error to that ground truth (`pair_l1`) is a quality signal needing no pretrained network.
+Scores, under the extractor `evaluate.extractor` names (`offline` or `fid-inception`; its id is
+in the metrics and the MLflow row, and no other is ever used in its place):
+- MiFID as the competition defines it, its FID and memorisation distance, and KID;
+- baselines on the first `evaluate.baseline_images` photos, scored like the generated set on the
+  same number of images: the untranslated photos (`fid_identity`), and on the embedded sample
+  their scenes rendered as paintings, the perfect translation (`fid_ground_truth`).
+  `fid_vs_ground_truth` = FID of those generated images / fid_ground_truth: 1.0 is as good as a
+  perfect translation. `pair_l1` is the plain pixel error to that ground truth;
+- a picture of the generated images nearest to a training painting (`--memorization`).
+The reference images' features are cached (`--features-cache`, under the main repository).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 from pathlib import Path
 from typing import Iterator
 
@@ -19,15 +27,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import sample, shards
+from pipeline import memorization, sample, shards
 from pipeline.errors import DataError, cli
-from pipeline.features import extract, load_extractor
-from pipeline.files import write_json
-from pipeline.metrics import fid, mifid
+from pipeline.feature_cache import FeatureCache, images_key
+from pipeline.features import Extractor, extract, load_extractor
+from pipeline.files import main_repo, write_json
+from pipeline.metrics import fid, kid, mifid, nearest_real
 from pipeline.params import Params, load
 from pipeline.runtime import pick_device
 
-PAIR_IMAGES = 256  # sample scenes re-rendered as paintings for pair_l1 (~2 s of rendering)
+PAIR_IMAGES = 256  # ground-truth scenes for pair_l1
+SHOWN = 8          # generated images shown beside their nearest painting
 
 
 def read_jpegs(folder: Path, names: list[str], batch_size: int) -> Iterator[torch.Tensor]:
@@ -44,44 +54,108 @@ def read_jpegs(folder: Path, names: list[str], batch_size: int) -> Iterator[torc
         yield torch.from_numpy(np.stack(batch))
 
 
-def pair_l1(images: Path, photo_names: list[str], photos: torch.Tensor, seed: int) -> dict[str, float]:
-    """Mean |generated − ground-truth painting| (0–1 scale) over the first PAIR_IMAGES sample scenes,
-    and the same for the untranslated photos."""
-    count = min(PAIR_IMAGES, len(photo_names), len(photos))
-    expected = {sample.sample_name(seed, "photo", i): i for i in range(count)}
-    if [photo_names[i] for i in range(count)] != list(expected):
+def first_photos(shards_dir: Path, manifest, count: int) -> torch.Tensor:
+    """The first `count` photos of the manifest, uint8 N×256×256×3."""
+    parts, have = [], 0
+    for _, images in shards.iter_domain(shards_dir, manifest, "photo"):
+        parts.append(images[:count - have].clone())
+        have += len(parts[-1])
+        if have == count:
+            break
+    return torch.cat(parts)
+
+
+def check_sample_names(photo_names: list[str], seed: int) -> None:
+    """The manifest's photos are the embedded sample's, in order, for this seed."""
+    expected = [sample.sample_name(seed, "photo", i) for i in range(min(len(photo_names), 16))]
+    if photo_names[:len(expected)] != expected:
         raise DataError("manifest photo names do not match the embedded sample for this seed")
-    truth = torch.from_numpy(sample.render_batch(seed, [sample.photo_index(i) for i in range(count)], "monet")).float()
-    generated = next(read_jpegs(images, photo_names[:count], count)).float()
-    return {"pair_l1": float((generated - truth).abs().mean() / 255),
-            "pair_l1_identity": float((photos[:count].float() - truth).abs().mean() / 255)}
 
 
-def evaluate(p: Params, shards_dir: Path, manifest_path: Path, images: Path) -> dict:
+def as_jpeg(images: np.ndarray, quality: int) -> torch.Tensor:
+    """uint8 N×H×W×3 images as they come back from JPEGs of `quality` (how generate saves)."""
+    out = []
+    for pixels in images:
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+        with Image.open(buf) as img:
+            out.append(np.asarray(img.convert("RGB")))
+    return torch.from_numpy(np.stack(out))
+
+
+def pair_l1(generated: torch.Tensor, photos: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """Mean |generated − ground-truth painting| on a 0–1 scale, and the same for the untranslated photos."""
+    truth = truth.float()
+    return {"pair_l1": float((generated.float() - truth).abs().mean() / 255),
+            "pair_l1_identity": float((photos.float() - truth).abs().mean() / 255)}
+
+
+def evaluate(p: Params, shards_dir: Path, manifest_path: Path, images: Path, cache_dir: Path,
+             picture: Path | None = None, say=print) -> tuple[dict, str]:
+    """The metrics, and the extractor's long description (for MLflow; the metrics hold its id)."""
+    e = p.evaluate
     device = pick_device(p.device)
     manifest = shards.read_manifest(manifest_path)
     _, paintings = shards.load_domain(shards_dir, manifest, "monet")
-    photo_names = manifest.loc[manifest["domain"] == "photo", "image_name"].tolist()
-    e = p.evaluate
-    extractor = load_extractor(e.weights, e.download, e.offline_image_size, paintings, device, e.batch_size)
-    print(f"evaluate: feature extractor: {extractor.name}")
+    names = manifest.loc[manifest["domain"] == "photo", "image_name"].tolist()
+    on_sample = p.ingest.source == "sample"
+    if on_sample:
+        check_sample_names(names, p.seed)
+    extractor = load_extractor(e.extractor, e.weights, e.download, e.offline_image_size, paintings, device,
+                               e.batch_size)
+    say(f"evaluate: extractor {extractor.id}: {extractor.name}")
+    cache = FeatureCache(cache_dir, extractor.key, say)
 
-    real = extract(extractor, paintings, e.batch_size, device, desc="features: paintings")
-    generated = extract(extractor, read_jpegs(images, photo_names, e.batch_size), e.batch_size, device,
-                        desc="features: generated")
-    photos_iter = (batch for _, shard in shards.iter_domain(shards_dir, manifest, "photo")
-                   for batch in shard.split(e.batch_size))
-    photos = extract(extractor, photos_iter, e.batch_size, device, desc="features: photos (baseline)")
+    def features(images, desc: str) -> np.ndarray:
+        return extract(extractor, images, e.batch_size, device, desc=f"features: {desc}")
 
-    result = mifid(generated, real)
-    result["fid_identity"] = fid(photos, real)
-    result["fid_vs_identity"] = result["fid"] / result["fid_identity"]
-    result.update(feature_extractor=extractor.name, comparable_to_kaggle=extractor.comparable,
-                  generated_images=len(generated), paintings=len(real))
-    if p.ingest.source == "sample":
-        first = next(shards.iter_domain(shards_dir, manifest, "photo"))[1]
-        result.update(pair_l1(images, photo_names, first, p.seed))
-    return result
+    real = cache.get("paintings", images_key(paintings), lambda: features(paintings, "paintings"))
+    generated = features(read_jpegs(images, names, e.batch_size), "generated")
+    result = {**mifid(generated, real), **kid(generated, real, e.kid_subsets, e.kid_subset_size),
+              "extractor": extractor.id, "generated_images": len(generated), "paintings": len(real)}
+
+    # baselines on the first n photos, against the generated images of the same photos
+    n = min(e.baseline_images, len(names))
+    photos = first_photos(shards_dir, manifest, n)
+    fid_subset = fid(generated[:n], real)
+    identity = cache.get("photos", images_key(photos), lambda: features(photos, "photos (untranslated)"))
+    result.update(baseline_images=n, fid_subset=fid_subset, fid_identity=fid(identity, real))
+    result["fid_vs_identity"] = fid_subset / result["fid_identity"]
+    if on_sample:
+        result.update(ground_truth(p, extractor, cache, names, photos, images, features, n, fid_subset, real, say))
+
+    if picture is not None:
+        distance, nearest = nearest_real(generated, real)
+        shown = memorization.closest(distance, SHOWN)
+        gen_pixels = next(read_jpegs(images, [names[i] for i in shown], len(shown))) if shown else []
+        memorization.draw([g.numpy() for g in gen_pixels], [paintings[nearest[i]].numpy() for i in shown],
+                          [float(distance[i]) for i in shown], distance, picture)
+    return result, extractor.name
+
+
+def ground_truth(p: Params, extractor: Extractor, cache: FeatureCache, names: list[str], photos: torch.Tensor,
+                 images: Path, features, n: int, fid_subset: float, real: np.ndarray, say) -> dict:
+    """The sample's yardstick: the first n photos' scenes rendered as paintings, scored alike."""
+    rendered: dict[int, np.ndarray] = {}
+
+    def render(count: int) -> np.ndarray:
+        if count not in rendered:
+            rendered[count] = sample.render_parallel(p.seed, [sample.photo_index(i) for i in range(count)], "monet")
+        return rendered[count]
+
+    # scored exactly like the generated set: saved as JPEGs of the same quality first (the offline
+    # extractor is sensitive to JPEG noise). The renders are a pure function of (seed, scene,
+    # sample.py), so that, with the quality, is their identity for the cache.
+    quality = p.generate.jpeg_quality
+    code = hashlib.sha256(Path(sample.__file__).read_bytes()).hexdigest()
+    truth = cache.get("ground-truth", f"{p.seed}/{n}/{quality}/{code}",
+                      lambda: features(as_jpeg(render(n), quality), "ground truth (rendered)"))
+    result = {"fid_ground_truth": fid(truth, real)}
+    result["fid_vs_ground_truth"] = fid_subset / result["fid_ground_truth"]
+    k = min(PAIR_IMAGES, n)
+    truth_pixels = torch.from_numpy(render(n)[:k] if n in rendered else render(k))
+    generated = next(read_jpegs(images, names[:k], k))
+    return {**result, **pair_l1(generated, photos[:k], truth_pixels)}
 
 
 @cli
@@ -93,21 +167,26 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=Path, required=True, help="folder of generated JPEGs")
     ap.add_argument("--generator", type=Path, required=True, help="identifies the MLflow run")
     ap.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+    ap.add_argument("--memorization", type=Path, required=True, help="the memorization picture (PNG) to write")
+    ap.add_argument("--features-cache", type=Path, required=True,
+                    help="folder for the reference images' features (relative paths: under the main repository)")
     args = ap.parse_args(argv)
     p = load(args.params)
-    result = evaluate(p, args.shards, args.manifest, args.images)
-    write_json(args.out, result)
+    result, description = evaluate(p, args.shards, args.manifest, args.images, main_repo() / args.features_cache,
+                                   args.memorization)
+    # numbers to 7 significant digits and short ids only: `dvc exp show` stays readable
+    write_json(args.out, {k: float(f"{v:.7g}") if isinstance(v, float) else v for k, v in result.items()})
 
     from pipeline import tracking
 
     with tracking.open_run(p, args.generator, stage="evaluate"):
         tracking.log_metrics_file(args.out)
-    print(f"evaluate: MiFID {result['mifid']:.2f}  FID {result['fid']:.2f}  (photos untranslated: FID "
-          f"{result['fid_identity']:.2f})  distance {result['distance']:.4f}  [{extractor_label(result)}]")
-
-
-def extractor_label(result: dict) -> str:
-    return "FID Inception weights" if result["comparable_to_kaggle"] else "OFFLINE extractor: not comparable to Kaggle"
+        tracking.log_artifact(args.memorization)
+        tracking.log_tags({"evaluate.extractor_description": description})
+    label = "FID Inception" if result["extractor"] == "fid-inception" else "OFFLINE extractor: not comparable to Kaggle"
+    truth = f"  FID/ground truth {result['fid_vs_ground_truth']:.3f}" if "fid_vs_ground_truth" in result else ""
+    print(f"evaluate: MiFID {result['mifid']:.2f}  FID {result['fid']:.2f}  KID {result['kid_mean']:.4g}"
+          f"{truth}  distance {result['distance']:.4f}  [{label}]")
 
 
 if __name__ == "__main__":

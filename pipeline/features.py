@@ -1,14 +1,16 @@
 """Image features for FID, KID and MiFID: the extractor a run uses, and extraction itself.
 
-`load_extractor` picks the best extractor available: the FID Inception-v3 with weights from
-`fid_weights.find` (a named file, the hub cache, or a checked download), else the OFFLINE
-extractor: the same graph, deterministic random init, BatchNorm statistics recomputed on the
-reference paintings, run at a reduced input size. Its numbers are labelled "OFFLINE ... not
-comparable to Kaggle MiFID" (Extractor.comparable is False).
+Which extractor is a param (`evaluate.extractor`), never a fallback:
+- `fid-inception`: the FID Inception-v3 Kaggle's MiFID uses, with its weights from
+  `fid_weights.find` (a named file, the hub cache, or a checked download); none to be had is an
+  error. Its numbers are comparable to Kaggle's.
+- `offline`: the same graph with a deterministic random init and BatchNorm statistics recomputed
+  on the reference paintings, at a reduced input size. It runs anywhere, with no download; its
+  numbers rank translations on the embedded sample but are not comparable to Kaggle's.
 """
 from __future__ import annotations
 
-import logging
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -22,17 +24,20 @@ from pipeline import fid_weights
 from pipeline.errors import FeatureError
 from pipeline.fid_inception import FEATURE_DIM, FID_IMAGE_SIZE, MIN_IMAGE_SIZE, FIDInceptionPool, build_fid_inception
 
-log = logging.getLogger(__name__)
-
 OFFLINE_SEED = 0
+
+
+EXTRACTORS = ("offline", "fid-inception")
 
 
 @dataclass(frozen=True)
 class Extractor:
     model: nn.Module      # eval mode; float NCHW in [0, 1] -> (N, 2048)
-    name: str
+    id: str               # one of EXTRACTORS: what metrics files and MLflow tags say
+    name: str             # the long description, for the log and MLflow
     comparable: bool      # True only for the real FID weights
     image_size: int       # input px the model resizes to (299, or the offline size)
+    key: str              # what its features depend on besides the images (weights, options)
 
 
 def fid_extractor(path: Path, what: str, device: torch.device) -> Extractor:
@@ -42,8 +47,9 @@ def fid_extractor(path: Path, what: str, device: torch.device) -> Extractor:
     expected = fid_weights.FID_WEIGHTS_SHA256_PREFIX
     note = "" if digest.startswith(expected) else f"; sha256 {digest[:8]}, not the published {expected}"
     model = FIDInceptionPool(net, FID_IMAGE_SIZE).to(device).eval()
-    return Extractor(model=model, name=f"fid-inception-v3 ({fid_weights.FID_WEIGHTS_NAME}, from {path}{note})",
-                     comparable=True, image_size=FID_IMAGE_SIZE)
+    return Extractor(model=model, id="fid-inception",
+                     name=f"fid-inception-v3 ({fid_weights.FID_WEIGHTS_NAME}, from {path}{note})",
+                     comparable=True, image_size=FID_IMAGE_SIZE, key=f"fid-inception/{digest}/{FID_IMAGE_SIZE}")
 
 
 # ------------------------------------------------------------------------------------- offline
@@ -105,21 +111,23 @@ def offline_extractor(reference: torch.Tensor, image_size: int, device: torch.de
     n = reference.shape[0]
     name = (f"OFFLINE random-init Inception-v3 (seed {seed}, BatchNorm recalibrated on {n} "
             f"paintings, {int(image_size)} px) — not comparable to Kaggle MiFID")
-    return Extractor(model=model, name=name, comparable=False, image_size=int(image_size))
+    # its BatchNorm statistics come from the paintings: their bytes are part of what it is
+    paintings = hashlib.sha256(reference.contiguous().numpy().tobytes()).hexdigest()
+    return Extractor(model=model, id="offline", name=name, comparable=False, image_size=int(image_size),
+                     key=f"offline/{seed}/{int(image_size)}/{paintings}")
 
 
 # ---------------------------------------------------------------------------------- public API
 
-def load_extractor(weights: str, download: bool, offline_image_size: int,
-                   reference: torch.Tensor | None, device: torch.device,
-                   batch_size: int = 64) -> Extractor:
-    """The best extractor available: named file > hub cache > checked download > OFFLINE."""
+def load_extractor(kind: str, weights: str, download: bool, offline_image_size: int,
+                   reference: torch.Tensor | None, device: torch.device, batch_size: int = 64) -> Extractor:
+    """The extractor `kind` names (one of EXTRACTORS): FeatureError when it cannot be had."""
     device = torch.device(device)
-    found = fid_weights.find(weights, download)
-    if found is not None:
-        return fid_extractor(*found, device)
-    log.warning("FID weights: none to be had; using the OFFLINE extractor")
-    return offline_extractor(reference, offline_image_size, device, batch_size)
+    if kind == "fid-inception":
+        return fid_extractor(*fid_weights.find(weights, download), device)
+    if kind == "offline":
+        return offline_extractor(reference, offline_image_size, device, batch_size)
+    raise FeatureError(f"evaluate.extractor is {kind!r}; expected one of {', '.join(EXTRACTORS)}")
 
 
 def _iter_batches(images: Any, batch_size: int) -> tuple[Iterable[torch.Tensor], int | None]:

@@ -10,7 +10,6 @@ Every file is checked to be a state dict of the FID graph before it is used.
 from __future__ import annotations
 
 import hashlib
-import logging
 import socket
 import threading
 from pathlib import Path
@@ -24,8 +23,6 @@ from torch import nn
 from pipeline.errors import FeatureError
 from pipeline.fid_inception import build_fid_inception
 from pipeline.files import atomic_path
-
-log = logging.getLogger(__name__)
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = _pf.FID_WEIGHTS_URL           # pytorch-fid 0.3.0's release asset
@@ -137,25 +134,28 @@ def download(dst: Path, url: str, hash_prefix: str) -> Path:
     return dst
 
 
-def find(weights: str, download_ok: bool) -> tuple[Path, str] | None:
-    """The weights file to use and how it was found ("weights file", "cached weights", ...), or
-    None when there is none: no named file, nothing cached, and no download (not allowed, host
-    unreachable, or the transfer broke). A named file is returned even when it is missing, so
-    that loading it fails loudly instead of falling back."""
+def find(weights: str, download_ok: bool) -> tuple[Path, str]:
+    """The weights file to use and how it was found ("weights file", "cached weights", ...).
+    A named file is returned even when it is missing, so that loading it fails loudly. With no
+    file named, none cached and no download to be had: FeatureError saying where it looked and
+    how to supply the file (never a quiet fallback to other weights)."""
     if weights:
         return Path(weights).expanduser(), "weights file"
     cached = hub_cache_path()
     if cached.exists():
         return cached, "cached weights (delete to re-download)"
-    if not download_ok:
-        return None
     url = FID_WEIGHTS_URL
-    if not reachable(url):
-        log.warning("FID weights: %s is unreachable", urlparse(url).hostname or url)
-        return None
-    try:
-        download(cached, url, FID_WEIGHTS_SHA256_PREFIX)
-    except OSError as e:          # network trouble after a good probe
-        log.warning("FID weights: download of %s failed (%s)", url, e)
-        return None
-    return cached, "downloaded weights"
+    if not download_ok:
+        why = "evaluate.download is false"
+    elif not reachable(url):
+        why = f"{urlparse(url).hostname or url} is unreachable"
+    else:
+        try:
+            download(cached, url, FID_WEIGHTS_SHA256_PREFIX)
+            return cached, "downloaded weights"
+        except OSError as e:  # network trouble after a good probe
+            why = f"the download failed ({str(e).splitlines()[0][:80]})"
+    raise FeatureError(
+        f"evaluate.extractor=fid-inception: no {FID_WEIGHTS_NAME}: evaluate.weights is empty, the hub cache "
+        f"has none ({cached}) and {why}; download it from {url} (on Kaggle: attach it as a dataset) "
+        f"and pass its path with -S evaluate.weights=PATH, or use -S evaluate.extractor=offline")

@@ -63,3 +63,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main_repo() -> Path:
+    """The repository the user works in, also from inside `dvc exp run --temp` and queued runs
+    (DVC runs those in .dvc/tmp/exps/... and names the main repo in DVC_ROOT): where the MLflow
+    store and the feature cache live, shared by every experiment."""
+    root = os.environ.get("DVC_ROOT")
+    if root:
+        return Path(root).resolve()
+    cwd = Path.cwd().resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 2):  # .../<repo>/.dvc/tmp/exps/... -> <repo>
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd

@@ -1,4 +1,5 @@
-"""FID and MiFID exactly as the Kaggle "I'm Something of a Painter Myself" competition defines them.
+"""FID and MiFID exactly as the Kaggle "I'm Something of a Painter Myself" competition defines them,
+and KID as torch-fidelity does.
 
 Pure numpy (float64); feature matrices have one row per image. No mlflow/dvc/tfrecord imports:
 `from pipeline.metrics import mifid` is cheap.
@@ -126,24 +127,61 @@ def fid(generated: Any, real: Any) -> float:
     return _frechet(g.mean(axis=0) - r.mean(axis=0), tr_g, tr_r, _trace_sqrt_from_factors(lg, lr))
 
 
-def _unit_nonzero_rows(x: np.ndarray, name: str) -> np.ndarray:
-    x = x[np.any(x != 0.0, axis=1)]
-    if x.shape[0] == 0:
+def _unit_rows(x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows scaled to unit length, and which rows are not all zero (those alone count)."""
+    nonzero = np.any(x != 0.0, axis=1)
+    if not nonzero.any():
         raise ValueError(f"{name}: every row is all zeros; the memorisation distance is undefined")
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0), nonzero
+
+
+def nearest_real(generated: Any, real: Any, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """For each generated row: 1 - |cos| to its nearest real row, and that row's index
+    (NaN and -1 for an all-zero generated row; an all-zero real row is never the nearest)."""
+    g, r = _check_pair(generated, real)
+    g, g_ok = _unit_rows(g, "generated features")
+    r, r_ok = _unit_rows(r, "real features")
+    real_index = np.flatnonzero(r_ok)
+    r = r[r_ok]
+    distance, index = np.full(g.shape[0], np.nan), np.full(g.shape[0], -1)
+    rows = np.flatnonzero(g_ok)
+    for start in range(0, len(rows), chunk):  # bounded memory for large generated sets
+        part = rows[start:start + chunk]
+        block = 1.0 - np.abs(g[part] @ r.T)
+        nearest = block.argmin(axis=1)
+        # |cos| can round to 1 + 1e-16 for identical rows: clip so no distance is negative
+        distance[part] = np.clip(block[np.arange(len(part)), nearest], 0.0, 1.0)
+        index[part] = real_index[nearest]
+    return distance, index
 
 
 def memorization_distance(generated: Any, real: Any, chunk: int = 2048) -> float:
     """Mean over generated rows of the min over real rows of 1 - |cos| (all-zero rows dropped)."""
+    distance, _ = nearest_real(generated, real, chunk)
+    return float(np.nanmean(distance))
+
+
+def kid(generated: Any, real: Any, subsets: int = 100, subset_size: int = 1000, degree: int = 3,
+        coef0: float = 1.0, seed: int = 0) -> dict[str, float]:
+    """Kernel Inception Distance as torch-fidelity and torchmetrics define it: the unbiased MMD²
+    with the polynomial kernel k(x, y) = (x·y / dims + coef0)^degree, averaged over `subsets`
+    random subsets of `subset_size` rows of each set (drawn without replacement; at most the
+    smaller set's size). Returns {"kid_mean", "kid_std"} (std over the subsets, population)."""
     g, r = _check_pair(generated, real)
-    g = _unit_nonzero_rows(g, "generated features")
-    r = _unit_nonzero_rows(r, "real features")
-    mins = np.empty(g.shape[0])
-    for start in range(0, g.shape[0], chunk):  # bounded memory for large generated sets
-        block = 1.0 - np.abs(g[start:start + chunk] @ r.T)
-        mins[start:start + chunk] = block.min(axis=1)
-    # |cos| can round to 1 + 1e-16 for identical rows: clip so d is never negative
-    return float(np.clip(mins, 0.0, 1.0).mean())
+    m = min(subset_size, g.shape[0], r.shape[0])
+    dims = g.shape[1]
+    rng = np.random.default_rng(seed)
+    values = np.empty(subsets)
+    for i in range(subsets):
+        x = g[rng.choice(g.shape[0], m, replace=False)]
+        y = r[rng.choice(r.shape[0], m, replace=False)]
+        k_xx = (x @ x.T / dims + coef0) ** degree
+        k_yy = (y @ y.T / dims + coef0) ** degree
+        k_xy = (x @ y.T / dims + coef0) ** degree
+        values[i] = ((k_xx.sum() - np.trace(k_xx)) / (m * (m - 1)) + (k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+                     - 2.0 * k_xy.mean())
+    return {"kid_mean": float(values.mean()), "kid_std": float(values.std())}
 
 
 def mifid(generated: Any, real: Any, eps: float = MIFID_EPS) -> dict[str, float]:

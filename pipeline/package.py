@@ -67,13 +67,14 @@ def main(argv=None) -> None:
     p = load(args.params)
     images = check_images(args.images, p.package.min_images, p.package.max_images)
     digest = write_zip(images, args.out)
-    summary = {"images": len(images), "zip_mb": round(args.out.stat().st_size / 2**20, 2), "zip_sha256": digest}
+    summary = {"images": len(images), "zip_mb": round(args.out.stat().st_size / 2**20, 2)}  # numbers only
     write_json(args.metrics, summary)
 
     from pipeline import tracking
 
     with tracking.open_run(p, args.generator, stage="package"):
         tracking.log_metrics_file(args.metrics)
+        tracking.log_tags({"package.zip_sha256": digest})  # which file was submitted, in the row
     print(f"package: {len(images)} JPEGs -> {args.out} ({summary['zip_mb']} MiB)")
 
 

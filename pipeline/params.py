@@ -79,15 +79,23 @@ class Generate:
 
 @dataclass(frozen=True)
 class Evaluate:
+    extractor: str = "offline"
     weights: str = ""
     download: bool = True
     offline_image_size: int = 75
     batch_size: int = 64
+    baseline_images: int = 1000
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
 
     def check(self) -> None:
+        _choice(self.extractor, "evaluate.extractor", ("offline", "fid-inception"))
         # Inception-v3's stride-2 stem and reductions need at least 75 px
         _require(self.offline_image_size >= 75, "evaluate.offline_image_size", "must be >= 75")
         _require(self.batch_size > 0, "evaluate.batch_size", "must be > 0")
+        _require(self.baseline_images >= 2, "evaluate.baseline_images", "must be >= 2 (a covariance needs two)")
+        _require(self.kid_subsets > 0, "evaluate.kid_subsets", "must be > 0")
+        _require(self.kid_subset_size >= 2, "evaluate.kid_subset_size", "must be >= 2")
 
 
 @dataclass(frozen=True)

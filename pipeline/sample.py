@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+from concurrent.futures import ProcessPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -88,6 +90,20 @@ def render_batch(seed: int, indices: Sequence[int], style: str, size: int = 256)
     for n, index in enumerate(indices):
         out[n] = render(seed, index, style, size)
     return out
+
+
+def _render_args(args: tuple[int, list[int], str]) -> np.ndarray:
+    return render_batch(*args)
+
+
+def render_parallel(seed: int, indices: Sequence[int], style: str, workers: int | None = None) -> np.ndarray:
+    """render_batch over the cores (chunks of 32 scenes per task); the same pixels."""
+    indices = list(indices)
+    chunks = [(seed, indices[i:i + 32], style) for i in range(0, len(indices), 32)]
+    if len(chunks) <= 1:
+        return render_batch(seed, indices, style)
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        return np.concatenate(list(pool.map(_render_args, chunks)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,26 +22,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.files import main_repo
 from pipeline.params import Params, flatten
 from pipeline.stage_results import held_results
 
 EXPERIMENT = "monet-cyclegan"
 
 
-def repo_root() -> Path:
-    root = os.environ.get("DVC_ROOT")
-    if root:
-        return Path(root).resolve()
-    cwd = Path.cwd().resolve()
-    parts = cwd.parts
-    for i in range(len(parts) - 2):  # .../<repo>/.dvc/tmp/exps/... -> <repo>
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return cwd
-
-
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{main_repo() / 'mlflow.db'}"
 
 
 def run_key(params: Params, generator_path: str | Path) -> str:
@@ -70,7 +59,7 @@ def _experiment_id(mlflow, own_store: bool) -> str:
     if exp is not None:
         return exp.experiment_id
     # artifacts beside the db, not under the cwd (which may be a temp experiment folder)
-    location = (repo_root() / "mlartifacts").as_uri() if own_store else None
+    location = (main_repo() / "mlartifacts").as_uri() if own_store else None
     return mlflow.create_experiment(name, artifact_location=location)
 
 
@@ -130,6 +119,12 @@ def log_curve(path: str | Path, prefix: str) -> None:
     for row in pd.read_csv(path).to_dict("records"):
         mlflow.log_metrics({f"{prefix}.{k}": float(v) for k, v in row.items() if k.startswith("loss_")},
                            step=int(row["step"]))
+
+
+def log_tags(tags: dict[str, str]) -> None:
+    import mlflow
+
+    mlflow.set_tags(tags)
 
 
 def log_artifact(path: str | Path) -> None:

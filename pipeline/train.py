@@ -202,7 +202,7 @@ def run(p: Params, args: argparse.Namespace, world: World, device: torch.device)
     final = {k: v for k, v in history[-1].items() if k.startswith("loss_")}
     write_json(args.metrics, {**final, "steps": trainer.step, "seconds": round(seconds, 1),
                               "photos": len(photos), "paintings": len(monets), "processes": world.size,
-                              "device": trainer.describe()})
+                              "device": trainer.device.type, "precision": "bf16" if trainer.dtype else "fp32"})
 
     from pipeline import tracking  # mlflow only after the work is safely on disk
 
@@ -210,6 +210,7 @@ def run(p: Params, args: argparse.Namespace, world: World, device: torch.device)
         tracking.log_curve(args.curve, "train")
         tracking.log_metrics_file(args.metrics, step=trainer.step)  # the final values end the curves
         tracking.log_artifact(args.grid)
+        tracking.log_tags({"train.device_description": trainer.describe()})
     print(f"train: {trainer.step} steps in {seconds:.0f} s -> {args.generator}, {args.reverse_generator}")
 
 

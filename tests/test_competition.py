@@ -10,16 +10,18 @@ import torch
 from PIL import Image
 from workspace import dvc, make_repo, new_rows, rows
 
+from pipeline.features import offline_extractor
 from pipeline.networks import define_discriminator, define_generator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import readme_recipes  # noqa: E402
 
 # what a CPU test must change, and nothing else: the device, compile, a few dozen sample images
-# instead of Kaggle's, a few steps, and the package's minimum count (plus no download attempt)
+# instead of Kaggle's, a few steps, the package's minimum count, and (no internet) a weights file
+# for the FID Inception that the test makes: the graph's own state dict, not the published weights
 CPU = {"device": "cpu", "train.compile": "false", "ingest.source": "sample", "ingest.sample_photos": "24",
        "ingest.sample_paintings": "12", "train.epochs": "1", "train.steps_per_epoch": "1",
-       "train.decay_from_epoch": "1", "package.min_images": "20", "evaluate.download": "false"}
+       "train.decay_from_epoch": "1", "package.min_images": "20"}
 
 
 def _conv(c_in: int, c_out: int, k: int, bias: bool = True) -> int:
@@ -44,7 +46,11 @@ def test_readme_recipe_runs_all_five_stages_at_256_px(name, generator, tmp_path,
     over = readme_recipes.overrides(name)
     assert over["image_size"] == 256 and over["train.generator"] == generator
     root, env = make_repo(tmp_path, repo_root)
-    settings = readme + [f"{k}={v}" for k, v in CPU.items()]
+    assert over["evaluate.extractor"] == "fid-inception"
+    weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    reference = torch.randint(0, 256, (4, 80, 80, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    torch.save(offline_extractor(reference, 75, torch.device("cpu"), 4).model.inception.state_dict(), weights)
+    settings = readme + [f"{k}={v}" for k, v in CPU.items()] + [f"evaluate.weights={weights}"]
     res = dvc(root, env, "exp", "run", "-n", name, *[a for s in settings for a in ("-S", s)])
     for stage in ("ingest", "train", "generate", "evaluate", "package"):
         assert f"Running stage '{stage}'" in res.stdout
@@ -59,7 +65,8 @@ def test_readme_recipe_runs_all_five_stages_at_256_px(name, generator, tmp_path,
         with zf.open(zf.namelist()[0]) as f, Image.open(f) as img:
             assert img.size == (256, 256) and img.mode == "RGB"
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
-    assert all(metrics[k] == metrics[k] for k in ("fid", "mifid", "pair_l1"))  # not NaN
+    assert metrics["extractor"] == "fid-inception"  # at 299 px, with the weights named
+    assert all(metrics[k] == metrics[k] for k in ("fid", "mifid", "kid_mean", "fid_vs_ground_truth"))  # not NaN
     train = json.loads((root / "metrics/train.json").read_text())
     assert train["steps"] == 1 and all(train[k] == train[k] for k in train if k.startswith("loss_"))
     (row,) = new_rows(root, {})

@@ -46,7 +46,9 @@ def _assert_complete(row: dict, metrics_dir: Path) -> None:
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for key, value in numbers.items():
             assert row["metrics"].get(f"{stage}.{key}") == pytest.approx(value), (stage, key)
-    assert "grid.png" in row["artifacts"]
+    assert {"grid.png", "memorization.png"} <= set(row["artifacts"])
+    assert row["tags"]["evaluate.extractor"] == "offline" and "OFFLINE" in row["tags"].get(
+        "evaluate.extractor_description", "OFFLINE (copied rows hold the id alone)")
     assert len(row["params"]) > 30 and row["params"]["lambda_cycle"] in {"10.0", "5.0", "3.0"}
 
 
@@ -63,10 +65,13 @@ def test_dvc_repro_runs_all_five_stages(reproduced):
             assert img.format == "JPEG" and img.size == (256, 256) and img.mode == "RGB"
 
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
-    for key in ("mifid", "fid", "distance", "fid_identity", "pair_l1"):
+    for key in ("mifid", "fid", "distance", "kid_mean", "fid_identity", "fid_ground_truth", "fid_vs_ground_truth",
+                "pair_l1"):
         assert isinstance(metrics[key], float) and metrics[key] == metrics[key]  # not NaN
-    assert "OFFLINE" in metrics["feature_extractor"] and metrics["comparable_to_kaggle"] is False
-    assert metrics["generated_images"] == 24 and metrics["paintings"] == 12
+    assert metrics["extractor"] == "offline"
+    assert metrics["generated_images"] == 24 and metrics["paintings"] == 12 and metrics["baseline_images"] == 24
+    with Image.open(root / "metrics/memorization.png") as img:
+        assert img.format == "PNG"
 
 
 def test_first_repro_makes_one_complete_row(reproduced):

@@ -1,43 +1,183 @@
-"""The paired score on the embedded sample: each photo's scene rendered as its painting is the truth."""
+"""The evaluate stage: scores under the extractor asked for, the sample's ground truth, the
+reference features' cache, and the memorization picture."""
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from pipeline import sample
+from pipeline import evaluate as stage
+from pipeline import ingest, memorization, sample, tfrecords
 from pipeline.errors import DataError
-from pipeline.evaluate import pair_l1
+from pipeline.features import extract, offline_extractor
+from pipeline.feature_cache import FeatureCache
+from pipeline.metrics import fid
+from pipeline.params import parse
 
-SEED, N = 3, 4
+SEED = 3
+P = parse({"seed": SEED, "ingest": {"sample_photos": 24, "sample_paintings": 12, "shard_size": 16},
+           "evaluate": {"batch_size": 16, "baseline_images": 16, "kid_subsets": 5}})
+CPU = torch.device("cpu")
+COPIES = 3  # generated images that are exact copies of training paintings
 
 
 @pytest.fixture(scope="module")
-def scenes():
-    photos = sample.render_batch(SEED, [sample.photo_index(i) for i in range(N)], "photo")
-    truth = sample.render_batch(SEED, [sample.photo_index(i) for i in range(N)], "monet")
-    names = [sample.sample_name(SEED, "photo", i) for i in range(N)]
-    return names, torch.from_numpy(photos), truth
+def data(tmp_path_factory):
+    """The embedded sample at 24 photos / 12 paintings, and a 'generated' folder of ground-truth
+    paintings where the last COPIES images are byte copies of training paintings' JPEGs."""
+    root = tmp_path_factory.mktemp("evaluate")
+    manifest = ingest.ingest(P, root / "raw", root / "shards", root / "manifest.csv")
+    names = manifest.loc[manifest["domain"] == "photo", "image_name"].tolist()
+    truth = sample.render_batch(SEED, [sample.photo_index(i) for i in range(24)], "monet")
+    painting_jpegs = [ex.image for f in sorted((root / "raw/monet_tfrec").glob("*.tfrec")) for ex in tfrecords.read(f)]
+    (root / "generated").mkdir()
+    for i, name in enumerate(names):
+        if i >= 24 - COPIES:  # a generator that memorised paintings 0, 1, 2
+            (root / "generated" / f"{name}.jpg").write_bytes(painting_jpegs[i - 24 + COPIES])
+        else:
+            Image.fromarray(truth[i]).save(root / "generated" / f"{name}.jpg", quality=95)
+    return root, names
 
 
-def _write(folder, names, images):
-    folder.mkdir()
-    for name, img in zip(names, images):
-        Image.fromarray(np.asarray(img)).save(folder / f"{name}.jpg", quality=95)
-    return folder
+def _evaluate(data, params=P, cache="cache", **kw):
+    root, _ = data
+    return stage.evaluate(params, root / "shards", root / "manifest.csv", root / "generated", root / cache, **kw)
 
 
-def test_the_ground_truth_scores_near_zero_and_the_photos_do_not(tmp_path, scenes):
-    names, photos, truth = scenes
-    perfect = pair_l1(_write(tmp_path / "perfect", names, truth), names, photos, SEED)
-    expected_identity = np.abs(photos.numpy().astype(float) - truth.astype(float)).mean() / 255
-    assert perfect["pair_l1_identity"] == pytest.approx(expected_identity)
-    assert perfect["pair_l1"] < 0.02 < expected_identity  # JPEG loss only, against a real gap
-    copies = pair_l1(_write(tmp_path / "copies", names, photos), names, photos, SEED)
-    assert copies["pair_l1"] == pytest.approx(expected_identity, abs=0.01)  # untranslated = identity
+def test_scores_baselines_and_ground_truth_on_the_sample(data):
+    result, description = _evaluate(data, cache="cache-a", picture=data[0] / "memorization.png")
+    assert result["extractor"] == "offline" and "OFFLINE" in description
+    assert result["generated_images"] == 24 and result["paintings"] == 12 and result["baseline_images"] == 16
+    for key in ("mifid", "fid", "kid_mean", "kid_std", "fid_identity", "fid_ground_truth", "fid_subset"):
+        assert np.isfinite(result[key]), key
+    # the first 16 generated images are the ground truth saved as generate saves: exactly as good
+    assert result["fid_vs_ground_truth"] == pytest.approx(1.0, abs=1e-6)
+    assert result["fid_subset"] == pytest.approx(result["fid_ground_truth"]) and result["fid_vs_identity"] < 0.1
+    assert result["pair_l1"] < 0.02 < result["pair_l1_identity"]  # JPEG loss only, against a real gap
+    assert all(isinstance(v, (int, float, str)) and (not isinstance(v, str) or len(v) < 20) for v in result.values())
 
 
-def test_photos_of_another_seed_are_refused(tmp_path, scenes):
-    names, photos, truth = scenes
-    folder = _write(tmp_path / "g", names, truth)
+def test_reference_features_are_cached_and_reused(data, capsys):
+    said = []
+    first, _ = _evaluate(data, cache="cache-b", say=said.append)
+    assert sum("computed and cached" in s for s in said) == 3  # paintings, photos, ground truth
+    said.clear()
+    again, _ = _evaluate(data, cache="cache-b", say=said.append)
+    assert sum("from the cache" in s for s in said) == 3 and not any("computed" in s for s in said)
+    assert again == first
+    other = parse({**{"seed": SEED, "ingest": {"sample_photos": 24, "sample_paintings": 12}},
+                   "evaluate": {"batch_size": 16, "baseline_images": 16, "kid_subsets": 5, "offline_image_size": 99}})
+    said.clear()
+    _evaluate(data, params=other, cache="cache-b", say=said.append)  # another extractor: another key
+    assert sum("computed and cached" in s for s in said) == 3
+
+
+def test_a_cache_file_that_does_not_read_back_is_recomputed(tmp_path):
+    cache = FeatureCache(tmp_path, "extractor-key", say=lambda s: None)
+    cache.get("x", "images", lambda: np.ones((3, 2)))
+    cache.path("x", "images").write_bytes(b"truncated")
+    said = []
+    cache.say = said.append
+    assert np.array_equal(cache.get("x", "images", lambda: np.full((3, 2), 2.0)), np.full((3, 2), 2.0))
+    assert "does not read back" in said[0]
+    assert cache.path("x", "images") != FeatureCache(tmp_path, "other-key").path("x", "images")
+
+
+def test_the_memorization_picture_shows_the_copies_first(data, monkeypatch):
+    shown = {}
+    real_draw = memorization.draw
+
+    def spy(generated, paintings, distances, all_distances, path, **kw):
+        shown.update(generated=generated, paintings=paintings, distances=distances)
+        real_draw(generated, paintings, distances, all_distances, path, **kw)
+
+    monkeypatch.setattr(memorization, "draw", spy)
+    picture = data[0] / "memorization-copies.png"
+    _evaluate(data, cache="cache-c", picture=picture)
+    with Image.open(picture) as img:
+        assert img.format == "PNG" and img.size[0] > 300
+    assert len(shown["generated"]) == stage.SHOWN
+    assert shown["distances"] == sorted(shown["distances"])
+    # the copies come first, at distance zero, each beside the painting it copies ...
+    assert shown["distances"][:COPIES] == pytest.approx([0.0] * COPIES, abs=1e-9)
+    for gen, painting in zip(shown["generated"][:COPIES], shown["paintings"][:COPIES]):
+        assert np.array_equal(gen, painting)
+    # ... and no other image is shown beside its own painting
+    for gen, painting in zip(shown["generated"][COPIES:], shown["paintings"][COPIES:]):
+        assert np.abs(gen.astype(int) - painting.astype(int)).mean() > 10
+
+
+def test_closest_orders_by_distance_and_skips_nan():
+    assert memorization.closest(np.array([0.3, np.nan, 0.01, 0.2]), 3) == [2, 3, 0]
+
+
+def test_fid_inception_without_weights_fails_before_writing_anything(data, tmp_path, monkeypatch):
+    root, _ = data
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    params = tmp_path / "params.yaml"
+    params.write_text(f"seed: {SEED}\nevaluate:\n  extractor: fid-inception\n  download: false\n")
+    out = tmp_path / "evaluate.json"
+    with pytest.raises(SystemExit) as e:
+        stage.main(["--params", str(params), "--shards", str(root / "shards"), "--manifest",
+                    str(root / "manifest.csv"), "--images", str(root / "generated"), "--generator", "unused",
+                    "--out", str(out), "--memorization", str(tmp_path / "m.png"), "--features-cache",
+                    str(tmp_path / "cache")])
+    assert e.value.code == 2
+    assert not out.exists() and not (tmp_path / "m.png").exists() and not (tmp_path / "cache").exists()
+
+
+def test_offline_extractor_ranks_the_known_cases_on_the_sample():
+    # untranslated photos worse than a colour transfer to the paintings' mean and spread, and that
+    # worse than the ground-truth paintings (the perfect translation)
+    n = 48
+    paintings = sample.render_parallel(0, [sample.monet_index(i) for i in range(n)], "monet")
+    photos = sample.render_parallel(0, [sample.photo_index(i) for i in range(n)], "photo")
+    truth = sample.render_parallel(0, [sample.photo_index(i) for i in range(n)], "monet")
+    p, m = photos.reshape(-1, 3).astype(float), paintings.reshape(-1, 3).astype(float)
+    transfer = ((photos - p.mean(0)) / p.std(0) * m.std(0) + m.mean(0)).clip(0, 255).round().astype(np.uint8)
+    extractor = offline_extractor(torch.from_numpy(paintings), 75, CPU, batch_size=16)
+    feats = {k: extract(extractor, torch.from_numpy(v), 16, CPU)
+             for k, v in {"paintings": paintings, "photos": photos, "transfer": transfer, "truth": truth}.items()}
+    scores = {k: fid(feats[k], feats["paintings"]) for k in ("photos", "transfer", "truth")}
+    assert scores["photos"] > scores["transfer"] > scores["truth"], scores
+
+
+def test_pair_l1_is_the_mean_pixel_error_on_a_0_to_1_scale():
+    truth = torch.full((2, 4, 4, 3), 100, dtype=torch.uint8)
+    got = stage.pair_l1(truth + 51, truth + 102, truth)
+    assert got == {"pair_l1": pytest.approx(0.2), "pair_l1_identity": pytest.approx(0.4)}
+
+
+def test_photos_of_another_seed_are_refused():
+    names = [sample.sample_name(SEED, "photo", i) for i in range(4)]
+    stage.check_sample_names(names, SEED)
     with pytest.raises(DataError, match="do not match the embedded sample"):
-        pair_l1(folder, names, photos, SEED + 1)
+        stage.check_sample_names(names, SEED + 1)
+
+
+def test_the_metrics_file_holds_numbers_and_short_ids(data, tmp_path, monkeypatch):
+    root, _ = data
+    import pipeline.tracking as tracking  # no MLflow here: the row is tested end to end
+
+    class NoRun:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    monkeypatch.setattr(tracking, "open_run", lambda *a, **k: NoRun())
+    monkeypatch.setattr(tracking, "log_metrics_file", lambda *a, **k: None)
+    monkeypatch.setattr(tracking, "log_artifact", lambda *a, **k: None)
+    monkeypatch.setattr(tracking, "log_tags", lambda *a, **k: None)
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"seed": SEED, "evaluate": {"batch_size": 16, "baseline_images": 16,
+                                                             "kid_subsets": 5}}))
+    out = tmp_path / "evaluate.json"
+    stage.main(["--params", str(params), "--shards", str(root / "shards"), "--manifest", str(root / "manifest.csv"),
+                "--images", str(root / "generated"), "--generator", "unused", "--out", str(out),
+                "--memorization", str(tmp_path / "m.png"), "--features-cache", str(tmp_path / "cache")])
+    metrics = json.loads(out.read_text())
+    assert metrics["extractor"] == "offline"
+    assert all(isinstance(v, (int, float)) for k, v in metrics.items() if k != "extractor")

@@ -6,6 +6,7 @@ the tests create (with recalibrated, non-trivial BatchNorm statistics)."""
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +70,10 @@ def pytorch_fid_features(state_dict, images_uint8: torch.Tensor, monkeypatch) ->
 
 def test_named_weights_file_gives_comparable_extractor_matching_pytorch_fid(
         weights_file, paintings, monkeypatch):
-    ext = load_extractor(str(weights_file), download=False, offline_image_size=OFFLINE_PX,
+    ext = load_extractor("fid-inception", str(weights_file), download=False, offline_image_size=OFFLINE_PX,
                          reference=None, device=CPU)
-    assert ext.comparable and ext.image_size == 299
+    assert ext.comparable and ext.image_size == 299 and ext.id == "fid-inception"
+    assert sha256(weights_file) in ext.key  # its features depend on these very weights
     assert "fid-inception-v3" in ext.name and str(weights_file) in ext.name
     assert "not the published 6726825d" in ext.name     # our file is not the real weights
     assert not ext.model.training
@@ -87,7 +89,7 @@ def test_hub_cache_is_used_and_follows_torch_home(weights_file, isolated_hub):
     assert fid_weights.hub_cache_path() == isolated_hub / FID_WEIGHTS_NAME
     isolated_hub.mkdir(parents=True)
     (isolated_hub / FID_WEIGHTS_NAME).write_bytes(weights_file.read_bytes())
-    ext = load_extractor("", download=False, offline_image_size=OFFLINE_PX, reference=None,
+    ext = load_extractor("fid-inception", "", download=False, offline_image_size=OFFLINE_PX, reference=None,
                          device=CPU)
     assert ext.comparable and str(isolated_hub / FID_WEIGHTS_NAME) in ext.name
 
@@ -95,7 +97,7 @@ def test_hub_cache_is_used_and_follows_torch_home(weights_file, isolated_hub):
 def test_checked_download_good_hash(weights_file, isolated_hub, monkeypatch):
     monkeypatch.setattr(fid_weights, "FID_WEIGHTS_URL", weights_file.as_uri())
     monkeypatch.setattr(fid_weights, "FID_WEIGHTS_SHA256_PREFIX", sha256(weights_file)[:8])
-    ext = load_extractor("", download=True, offline_image_size=OFFLINE_PX, reference=None,
+    ext = load_extractor("fid-inception", "", download=True, offline_image_size=OFFLINE_PX, reference=None,
                          device=CPU)
     assert ext.comparable
     assert sorted(p.name for p in isolated_hub.iterdir()) == [FID_WEIGHTS_NAME]  # no temp left
@@ -109,7 +111,7 @@ def test_checked_download_bad_hash_is_an_error_and_caches_nothing(
     bad = "0" * 8 if not sha256(weights_file).startswith("0" * 8) else "f" * 8
     monkeypatch.setattr(fid_weights, "FID_WEIGHTS_SHA256_PREFIX", bad)
     with pytest.raises(FeatureError, match="sha256"):
-        load_extractor("", download=True, offline_image_size=OFFLINE_PX, reference=paintings,
+        load_extractor("fid-inception", "", download=True, offline_image_size=OFFLINE_PX, reference=paintings,
                        device=CPU)
     assert not isolated_hub.exists() or list(isolated_hub.iterdir()) == []
 
@@ -120,7 +122,7 @@ def test_named_missing_file_is_an_error_even_with_a_good_cache(
     (isolated_hub / FID_WEIGHTS_NAME).write_bytes(weights_file.read_bytes())
     missing = tmp_path / "nope" / FID_WEIGHTS_NAME
     with pytest.raises(FeatureError, match="not found") as err:
-        load_extractor(str(missing), download=True, offline_image_size=OFFLINE_PX,
+        load_extractor("fid-inception", str(missing), download=True, offline_image_size=OFFLINE_PX,
                        reference=paintings, device=CPU)
     assert str(missing) in str(err.value) and "\n" not in str(err.value)
 
@@ -142,7 +144,7 @@ def test_named_corrupt_file_is_an_error(kind, weights_file, tmp_path, paintings)
     else:
         path.mkdir()
     with pytest.raises(FeatureError) as err:
-        load_extractor(str(path), download=False, offline_image_size=OFFLINE_PX,
+        load_extractor("fid-inception", str(path), download=False, offline_image_size=OFFLINE_PX,
                        reference=paintings, device=CPU)
     msg = str(err.value)
     assert str(path) in msg and "\n" not in msg
@@ -154,42 +156,55 @@ def test_corrupt_hub_cache_is_an_error_not_a_fallback(isolated_hub, paintings):
     isolated_hub.mkdir(parents=True)
     (isolated_hub / FID_WEIGHTS_NAME).write_bytes(b"\x00" * 100)
     with pytest.raises(FeatureError, match="cached weights"):
-        load_extractor("", download=True, offline_image_size=OFFLINE_PX, reference=paintings,
+        load_extractor("fid-inception", "", download=True, offline_image_size=OFFLINE_PX, reference=paintings,
                        device=CPU)
 
 
-def test_offline_failover_when_host_unreachable(paintings, isolated_hub):
-    assert not fid_weights.reachable(fid_weights.FID_WEIGHTS_URL)   # .invalid never resolves
-    ext = load_extractor("", download=True, offline_image_size=OFFLINE_PX, reference=paintings,
-                         device=CPU, batch_size=4)
-    assert not ext.comparable and "OFFLINE" in ext.name and "not comparable" in ext.name
-    assert ext.image_size == OFFLINE_PX and f"{OFFLINE_PX} px" in ext.name
-    assert "8 paintings" in ext.name
-    assert not isolated_hub.exists() or list(isolated_hub.iterdir()) == []
+@pytest.mark.parametrize("download, why", [(True, "fid-weights.invalid is unreachable"),
+                                           (False, "evaluate.download is false")])
+def test_fid_inception_without_weights_is_one_error_saying_where_it_looked(paintings, isolated_hub, download, why):
+    started = time.perf_counter()
+    with pytest.raises(FeatureError) as e:
+        load_extractor("fid-inception", "", download=download, offline_image_size=OFFLINE_PX, reference=paintings,
+                       device=CPU)
+    msg = str(e.value)
+    assert time.perf_counter() - started < 10  # the probe gives up within seconds
+    assert "\n" not in msg and why in msg
+    assert str(isolated_hub / FID_WEIGHTS_NAME) in msg and "-S evaluate.weights=PATH" in msg
+    assert not isolated_hub.exists() or list(isolated_hub.iterdir()) == []  # nothing written
 
 
-def test_offline_failover_when_download_breaks_after_probe(paintings, tmp_path, monkeypatch,
-                                                           isolated_hub):
+def test_fid_inception_when_the_download_breaks_after_the_probe_is_an_error(tmp_path, monkeypatch, isolated_hub,
+                                                                           paintings):
     # file:// URLs skip the probe; a missing file makes urlopen fail like a dropped connection
     monkeypatch.setattr(fid_weights, "FID_WEIGHTS_URL", (tmp_path / "gone.pth").as_uri())
-    ext = load_extractor("", download=True, offline_image_size=OFFLINE_PX, reference=paintings,
-                         device=CPU)
-    assert not ext.comparable and "OFFLINE" in ext.name
+    with pytest.raises(FeatureError, match="the download failed"):
+        load_extractor("fid-inception", "", download=True, offline_image_size=OFFLINE_PX, reference=paintings,
+                       device=CPU)
     assert not isolated_hub.exists() or list(isolated_hub.iterdir()) == []
 
 
-def test_no_download_no_cache_goes_offline(paintings):
-    ext = load_extractor("", download=False, offline_image_size=OFFLINE_PX, reference=paintings,
-                         device=CPU)
-    assert not ext.comparable and "OFFLINE" in ext.name
+def test_offline_is_asked_for_and_never_looks_for_weights(paintings, isolated_hub, weights_file):
+    isolated_hub.mkdir(parents=True)
+    (isolated_hub / FID_WEIGHTS_NAME).write_bytes(weights_file.read_bytes())  # there, and not used
+    ext = load_extractor("offline", "", download=True, offline_image_size=OFFLINE_PX, reference=paintings,
+                         device=CPU, batch_size=4)
+    assert ext.id == "offline" and not ext.comparable and "OFFLINE" in ext.name and "not comparable" in ext.name
+    assert ext.image_size == OFFLINE_PX and f"{OFFLINE_PX} px" in ext.name and "8 paintings" in ext.name
+
+
+def test_unknown_extractor_is_refused(paintings):
+    with pytest.raises(FeatureError, match="expected one of offline, fid-inception"):
+        load_extractor("inception", "", download=False, offline_image_size=OFFLINE_PX, reference=paintings,
+                       device=CPU)
 
 
 def test_offline_needs_reference_and_a_usable_size(paintings):
     with pytest.raises(FeatureError, match="reference"):
-        load_extractor("", download=False, offline_image_size=OFFLINE_PX, reference=None,
+        load_extractor("offline", "", download=False, offline_image_size=OFFLINE_PX, reference=None,
                        device=CPU)
     with pytest.raises(FeatureError, match="75 px"):
-        load_extractor("", download=False, offline_image_size=64, reference=paintings,
+        load_extractor("offline", "", download=False, offline_image_size=64, reference=paintings,
                        device=CPU)
 
 

@@ -9,7 +9,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from pipeline.metrics import fid, frechet_distance, memorization_distance, mifid
+from pipeline.metrics import fid, frechet_distance, kid, memorization_distance, mifid, nearest_real
 
 
 # ------------------------------------------------------------------ independent references
@@ -220,3 +220,56 @@ def test_import_is_light():
             "bad = [m for m in ('mlflow', 'dvc', 'tfrecord') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------------------- KID
+
+def _mmd2_loops(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD² with k(a, b) = (a·b/d + 1)^3, written as the plain double sums."""
+    d = x.shape[1]
+    k = lambda a, b: (float(a @ b) / d + 1.0) ** 3  # noqa: E731
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_equals_the_unbiased_mmd_written_out():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(12, 5)), rng.normal(0.5, 1.2, size=(12, 5))
+    # one subset as large as both sets: a permutation of all rows, which the MMD does not see
+    got = kid(x, y, subsets=1, subset_size=12)
+    assert got["kid_mean"] == pytest.approx(_mmd2_loops(x, y), rel=1e-10)
+    assert got["kid_std"] == 0.0
+
+
+def test_kid_of_constant_sets_has_the_closed_form():
+    a, b = np.full((6, 4), 0.5), np.full((6, 4), -1.0)
+    k = lambda u, v: (u * v * 4 / 4 + 1.0) ** 3  # noqa: E731  (every row pair alike)
+    expected = k(0.5, 0.5) + k(-1.0, -1.0) - 2 * k(0.5, -1.0)
+    got = kid(a, b, subsets=5, subset_size=4)
+    assert got["kid_mean"] == pytest.approx(expected) and got["kid_std"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_the_gap():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(400, 16))
+    same = kid(rng.normal(size=(400, 16)), real, subsets=20, subset_size=200)
+    near = kid(rng.normal(0.2, 1.0, size=(400, 16)), real, subsets=20, subset_size=200)
+    far = kid(rng.normal(1.0, 1.0, size=(400, 16)), real, subsets=20, subset_size=200)
+    assert abs(same["kid_mean"]) < 3 * same["kid_std"] + 1e-3  # unbiased: zero on average
+    assert same["kid_mean"] < near["kid_mean"] < far["kid_mean"]
+    assert kid(real, real, subsets=3, subset_size=50, seed=1) == kid(real, real, subsets=3, subset_size=50, seed=1)
+
+
+def test_nearest_real_names_each_generated_rows_nearest_painting():
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(20, 8))
+    real[4] = 0.0  # an all-zero painting is never the nearest
+    gen = np.stack([real[7] * 3.0, -real[2], rng.normal(size=8), np.zeros(8)])
+    distance, index = nearest_real(gen, real)
+    assert index[:2].tolist() == [7, 2] and distance[:2] == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert index[2] not in (-1, 4) and 0 < distance[2] <= 1
+    assert index[3] == -1 and np.isnan(distance[3])
+    assert memorization_distance(gen, real) == pytest.approx(np.nanmean(distance))

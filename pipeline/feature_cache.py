@@ -1,0 +1,44 @@
+"""Features of the reference images (the paintings, the untranslated photos, the ground-truth
+paintings) computed once and reused: they do not change when only the model does, so a second
+evaluation extracts the generated images' features alone. One file per (images, extractor and its
+options), written atomically; a file that does not read back is recomputed, never trusted."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipeline.files import atomic_path
+
+
+def images_key(images: torch.Tensor) -> str:
+    """What a set of uint8 images is, by its bytes."""
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+
+
+class FeatureCache:
+    def __init__(self, folder: Path, extractor_key: str, say: Callable[[str], None] = print):
+        self.folder, self.extractor_key, self.say = folder, extractor_key, say
+
+    def path(self, label: str, key: str) -> Path:
+        digest = hashlib.sha256(f"{self.extractor_key}|{key}".encode()).hexdigest()[:32]
+        return self.folder / f"{label}-{digest}.npy"
+
+    def get(self, label: str, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """The features of `label`'s images (identified by `key`): from the cache, else computed and cached."""
+        path = self.path(label, key)
+        if path.exists():
+            try:
+                features = np.load(path, allow_pickle=False)
+                self.say(f"evaluate: {label} features from the cache ({path})")
+                return features
+            except (OSError, ValueError) as e:
+                self.say(f"evaluate: {path} does not read back ({type(e).__name__}); computing it again")
+        features = compute()
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, features, allow_pickle=False)
+        self.say(f"evaluate: {label} features computed and cached ({path})")
+        return features
