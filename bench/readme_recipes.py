@@ -3,11 +3,12 @@ command there, as the param overrides it sets. The bench and the tests run exact
 copies, so they follow the README when it changes."""
 from __future__ import annotations
 
+import copy
 import re
 import shlex
 from pathlib import Path
 
-import yaml
+from pipeline import yaml12
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -25,15 +26,15 @@ def recipes(readme: Path = README) -> dict[str, list[str]]:
 
 
 def overrides(name: str, readme: Path = README) -> dict[str, object]:
-    """{"train.batch_size": 8, ...}: the recipe's values parsed as YAML, as `dvc exp run -S` does
-    (a key given twice keeps its last value)."""
+    """{"train.batch_size": 8, ...}: the recipe's values as `dvc exp run -S` writes them into
+    params.yaml, read back as DVC reads them (YAML 1.2; a key given twice keeps its last value)."""
     pairs = (setting.split("=", 1) for setting in recipes(readme)[name])
-    return {key: yaml.safe_load(value) for key, value in pairs}
+    return {key: yaml12.loads(value) for key, value in pairs}
 
 
 def apply(raw: dict, over: dict[str, object]) -> dict:
     """A copy of the params mapping `raw` with the dotted keys of `over` set."""
-    out = yaml.safe_load(yaml.safe_dump(raw))
+    out = copy.deepcopy(raw)
     for key, value in over.items():
         *parents, leaf = key.split(".")
         node = out

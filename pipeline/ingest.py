@@ -1,28 +1,25 @@
 """Stage 1, ingest: competition TFRecords (embedded sample, Kaggle, or a local copy) ->
 verified uint8 tensor shards + a manifest.
 
-    python -m pipeline.ingest --raw data/raw --shards data/shards --manifest data/manifest.csv
+    python -m pipeline.ingest --raw data/raw --shards data/shards --manifest data/manifest.csv \\
+        --download-cache .cache/downloads
 """
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
-import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline import sample, shards, tfrecords
-from pipeline.errors import DataError, PipelineError, cli
-from pipeline.files import atomic_dir, atomic_path
+from pipeline import competition, sample, shards, tfrecords
+from pipeline.competition import TFREC_DIRS
+from pipeline.errors import DataError, cli
+from pipeline.files import atomic_dir, atomic_path, main_repo
 from pipeline.params import Params, load
 
-COMPETITION = "gan-getting-started"
-TFREC_DIRS = {"monet": "monet_tfrec", "photo": "photo_tfrec"}
 SAMPLE_FILES = {"monet": 5, "photo": 20}  # the Kaggle data has 5 Monet and 20 photo TFRecord files
 
 
@@ -53,75 +50,6 @@ def write_sample(raw: Path, seed: int, counts: dict[str, int], workers: int) -> 
                 print(f"ingest: wrote {path.name} ({len(positions)} {domain} images)", flush=True)
 
 
-def copy_competition(source: Path, raw: Path) -> None:
-    """Take the TFRecords from a local copy of the competition zip or its extracted folder."""
-    if not source.exists():
-        raise PipelineError(f"ingest.source: {source} does not exist (expected 'sample', 'kaggle', "
-                            f"or the competition zip / folder)")
-    for domain, folder in TFREC_DIRS.items():
-        (raw / folder).mkdir(parents=True, exist_ok=True)
-    if source.is_dir():
-        for domain, folder in TFREC_DIRS.items():
-            files = sorted((source / folder).glob("*.tfrec"))
-            if not files:
-                raise DataError(f"{source / folder}: no .tfrec files (is this the {COMPETITION} folder?)")
-            for f in files:
-                shutil.copyfile(f, raw / folder / f.name)
-        return
-    try:
-        with zipfile.ZipFile(source) as zf:
-            for domain, folder in TFREC_DIRS.items():
-                members = [m for m in zf.namelist() if m.startswith(f"{folder}/") and m.endswith(".tfrec")]
-                if not members:
-                    raise DataError(f"{source}: no {folder}/*.tfrec inside (is this the {COMPETITION} zip?)")
-                for m in members:
-                    with zf.open(m) as src, open(raw / folder / Path(m).name, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-    except zipfile.BadZipFile as e:
-        raise DataError(f"{source}: not a readable zip ({e})") from None
-
-
-def kaggle_api():
-    """An authenticated KaggleApi. Imported here: `import kaggle` itself tries to authenticate."""
-    from kaggle.api.kaggle_api_extended import KaggleApi
-
-    api = KaggleApi()
-    try:
-        api.authenticate()
-    except SystemExit:  # the package exits when it finds no credentials
-        raise PipelineError("ingest.source=kaggle: no Kaggle credentials found; set KAGGLE_API_TOKEN "
-                            "or KAGGLE_USERNAME/KAGGLE_KEY, or save ~/.kaggle/kaggle.json") from None
-    return api
-
-
-def download_kaggle(raw: Path, api_factory=kaggle_api) -> None:
-    api = api_factory()
-    with tempfile.TemporaryDirectory(dir=raw.parent, prefix=".download.") as tmp:
-        try:
-            api.competition_download_files(COMPETITION, path=tmp, quiet=False)
-        except SystemExit:
-            raise PipelineError(f"ingest.source=kaggle: the Kaggle client gave up downloading {COMPETITION}") from None
-        except Exception as e:
-            if _http_status(e) in (401, 403):
-                raise PipelineError(
-                    f"ingest.source=kaggle: Kaggle refused {COMPETITION} (HTTP {_http_status(e)}); accept the "
-                    f"rules at https://www.kaggle.com/competitions/{COMPETITION}/rules") from None
-            raise PipelineError(f"ingest.source=kaggle: download of {COMPETITION} failed: {e}") from None
-        zips = sorted(Path(tmp).glob("*.zip"))
-        if not zips:
-            raise DataError(f"ingest.source=kaggle: the download of {COMPETITION} produced no zip")
-        copy_competition(zips[0], raw)
-
-
-def _http_status(e: Exception) -> int | None:
-    for obj in (e, getattr(e, "response", None)):
-        for attr in ("status", "status_code"):
-            value = getattr(obj, attr, None)
-            if isinstance(value, int):
-                return value
-    return None
-
-
 # --- reading: every source goes through here ----------------------------------------------
 
 def read_raw(raw: Path, shards_dir: Path, shard_size: int) -> pd.DataFrame:
@@ -148,16 +76,17 @@ def read_raw(raw: Path, shards_dir: Path, shard_size: int) -> pd.DataFrame:
     return frame
 
 
-def ingest(p: Params, raw: Path, shards_dir: Path, manifest_path: Path, api_factory=kaggle_api) -> pd.DataFrame:
+def ingest(p: Params, raw: Path, shards_dir: Path, manifest_path: Path, download_cache: Path,
+           api_factory=competition.kaggle_api) -> pd.DataFrame:
     source = p.ingest.source
     with atomic_dir(raw) as tmp_raw:
         if source == "sample":
             counts = {"monet": p.ingest.sample_paintings, "photo": p.ingest.sample_photos}
             write_sample(tmp_raw, p.seed, counts, workers=os.cpu_count() or 1)
         elif source == "kaggle":
-            download_kaggle(tmp_raw, api_factory)
+            competition.from_zip(competition.download(download_cache, api_factory), tmp_raw)
         else:
-            copy_competition(Path(source).expanduser(), tmp_raw)
+            competition.copy_local(Path(source).expanduser(), tmp_raw)
         with atomic_dir(shards_dir) as tmp_shards:
             manifest = read_raw(tmp_raw, tmp_shards, p.ingest.shard_size)
             manifest["tfrecord"] = manifest["tfrecord"].map(lambda t: f"{raw.name}/{t}")
@@ -173,9 +102,11 @@ def main(argv=None) -> None:
     ap.add_argument("--raw", type=Path, required=True, help="folder for the competition TFRecords")
     ap.add_argument("--shards", type=Path, required=True, help="folder for the uint8 tensor shards")
     ap.add_argument("--manifest", type=Path, required=True, help="CSV index of every image")
+    ap.add_argument("--download-cache", type=Path, required=True,
+                    help="folder for Kaggle's archive, downloaded once (relative paths: under the main repository)")
     args = ap.parse_args(argv)
     p = load(args.params)
-    manifest = ingest(p, args.raw, args.shards, args.manifest)
+    manifest = ingest(p, args.raw, args.shards, args.manifest, main_repo() / args.download_cache)
     counts = manifest["domain"].value_counts().to_dict()
     print(f"ingest: {counts.get('photo', 0)} photos, {counts.get('monet', 0)} paintings -> {args.shards}")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline import yaml12
 from pipeline.errors import PipelineError
 from pipeline.sample import MONET_COUNT, PHOTO_COUNT
 
@@ -189,9 +190,10 @@ def parse(raw: object) -> Params:
 
 
 def read_yaml(path: str | Path) -> object:
-    """A YAML file (params.yaml, dvc.yaml, dvc.lock) as plain Python values; every reader of
-    these files goes through here so that they all read values alike."""
-    return yaml.safe_load(Path(path).read_text())
+    """A YAML file (params.yaml, dvc.yaml, dvc.lock) as plain Python values, with the YAML 1.2
+    rules DVC reads and writes them with (`lr: 1e-05` is a float); every reader of these files
+    goes through here so that they all read values alike."""
+    return yaml12.read(path)
 
 
 def load(path: str | Path = "params.yaml") -> Params:

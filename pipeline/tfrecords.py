@@ -22,6 +22,8 @@ from pipeline.files import atomic_path
 
 SCHEMA = {"image_name": "byte", "image": "byte", "target": "byte"}
 IMAGE_SHAPE = (256, 256, 3)
+# a competition record is ~30 KB; even an uncompressed 256×256 RGB image is 192 KiB
+MAX_RECORD = 16 << 20
 
 
 class Example(NamedTuple):
@@ -49,23 +51,30 @@ def write(path: str | Path, examples: Iterable[Example]) -> int:
 
 
 def verify(path: str | Path) -> int:
-    """Check framing and both masked CRC32Cs of every record; returns the record count."""
-    data = Path(path).read_bytes()
-    pos, count = 0, 0
-    while pos < len(data):
-        where = f"{path}: record {count} at byte {pos}"
-        if pos + 12 > len(data):
-            raise DataError(f"{where}: truncated record header")
-        header = data[pos:pos + 8]
-        (length,) = struct.unpack("<Q", header)
-        if data[pos + 8:pos + 12] != TFRecordWriter.masked_crc(header):
-            raise DataError(f"{where}: length checksum mismatch (corrupt file)")
-        body_start, body_end = pos + 12, pos + 12 + length
-        if body_end + 4 > len(data):
-            raise DataError(f"{where}: truncated (needs {length} bytes of data)")
-        if data[body_end:body_end + 4] != TFRecordWriter.masked_crc(data[body_start:body_end]):
-            raise DataError(f"{where}: data checksum mismatch (corrupt file)")
-        pos, count = body_end + 4, count + 1
+    """Check framing and both masked CRC32Cs of every record, one record in memory at a time;
+    returns the record count. A length the rest of the file cannot hold, or above MAX_RECORD,
+    is refused before anything is read."""
+    path = Path(path)
+    size, pos, count = path.stat().st_size, 0, 0
+    with open(path, "rb") as f:
+        while pos < size:
+            where = f"{path}: record {count} at byte {pos}"
+            header = f.read(12)
+            if len(header) < 12:
+                raise DataError(f"{where}: truncated record header")
+            (length,) = struct.unpack("<Q", header[:8])
+            if header[8:] != TFRecordWriter.masked_crc(header[:8]):
+                raise DataError(f"{where}: length checksum mismatch (corrupt file)")
+            if length + 4 > size - pos - 12:
+                raise DataError(f"{where}: truncated (needs {length} bytes of data, the file has "
+                                f"{max(size - pos - 16, 0)} left)")
+            if length > MAX_RECORD:
+                raise DataError(f"{where}: {length} bytes, larger than a 256x256 JPEG record can be "
+                                f"({MAX_RECORD >> 20} MiB)")
+            body, crc = f.read(length), f.read(4)
+            if crc != TFRecordWriter.masked_crc(body):
+                raise DataError(f"{where}: data checksum mismatch (corrupt file)")
+            pos, count = pos + 16 + length, count + 1
     return count
 
 
@@ -81,15 +90,17 @@ def read(path: str | Path) -> Iterator[Example]:
 
 
 def decode_image(jpeg: bytes, where: str) -> np.ndarray:
-    """JPEG bytes -> (256, 256, 3) uint8, or a DataError naming `where`."""
+    """JPEG bytes -> (256, 256, 3) uint8, or a DataError naming `where`. The size is checked from
+    the header, before any pixel is decoded (a small file can declare a huge image)."""
     try:
         with Image.open(io.BytesIO(jpeg)) as img:
-            img.load()
             mode, size = img.mode, img.size
-            pixels = np.asarray(img)
+            if mode == "RGB" and size == IMAGE_SHAPE[1::-1]:
+                img.load()
+                pixels = np.asarray(img)
     except Exception as e:  # PIL raises many types for broken data
         raise DataError(f"{where}: image does not decode ({type(e).__name__}: {e})") from None
-    if mode != "RGB" or pixels.shape != IMAGE_SHAPE:
+    if mode != "RGB" or size != IMAGE_SHAPE[1::-1]:
         raise DataError(f"{where}: image is {size[0]}x{size[1]} {mode}, expected 256x256 RGB (3 channels)")
     return pixels
 

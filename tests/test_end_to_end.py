@@ -166,6 +166,21 @@ def test_exp_run_is_a_new_complete_row_named_after_the_experiment(reproduced):
     _assert_complete(new[0], root / "metrics")
 
 
+def test_exp_run_takes_every_float_form_dvc_writes(reproduced):
+    # DVC writes `lr: 1e-05` (YAML 1.2: a float; a YAML 1.1 reader sees a string) and `1e+1`, `.5` as given
+    root, env, _ = reproduced
+    before = rows(root)
+    dvc(root, env, "exp", "run", "-n", "small-lr", "-S", "train.lr=1e-5", "-S", "lambda_cycle=1e+1",
+        "-S", "lambda_identity=.5")
+    written = (root / "params.yaml").read_text()
+    assert "lr: 1e-05" in written, written
+    new = new_rows(root, before)
+    assert len(new) == 1 and new[0]["name"] == "small-lr"
+    assert (new[0]["params"]["train.lr"], new[0]["params"]["lambda_cycle"],
+            new[0]["params"]["lambda_identity"]) == ("1e-05", "10.0", "0.5")
+    _assert_complete(new[0], root / "metrics")
+
+
 def test_temp_experiment_logs_into_the_main_store(reproduced):
     # `dvc exp run --temp` runs the stages inside .dvc/tmp/exps/...: the row must still land in <repo>/mlflow.db
     root, env, _ = reproduced

@@ -27,7 +27,7 @@ def data(tmp_path_factory):
     """The embedded sample at 24 photos / 12 paintings, and a 'generated' folder of ground-truth
     paintings where the last COPIES images are byte copies of training paintings' JPEGs."""
     root = tmp_path_factory.mktemp("evaluate")
-    manifest = ingest.ingest(P, root / "raw", root / "shards", root / "manifest.csv")
+    manifest = ingest.ingest(P, root / "raw", root / "shards", root / "manifest.csv", root / "cache")
     names = manifest.loc[manifest["domain"] == "photo", "image_name"].tolist()
     truth = sample.render_batch(SEED, [sample.photo_index(i) for i in range(24)], "monet")
     painting_jpegs = [ex.image for f in sorted((root / "raw/monet_tfrec").glob("*.tfrec")) for ex in tfrecords.read(f)]

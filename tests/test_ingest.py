@@ -1,10 +1,11 @@
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline import ingest, shards, tfrecords
+from pipeline import competition, ingest, shards, tfrecords
 from pipeline.errors import DataError, PipelineError
 from pipeline.params import parse
 
@@ -20,7 +21,7 @@ def _write_competition(folder, n_monet=3, n_photo=4, bad=None):
                     for i in range(n)]
         if bad is not None and domain == "photo":
             examples[-1] = tfrecords.Example("badimage", tfrecords.encode_jpeg(bad), domain)
-        tfrecords.write(folder / ingest.TFREC_DIRS[domain] / f"{domain}00-{n}.tfrec", examples)
+        tfrecords.write(folder / competition.TFREC_DIRS[domain] / f"{domain}00-{n}.tfrec", examples)
     return folder
 
 
@@ -66,7 +67,8 @@ def test_undecodable_image():
 
 def _run(tmp_path, source, **kw):
     p = parse({"ingest": {"source": str(source), "shard_size": 3}})
-    return ingest.ingest(p, tmp_path / "data/raw", tmp_path / "data/shards", tmp_path / "data/manifest.csv", **kw)
+    return ingest.ingest(p, tmp_path / "data/raw", tmp_path / "data/shards", tmp_path / "data/manifest.csv",
+                         tmp_path / "cache", **kw)
 
 
 def test_local_folder_and_zip_give_same_shards(tmp_path):
@@ -115,24 +117,66 @@ def test_missing_source_and_wrong_folder(tmp_path):
 
 
 class _FakeApi:
-    def __init__(self, comp_zip=None, error=None):
-        self.comp_zip, self.error = comp_zip, error
+    """Kaggle's client as the pipeline uses it; `downloads` counts the archives it handed out."""
+    downloads = 0
+
+    def __init__(self, comp_zip=None, error=None, cut_after=None):
+        self.comp_zip, self.error, self.cut_after = comp_zip, error, cut_after
 
     def competition_download_files(self, competition, path, quiet):
         assert competition == "gan-getting-started"
         if self.error:
             raise self.error
-        (__import__("pathlib").Path(path) / f"{competition}.zip").write_bytes(self.comp_zip.read_bytes())
+        data = self.comp_zip.read_bytes()
+        out = Path(path) / f"{competition}.zip"
+        if self.cut_after is not None:  # the connection drops: part of the file, then an error
+            out.write_bytes(data[:self.cut_after])
+            raise ConnectionError("connection reset by peer")
+        out.write_bytes(data)
+        _FakeApi.downloads += 1
 
 
-def test_kaggle_download_path(tmp_path):
+def _competition_zip(tmp_path) -> Path:
     comp = _write_competition(tmp_path / "comp")
     zpath = tmp_path / "c.zip"
     with zipfile.ZipFile(zpath, "w") as zf:
         for f in comp.rglob("*.tfrec"):
             zf.write(f, f.relative_to(comp).as_posix())
+    return zpath
+
+
+def test_kaggle_download_path_downloads_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(_FakeApi, "downloads", 0)
+    zpath = _competition_zip(tmp_path)
     m = _run(tmp_path / "k", "kaggle", api_factory=lambda: _FakeApi(zpath))
-    assert len(m) == 7
+    assert len(m) == 7 and _FakeApi.downloads == 1
+    cached = tmp_path / "k/cache/gan-getting-started.zip"
+    assert cached.read_bytes() == zpath.read_bytes()
+    # another ingest param, and a re-run: the cached archive, not a second download
+    p = parse({"ingest": {"source": "kaggle", "shard_size": 2}})
+    k = tmp_path / "k"
+    m2 = ingest.ingest(p, k / "data/raw", k / "data/shards", k / "data/manifest.csv", k / "cache",
+                       api_factory=lambda: _FakeApi(zpath))
+    assert _FakeApi.downloads == 1 and len(m2) == 7
+    assert "from the download cache" in capsys.readouterr().out
+
+
+def test_interrupted_download_never_looks_complete(tmp_path, monkeypatch):
+    monkeypatch.setattr(_FakeApi, "downloads", 0)
+    zpath = _competition_zip(tmp_path)
+    with pytest.raises(PipelineError, match="download of gan-getting-started failed: connection reset"):
+        _run(tmp_path, "kaggle", api_factory=lambda: _FakeApi(zpath, cut_after=100))
+    cache = tmp_path / "cache"
+    assert not (cache / "gan-getting-started.zip").exists() and not list(cache.iterdir())
+    assert not (tmp_path / "data/raw").exists()
+    # a download that completes but is not a zip is not cached either
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"<html>rate limited</html>")
+    with pytest.raises(DataError, match="not a readable zip"):
+        _run(tmp_path, "kaggle", api_factory=lambda: _FakeApi(bad))
+    assert not list(cache.iterdir())
+    assert len(_run(tmp_path, "kaggle", api_factory=lambda: _FakeApi(zpath))) == 7
+    assert _FakeApi.downloads == 2  # the bad one, then the good one: nothing half-done was reused
 
 
 class _Forbidden(Exception):
@@ -161,7 +205,7 @@ def test_sample_round_trip_in_the_kaggle_schema(tmp_path):
     from pipeline import sample
 
     p = parse({"ingest": {"source": "sample", "sample_photos": 5, "sample_paintings": 3, "shard_size": 4}})
-    manifest = ingest.ingest(p, tmp_path / "raw", tmp_path / "shards", tmp_path / "manifest.csv")
+    manifest = ingest.ingest(p, tmp_path / "raw", tmp_path / "shards", tmp_path / "manifest.csv", tmp_path / "cache")
     files = sorted((tmp_path / "raw/photo_tfrec").glob("*.tfrec"))
     assert [f.name for f in files] == [f"photo{k:02d}-1.tfrec" for k in range(5)]
     # read with the tfrecord package alone: exactly the competition's three byte features

@@ -1,0 +1,170 @@
+"""The competition's TFRecords from a local zip or folder, or from Kaggle, into `raw`
+(monet_tfrec/*.tfrec and photo_tfrec/*.tfrec).
+
+An archive is checked from its listing before a byte is extracted, because a hostile one can fill
+the disk or memory or write outside the target: only the two TFRecord folders are taken (the
+*_jpg copies and anything else are skipped unread); links, names that climb out of the target
+and names given twice refuse the whole archive; and sizes are capped. The competition's
+TFRecords are about 190 MB in all (its zip is 386 MB with the JPEG copies) and none is above
+about 10 MB, so a file above MAX_FILE (25× that) or a total above MAX_TOTAL (10×) is not this
+competition's data, whatever its names say. The same caps hold for a folder.
+
+Kaggle's archive is downloaded once into a cache shared by every experiment (`--download-cache`),
+so changing an ingest param or re-running after a failure does not download again; it is
+downloaded into a temp folder there and renamed into place only when complete and checked.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import stat
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+from pipeline.errors import DataError, PipelineError
+from pipeline.files import atomic_path
+
+COMPETITION = "gan-getting-started"
+TFREC_DIRS = {"monet": "monet_tfrec", "photo": "photo_tfrec"}
+MAX_FILE = 256 << 20
+MAX_TOTAL = 2 << 30
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.0f} MiB"
+
+
+def check_sizes(where: Path, sizes: dict[str, int]) -> None:
+    """Refuse a file above MAX_FILE or a total above MAX_TOTAL (see the module's docstring)."""
+    for name, size in sizes.items():
+        if size > MAX_FILE:
+            raise DataError(f"{where}: {name} is {_mib(size)}, above the {_mib(MAX_FILE)} a competition "
+                            f"TFRecord can be (its largest is about 10 MB); refusing it")
+    total = sum(sizes.values())
+    if total > MAX_TOTAL:
+        raise DataError(f"{where}: the TFRecords total {_mib(total)}, above the {_mib(MAX_TOTAL)} the "
+                        f"competition's can be (about 190 MB); refusing them")
+
+
+def _taken(name: str) -> bool:
+    """monet_tfrec/<file>.tfrec or photo_tfrec/<file>.tfrec, exactly one level down."""
+    parts = PurePosixPath(name).parts
+    return len(parts) == 2 and parts[0] in TFREC_DIRS.values() and parts[1].endswith(".tfrec")
+
+
+def _hostile(info: zipfile.ZipInfo) -> str | None:
+    """Why a member must not be in a data archive at all, or None."""
+    name = info.filename.replace("\\", "/")
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "has an absolute name"
+    if ".." in PurePosixPath(name).parts:
+        return "climbs out of the target"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "is a link"
+    return None
+
+
+@contextlib.contextmanager
+def open_checked(source: Path) -> Iterator[tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]]:
+    """The open zip and the members to take, once its whole listing has passed the checks."""
+    try:
+        with zipfile.ZipFile(source) as zf:
+            infos, seen = zf.infolist(), set()
+            for info in infos:
+                why = _hostile(info) or ("appears twice" if info.filename in seen else None)
+                if why:
+                    raise DataError(f"{source}: member '{info.filename}' {why}; refusing the archive")
+                seen.add(info.filename)
+            taken = [i for i in infos if _taken(i.filename)]
+            for folder in TFREC_DIRS.values():
+                if not any(i.filename.startswith(f"{folder}/") for i in taken):
+                    raise DataError(f"{source}: no {folder}/*.tfrec inside (is this the {COMPETITION} zip?)")
+            check_sizes(source, {i.filename: i.file_size for i in taken})
+            yield zf, taken
+    except zipfile.BadZipFile as e:
+        raise DataError(f"{source}: not a readable zip ({e})") from None
+
+
+def from_zip(source: Path, raw: Path) -> None:
+    with open_checked(source) as (zf, taken):
+        for info in taken:
+            # zipfile never yields more than the listed size, and checks the CRC at the end
+            target = raw / info.filename
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def from_folder(source: Path, raw: Path) -> None:
+    files = {}
+    for folder in TFREC_DIRS.values():
+        found = [f for f in sorted((source / folder).glob("*.tfrec")) if f.is_file()]  # no devices, fifos
+        if not found:
+            raise DataError(f"{source / folder}: no .tfrec files (is this the {COMPETITION} folder?)")
+        files.update({f"{folder}/{f.name}": f for f in found})
+    check_sizes(source, {name: f.stat().st_size for name, f in files.items()})
+    for name, f in files.items():
+        (raw / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, raw / name)
+
+
+def copy_local(source: Path, raw: Path) -> None:
+    """Take the TFRecords from a local copy of the competition zip or its extracted folder."""
+    if not source.exists():
+        raise PipelineError(f"ingest.source: {source} does not exist (expected 'sample', 'kaggle', "
+                            f"or the competition zip / folder)")
+    (from_folder if source.is_dir() else from_zip)(source, raw)
+
+
+def kaggle_api():
+    """An authenticated KaggleApi. Imported here: `import kaggle` itself tries to authenticate."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    api = KaggleApi()
+    try:
+        api.authenticate()
+    except SystemExit:  # the package exits when it finds no credentials
+        raise PipelineError("ingest.source=kaggle: no Kaggle credentials found; set KAGGLE_API_TOKEN "
+                            "or KAGGLE_USERNAME/KAGGLE_KEY, or save ~/.kaggle/kaggle.json") from None
+    return api
+
+
+def download(cache: Path, api_factory=kaggle_api) -> Path:
+    """The competition's zip in `cache`: the one downloaded before, else downloaded now."""
+    archive = cache / f"{COMPETITION}.zip"
+    if archive.is_file():
+        print(f"ingest: {COMPETITION} from the download cache ({archive}; delete it to download again)")
+        return archive
+    api = api_factory()
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".download.") as tmp:
+        try:
+            api.competition_download_files(COMPETITION, path=tmp, quiet=False)
+        except SystemExit:
+            raise PipelineError(f"ingest.source=kaggle: the Kaggle client gave up downloading {COMPETITION}") from None
+        except Exception as e:
+            if _http_status(e) in (401, 403):
+                raise PipelineError(
+                    f"ingest.source=kaggle: Kaggle refused {COMPETITION} (HTTP {_http_status(e)}); accept the "
+                    f"rules at https://www.kaggle.com/competitions/{COMPETITION}/rules") from None
+            raise PipelineError(f"ingest.source=kaggle: download of {COMPETITION} failed: {e}") from None
+        zips = sorted(Path(tmp).glob("*.zip"))
+        if not zips:
+            raise DataError(f"ingest.source=kaggle: the download of {COMPETITION} produced no zip")
+        with open_checked(zips[0]):  # a download that fails the checks is never cached
+            pass
+        with atomic_path(archive) as final:
+            zips[0].replace(final)
+    print(f"ingest: downloaded {COMPETITION} into the cache ({archive})")
+    return archive
+
+
+def _http_status(e: Exception) -> int | None:
+    for obj in (e, getattr(e, "response", None)):
+        for attr in ("status", "status_code"):
+            value = getattr(obj, attr, None)
+            if isinstance(value, int):
+                return value
+    return None

@@ -1,0 +1,154 @@
+"""Archives that fight back: refused from their listing, before a byte is extracted, with one
+line naming the archive and the member; and TFRecords read one record at a time."""
+import re
+import stat
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+
+from pipeline import competition, ingest, tfrecords
+from pipeline.errors import DataError
+from pipeline.params import parse
+from tfrecord.writer import TFRecordWriter
+
+ZEROS = bytes(16 << 20)
+
+
+def _tiny_tfrec(folder, domain: str) -> bytes:
+    """One TFRecord file of one flat 256×256 image, as bytes."""
+    jpeg = tfrecords.encode_jpeg(np.full((256, 256, 3), 90, np.uint8))
+    tfrecords.write(folder / f"{domain}.tfrec", [tfrecords.Example(f"{domain}0", jpeg, domain)])
+    return (folder / f"{domain}.tfrec").read_bytes()
+
+
+def _zip(path, members: dict[str, bytes | int], links: dict[str, str] = {}):
+    """A zip of `members` (an int: that many zero bytes, streamed) and symlink entries."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for name, data in members.items():
+            if isinstance(data, int):
+                with zf.open(name, "w", force_zip64=True) as out:
+                    for left in range(data, 0, -len(ZEROS)):
+                        out.write(ZEROS[:min(left, len(ZEROS))])
+            else:
+                zf.writestr(name, data)
+        for name, target in links.items():
+            info = zipfile.ZipInfo(name)
+            info.create_system, info.external_attr = 3, (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, target)
+    return path
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tfrec")
+    return {"monet_tfrec/monet00-1.tfrec": _tiny_tfrec(folder, "monet"),
+            "photo_tfrec/photo00-1.tfrec": _tiny_tfrec(folder, "photo")}
+
+
+def _ingest(tmp_path, source):
+    p = parse({"ingest": {"source": str(source)}})
+    return ingest.ingest(p, tmp_path / "data/raw", tmp_path / "data/shards", tmp_path / "data/manifest.csv",
+                         tmp_path / "cache")
+
+
+def _refused(tmp_path, archive, needle):
+    with pytest.raises(DataError, match=needle) as e:
+        _ingest(tmp_path, archive)
+    assert str(archive) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())  # nothing written
+
+
+def test_a_bomb_is_refused_from_its_listing(tmp_path, good, monkeypatch):
+    # one member of zeros just above the cap (the bench uses the 2 GiB one): never opened
+    archive = _zip(tmp_path / "bomb.zip", {**good, "photo_tfrec/photo01-9.tfrec": competition.MAX_FILE + 1})
+    assert archive.stat().st_size < 2 << 20
+    opened = []
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, *a, **k: opened.append(a) or 1 / 0)
+    _refused(tmp_path, archive, r"photo_tfrec/photo01-9.tfrec is 256 MiB, above the 256 MiB")
+    assert not opened
+
+
+def test_right_names_but_far_too_large_in_all(tmp_path, good):
+    each = competition.MAX_FILE - (8 << 20)  # every member under the file cap, the total above
+    count = competition.MAX_TOTAL // each + 1
+    archive = _zip(tmp_path / "big.zip", {**good, **{f"photo_tfrec/photo{k:02d}.tfrec": each for k in range(count)}})
+    _refused(tmp_path, archive, r"the TFRecords total 2,\d+ MiB, above the 2,048 MiB")
+
+
+@pytest.mark.parametrize("name, why", [
+    ("../escape.tfrec", r"climbs out of the target"),
+    ("photo_tfrec/../../escape.tfrec", r"climbs out of the target"),
+    ("/tmp/escape.tfrec", r"has an absolute name"),
+    ("C:/escape.tfrec", r"has an absolute name"),
+    ("monet_tfrec/monet00-1.tfrec", r"appears twice"),
+])
+def test_hostile_names_refuse_the_archive(tmp_path, good, name, why):
+    archive = tmp_path / "hostile.zip"
+    with pytest.warns(UserWarning) if name in good else _no_warning():  # zipfile warns on a duplicate
+        _zip(archive, good)
+        with zipfile.ZipFile(archive, "a") as zf:
+            zf.writestr(name, b"x")
+    _refused(tmp_path, archive, re.escape(f"member '{name}' ") + why + "; refusing the archive")
+    assert not (tmp_path / "escape.tfrec").exists() and not (tmp_path.parent / "escape.tfrec").exists()
+
+
+def test_a_link_refuses_the_archive(tmp_path, good):
+    archive = _zip(tmp_path / "link.zip", good, links={"photo_tfrec/photo01-1.tfrec": "/etc/passwd"})
+    _refused(tmp_path, archive, "member 'photo_tfrec/photo01-1.tfrec' is a link")
+
+
+def test_other_members_are_skipped_unread(tmp_path, good, monkeypatch):
+    # the Kaggle zip also holds the JPEG copies: not read, whatever their size
+    archive = _zip(tmp_path / "with-jpgs.zip", {**good, "photo_jpg/x.jpg": b"jpeg", "big/zeros.bin": 64 << 20})
+    opened = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, m, *a, **k: opened.append(getattr(m, "filename", m))
+                        or real_open(self, m, *a, **k))
+    manifest = _ingest(tmp_path, archive)
+    assert len(manifest) == 2 and sorted(opened) == sorted(good)
+
+
+def test_a_folder_with_an_oversized_file_is_refused(tmp_path, good):
+    comp = tmp_path / "comp"
+    for name, data in good.items():
+        (comp / name).parent.mkdir(parents=True, exist_ok=True)
+        (comp / name).write_bytes(data)
+    with open(comp / "photo_tfrec/huge.tfrec", "wb") as f:  # sparse: no disk used
+        f.truncate(competition.MAX_FILE + 1)
+    with pytest.raises(DataError, match="huge.tfrec is 256 MiB, above"):
+        _ingest(tmp_path, comp)
+
+
+def test_a_record_longer_than_the_file_is_refused_at_once(tmp_path):
+    header = struct.pack("<Q", 1 << 40)
+    path = tmp_path / "x.tfrec"
+    path.write_bytes(header + TFRecordWriter.masked_crc(header) + b"\0" * 64)
+    with pytest.raises(DataError, match=r"record 0 at byte 0: truncated \(needs 1099511627776 bytes"):
+        tfrecords.verify(path)
+
+
+def test_a_record_too_large_for_an_image_is_refused(tmp_path):
+    body = bytes(tfrecords.MAX_RECORD + 1)
+    header = struct.pack("<Q", len(body))
+    path = tmp_path / "x.tfrec"
+    path.write_bytes(header + TFRecordWriter.masked_crc(header) + body + TFRecordWriter.masked_crc(body))
+    with pytest.raises(DataError, match="larger than a 256x256 JPEG record can be"):
+        tfrecords.verify(path)
+
+
+def test_an_image_declaring_a_huge_size_is_refused_before_decoding():
+    jpeg = bytearray(tfrecords.encode_jpeg(np.zeros((256, 256, 3), np.uint8)))
+    sof = jpeg.index(b"\xff\xc0")  # baseline frame header: length, precision, height, width
+    jpeg[sof + 5:sof + 9] = struct.pack(">HH", 9000, 9000)  # under Pillow's own bomb limit
+    with pytest.raises(DataError, match="image is 9000x9000 RGB, expected 256x256"):
+        tfrecords.decode_image(bytes(jpeg), "f.tfrec: record 0")
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
