@@ -10,22 +10,27 @@ import argparse
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-from tqdm import tqdm
-
-from pipeline import competition, sample, shards, tfrecords
+from pipeline import competition, sample
 from pipeline.competition import TFREC_DIRS
 from pipeline.errors import DataError, cli
 from pipeline.files import atomic_dir, atomic_path, main_repo
 from pipeline.params import Params, load
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 SAMPLE_FILES = {"monet": 5, "photo": 20}  # the Kaggle data has 5 Monet and 20 photo TFRecord files
+# torch (which `tfrecord` and `shards` import) costs 0.5 GiB and 3 s to load: the functions that
+# need it import it themselves, so a hostile archive is refused from its listing before that
 
 
 # --- sources: each fills `raw` with monet_tfrec/*.tfrec and photo_tfrec/*.tfrec ---------------
 
 def _render_chunk(args: tuple[int, str, list[int]]) -> list[bytes]:
+    from pipeline import tfrecords
+
     seed, domain, positions = args
     index = sample.monet_index if domain == "monet" else sample.photo_index
     style = "monet" if domain == "monet" else "photo"
@@ -35,6 +40,8 @@ def _render_chunk(args: tuple[int, str, list[int]]) -> list[bytes]:
 
 def write_sample(raw: Path, seed: int, counts: dict[str, int], workers: int) -> None:
     """Render the embedded sample in the Kaggle layout and TFRecord schema."""
+    from pipeline import tfrecords
+
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for domain, count in counts.items():
             files = min(SAMPLE_FILES[domain], count)
@@ -54,6 +61,11 @@ def write_sample(raw: Path, seed: int, counts: dict[str, int], workers: int) -> 
 
 def read_raw(raw: Path, shards_dir: Path, shard_size: int) -> pd.DataFrame:
     """Verify, decode and check every record; write shards; return the manifest."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    from pipeline import shards, tfrecords
+
     manifest = []
     for domain, folder in TFREC_DIRS.items():
         files = sorted((raw / folder).glob("*.tfrec"))
