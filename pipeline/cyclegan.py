@@ -2,6 +2,7 @@
 paper (Zhu et al. 2017), the pool of past fakes, and checkpoints that resume everything."""
 from __future__ import annotations
 
+import copy
 import functools
 import random
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from pipeline import generator_file
+from pipeline.diffaugment import Augment
 from pipeline.networks import GANLoss, define_discriminator, to_model_input
 from pipeline.params import Params
 from pipeline.errors import PipelineError
@@ -68,6 +70,38 @@ def build_nets(p: Params) -> Nets:
                 D_M=define_discriminator(p.train.disc_filters), D_P=define_discriminator(p.train.disc_filters))
 
 
+class WeightAverage:
+    """An exponential moving average of both generators' weights (`train.ema` is its decay), kept
+    beside the trained ones; the saved generators are the averages. The decay ramps up as
+    min(decay, (1 + step) / (10 + step)) so the random initial weights fade within the first
+    steps instead of weighing 0.999^steps at the end."""
+
+    def __init__(self, nets: Nets, decay: float):
+        self.decay = decay
+        self.G = copy.deepcopy(uncompiled(nets.G)).requires_grad_(False)
+        self.F = copy.deepcopy(uncompiled(nets.F)).requires_grad_(False)
+
+    def pairs(self, nets: Nets):
+        return ((self.G, uncompiled(nets.G)), (self.F, uncompiled(nets.F)))
+
+    @torch.no_grad()
+    def update(self, nets: Nets, step: int) -> None:
+        """Move the averages towards `nets`' generators after optimiser step number `step` (from 1)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for average, net in self.pairs(nets):
+            for a, w in zip(average.parameters(), net.parameters()):
+                a.lerp_(w, 1 - decay)
+            for a, w in zip(average.buffers(), net.buffers()):
+                a.copy_(w)
+
+    def state_dict(self) -> dict:
+        return {"G": self.G.state_dict(), "F": self.F.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.G.load_state_dict(state["G"])
+        self.F.load_state_dict(state["F"])
+
+
 def lr_factor(step: int, total: int, decay_start: int) -> float:
     """The paper's schedule: constant, then linear to zero, reached after the last of `total` steps."""
     return 1.0 - max(0, step - decay_start) / max(1, total - decay_start)
@@ -105,7 +139,15 @@ class Trainer:
         # a mode that is off does nothing: the step never asks which precision it runs in
         self.autocast = autocast(device, autocast_dtype)
         self.dtype = autocast_dtype
+        self.augment = Augment(t.diffaugment_policy)
+        self.average = WeightAverage(nets, t.ema) if t.ema > 0 else None
         self.step = 0
+
+    def generators(self) -> tuple[nn.Module, nn.Module]:
+        """The photo→Monet and Monet→photo generators to save and use: the weight averages when on."""
+        if self.average:
+            return self.average.G, self.average.F
+        return uncompiled(self.nets.G), uncompiled(self.nets.F)
 
     def describe(self) -> str:
         return describe(self.device, self.dtype)
@@ -125,6 +167,9 @@ class Trainer:
         # the generators' step looks through the discriminators without training them: their
         # forward outside DDP, so no gradient sync is set up for weights that get no gradient
         D_M, D_P = local(n.D_M), local(n.D_P)
+        # DiffAugment: one draw per step, the same for every batch a discriminator sees in it
+        aug = self.augment.draw(len(real_P), real_P.shape[-1], real_P.device) if self.augment else None
+        seen = (lambda x: self.augment(x, aug)) if aug else (lambda x: x)
 
         # generators: fool both discriminators, reconstruct both cycles, keep identities
         for d in (n.D_M, n.D_P):
@@ -134,8 +179,8 @@ class Trainer:
             fake_P = n.F(real_M)   # F(M)
             rec_P = n.F(fake_M)    # F(G(P)) ≈ P
             rec_M = n.G(fake_P)    # G(F(M)) ≈ M
-            loss_G_adv = self.gan(D_M(fake_M), True)
-            loss_F_adv = self.gan(D_P(fake_P), True)
+            loss_G_adv = self.gan(D_M(seen(fake_M)), True)
+            loss_F_adv = self.gan(D_P(seen(fake_P)), True)
             loss_cyc = self.l1(rec_P.float(), real_P) + self.l1(rec_M.float(), real_M)
             loss_idt = torch.zeros((), device=real_P.device)
             if lam_idt > 0:  # G(M) ≈ M and F(P) ≈ P: preserves colour composition
@@ -151,8 +196,8 @@ class Trainer:
         with self.autocast():
             pooled_M = self.pool_M.query(fake_M.detach())
             pooled_P = self.pool_P.query(fake_P.detach())
-            loss_D_M = 0.5 * (self.gan(n.D_M(real_M), True) + self.gan(n.D_M(pooled_M), False))
-            loss_D_P = 0.5 * (self.gan(n.D_P(real_P), True) + self.gan(n.D_P(pooled_P), False))
+            loss_D_M = 0.5 * (self.gan(n.D_M(seen(real_M)), True) + self.gan(n.D_M(seen(pooled_M)), False))
+            loss_D_P = 0.5 * (self.gan(n.D_P(seen(real_P)), True) + self.gan(n.D_P(seen(pooled_P)), False))
         self.opt_D.zero_grad(set_to_none=True)
         (loss_D_M + loss_D_P).backward()
         self.opt_D.step()
@@ -160,6 +205,8 @@ class Trainer:
         self.sched_G.step()
         self.sched_D.step()
         self.step += 1
+        if self.average:
+            self.average.update(self.nets, self.step)
         losses = {"loss_G_adv": loss_G_adv, "loss_F_adv": loss_F_adv, "loss_cycle": loss_cyc,
                   "loss_identity": loss_idt, "loss_D_M": loss_D_M, "loss_D_P": loss_D_P}
         return {k: v.detach() for k, v in losses.items()}
@@ -171,7 +218,7 @@ class Trainer:
             "nets": {k: uncompiled(m).state_dict() for k, m in self.nets.modules().items()},
             "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
             "sched_G": self.sched_G.state_dict(), "sched_D": self.sched_D.state_dict(),
-            "step": self.step,
+            "step": self.step, **({"average": self.average.state_dict()} if self.average else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -182,6 +229,8 @@ class Trainer:
         self.sched_G.load_state_dict(state["sched_G"])
         self.sched_D.load_state_dict(state["sched_D"])
         self.step = state["step"]
+        if self.average:
+            self.average.load_state_dict(state["average"])
 
     def pools_state(self) -> dict:
         """What is this rank's own: its pools of past fakes and their RNGs."""

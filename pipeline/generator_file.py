@@ -26,11 +26,14 @@ from pipeline.shards import resize_uint8
 def config_of(p: Params) -> dict:
     """Everything needed to rebuild a generator; stored beside its weights."""
     t = p.train
-    return {"kind": t.generator, "image_size": p.image_size, "filters": t.gen_filters, "resnet_blocks": t.resnet_blocks}
+    return {"kind": t.generator, "image_size": p.image_size, "filters": t.gen_filters, "resnet_blocks": t.resnet_blocks,
+            "upsample": t.upsample}
 
 
 def build(config: dict) -> nn.Module:
-    return define_generator(config["kind"], config["image_size"], config["filters"], config["resnet_blocks"])
+    # files saved before train.upsample existed hold transposed convolutions, which is what they say
+    return define_generator(config["kind"], config["image_size"], config["filters"], config["resnet_blocks"],
+                            config.get("upsample", "transpose"))
 
 
 def save(net: nn.Module, config: dict, path: Path) -> None:

@@ -25,6 +25,22 @@ def _norm(ch: int) -> nn.Module:
     return nn.InstanceNorm2d(ch, affine=False)
 
 
+UPSAMPLE = ("transpose", "resize")
+
+
+def upsample2x(in_ch: int, out_ch: int, how: str, kernel: int, bias: bool = True) -> list[nn.Module]:
+    """Double the resolution. transpose: the original stride-2 transposed convolution (kernel 3
+    with output padding, or 4); resize: nearest-neighbour upsampling, then a 3×3 convolution,
+    which cannot make the checkerboard pattern of uneven kernel overlap (Odena et al. 2016)."""
+    if how == "transpose":
+        extra = {"padding": 1, "output_padding": 1} if kernel == 3 else {"padding": 1}
+        return [nn.ConvTranspose2d(in_ch, out_ch, kernel, stride=2, bias=bias, **extra)]
+    if how == "resize":
+        return [nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1),
+                nn.Conv2d(in_ch, out_ch, 3, bias=bias)]
+    raise ValueError(f"unknown upsampling {how!r}")
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
@@ -40,7 +56,7 @@ class ResnetBlock(nn.Module):
 class ResnetGenerator(nn.Module):
     """c7s1-f, d2f, d4f, R4f × blocks, u2f, uf, c7s1-3 (Zhu et al. 2017, appendix 7.2)."""
 
-    def __init__(self, filters: int = 64, blocks: int = 9):
+    def __init__(self, filters: int = 64, blocks: int = 9, upsample: str = "transpose"):
         super().__init__()
         f = filters
         layers = [nn.ReflectionPad2d(3), nn.Conv2d(3, f, 7), _norm(f), nn.ReLU(True)]
@@ -48,8 +64,7 @@ class ResnetGenerator(nn.Module):
             layers += [nn.Conv2d(f * mult, f * mult * 2, 3, stride=2, padding=1), _norm(f * mult * 2), nn.ReLU(True)]
         layers += [ResnetBlock(f * 4) for _ in range(blocks)]
         for mult in (4, 2):
-            layers += [nn.ConvTranspose2d(f * mult, f * mult // 2, 3, stride=2, padding=1, output_padding=1),
-                       _norm(f * mult // 2), nn.ReLU(True)]
+            layers += [*upsample2x(f * mult, f * mult // 2, upsample, kernel=3), _norm(f * mult // 2), nn.ReLU(True)]
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(f, 3, 7), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
@@ -61,7 +76,7 @@ class UnetGenerator(nn.Module):
     """The Kaggle tutorial's U-Net: stride-2 4×4 convolutions down to 1×1, transposed
     convolutions back up with skip connections; widths f, 2f, 4f, 8f, 8f, ... (f=64 there)."""
 
-    def __init__(self, image_size: int, filters: int = 64):
+    def __init__(self, image_size: int, filters: int = 64, upsample: str = "transpose"):
         super().__init__()
         depth = int(math.log2(image_size))  # halve down to 1×1: 8 levels at 256 px
         widths = [filters * min(2 ** i, 8) for i in range(depth)]
@@ -76,12 +91,12 @@ class UnetGenerator(nn.Module):
         self.up = nn.ModuleList()
         for i in reversed(range(depth - 1)):  # from the bottleneck up to half resolution
             in_ch = widths[i + 1] * (1 if i == depth - 2 else 2)  # skip concat doubles the input
-            block = [nn.ConvTranspose2d(in_ch, widths[i], 4, stride=2, padding=1, bias=False), _norm(widths[i])]
+            block = [*upsample2x(in_ch, widths[i], upsample, kernel=4, bias=False), _norm(widths[i])]
             if i >= depth - 4:  # dropout on the three innermost up-blocks (tutorial)
                 block.append(nn.Dropout(0.5))
             block.append(nn.ReLU(True))
             self.up.append(nn.Sequential(*block))
-        self.last = nn.Sequential(nn.ConvTranspose2d(widths[0] * 2, 3, 4, stride=2, padding=1), nn.Tanh())
+        self.last = nn.Sequential(*upsample2x(widths[0] * 2, 3, upsample, kernel=4), nn.Tanh())
 
     def forward(self, x):
         skips = []
@@ -111,11 +126,12 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
-def define_generator(kind: str, image_size: int, filters: int, resnet_blocks: int) -> nn.Module:
+def define_generator(kind: str, image_size: int, filters: int, resnet_blocks: int,
+                     upsample: str = "transpose") -> nn.Module:
     if kind == "resnet":
-        return init_weights(ResnetGenerator(filters, resnet_blocks))
+        return init_weights(ResnetGenerator(filters, resnet_blocks, upsample))
     if kind == "unet":
-        return init_weights(UnetGenerator(image_size, filters))
+        return init_weights(UnetGenerator(image_size, filters, upsample))
     raise ValueError(f"unknown generator {kind!r}")
 
 

@@ -34,6 +34,9 @@ class Ingest:
         _require(self.shard_size > 0, "ingest.shard_size", "must be > 0")
 
 
+DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")  # pipeline/diffaugment.py
+
+
 @dataclass(frozen=True)
 class Train:
     generator: str = "resnet"
@@ -53,6 +56,9 @@ class Train:
     grid_size: int = 8
     processes: int = 1
     log_every: int = 50
+    diffaugment: str = ""
+    ema: float = 0.0
+    upsample: str = "transpose"
 
     def check(self) -> None:
         _choice(self.generator, "train.generator", ("resnet", "unet"))
@@ -66,6 +72,16 @@ class Train:
         _require(0 <= self.beta1 < 1, "train.beta1", "must be in [0, 1)")
         _require(0 <= self.decay_from_epoch <= self.epochs, "train.decay_from_epoch",
                  f"must be in [0, train.epochs={self.epochs}]")
+        unknown = [name for name in self.diffaugment_policy if name not in DIFFAUGMENT_POLICIES]
+        _require(not unknown, "train.diffaugment", f"has unknown {', '.join(map(repr, unknown))}; expected a "
+                 f"comma-separated list of {', '.join(DIFFAUGMENT_POLICIES)}, or empty")
+        _require(0 <= self.ema < 1, "train.ema", "must be in [0, 1) (0: off)")
+        _choice(self.upsample, "train.upsample", ("transpose", "resize"))
+
+    @property
+    def diffaugment_policy(self) -> tuple[str, ...]:
+        """'color, translation' -> ('color', 'translation')."""
+        return tuple(name.strip() for name in self.diffaugment.split(",") if name.strip())
 
 
 @dataclass(frozen=True)

@@ -190,10 +190,11 @@ def run(p: Params, args: argparse.Namespace, world: World, device: torch.device)
         return
 
     config = generator_file.config_of(p)
-    generator_file.save(trainer.nets.G, config, args.generator)
-    generator_file.save(trainer.nets.F, config, args.reverse_generator)
+    photo2monet, monet2photo = trainer.generators()  # the weight averages when train.ema is on
+    generator_file.save(photo2monet, config, args.generator)
+    generator_file.save(monet2photo, config, args.reverse_generator)
     grid_photos = photos[: p.train.grid_size]
-    generated = generator_file.translate(trainer.nets.G, grid_photos, p.image_size, trainer.device,
+    generated = generator_file.translate(photo2monet, grid_photos, p.image_size, trainer.device,
                                          trainer.autocast, channels_last=p.train.channels_last)
     with atomic_path(args.grid) as tmp:
         photo_grid(grid_photos, generated).save(tmp, format="PNG")

@@ -1,0 +1,129 @@
+"""Which recipe options pay, measured on the embedded sample against the sample's ground truth.
+
+    python bench/recipe.py [--seconds 480] [--images 1000] [--data data] [--picture docs/recipe.png]
+
+Configurations: today's default (params.yaml), each option alone (DiffAugment, the weight
+average, resize-convolution upsampling), then the combination of the options that beat the
+default alone. Each trains from the same seed for the same wall-clock budget (`--seconds`; its
+steps are the budget times its own speed, measured first over a few steps, with the default
+schedule's shape: constant for half the steps, then linear to zero), translates the first
+`--images` photos, saves and re-reads them as generate's JPEGs, and is scored as evaluate scores:
+fid_vs_ground_truth (FID of those images / FID of their scenes' ground-truth paintings, with the
+default offline extractor; 1.0 = as good as a perfect translation), KID, and training pairs/s,
+each also as a ratio to the default's, measured in the same run. `--picture`: the same photos
+through the default and the best configuration, one row each.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pipeline import evaluate, sample, shards  # noqa: E402
+from pipeline import train as train_stage  # noqa: E402
+from pipeline.cyclegan import Trainer, build_nets  # noqa: E402
+from pipeline.features import extract, load_extractor  # noqa: E402
+from pipeline.generator_file import translate  # noqa: E402
+from pipeline.metrics import fid, kid  # noqa: E402
+from pipeline.params import Params, load  # noqa: E402
+from pipeline.runtime import autocast, autocast_dtype, pick_device  # noqa: E402
+
+OPTIONS = {"diffaugment": {"diffaugment": "color,translation,cutout"}, "ema": {"ema": 0.999},
+           "resize": {"upsample": "resize"}}
+
+
+def with_train(p: Params, **changes) -> Params:
+    return dataclasses.replace(p, train=dataclasses.replace(p.train, **changes))
+
+
+def steps_per_second(p: Params, photos, monets, device, probe: int = 8) -> float:
+    torch.manual_seed(p.seed)
+    trainer = Trainer(build_nets(p), p, device, autocast_dtype(p.precision, device))
+    gen = torch.Generator(device).manual_seed(p.seed)
+    trainer.train_on(photos, monets, gen)  # warm-up
+    started = time.perf_counter()
+    for _ in range(probe):
+        trainer.train_on(photos, monets, gen)
+    return probe / (time.perf_counter() - started)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=480, help="training budget of every configuration")
+    ap.add_argument("--images", type=int, default=1000, help="photos translated and scored")
+    ap.add_argument("--data", type=Path, default=ROOT / "data", help="folder with shards/ and manifest.csv (ingested)")
+    ap.add_argument("--picture", type=Path, help="PNG: the same photos through the default and the best")
+    args = ap.parse_args()
+    p = load(ROOT / "params.yaml")
+    device = pick_device(p.device)
+    e, quality = p.evaluate, p.generate.jpeg_quality
+    manifest = shards.read_manifest(args.data / "manifest.csv")
+    _, photos = shards.load_domain(args.data / "shards", manifest, "photo", p.image_size)
+    _, monets = shards.load_domain(args.data / "shards", manifest, "monet", p.image_size)
+    _, paintings = shards.load_domain(args.data / "shards", manifest, "monet")
+    n = min(args.images, len(photos))
+    first = evaluate.first_photos(args.data / "shards", manifest, n)
+
+    extractor = load_extractor("offline", "", False, e.offline_image_size, paintings, device, e.batch_size)
+    features = lambda images, what: extract(extractor, images, e.batch_size, device, desc=what)  # noqa: E731
+    real = features(paintings, "paintings")
+    truth = evaluate.as_jpeg(sample.render_parallel(p.seed, [sample.photo_index(i) for i in range(n)], "monet"), quality)
+    fid_truth = fid(features(truth, "ground truth"), real)
+
+    results, outputs = {}, {}
+
+    def run(name: str, changes: dict) -> None:
+        q = with_train(p, **changes)
+        speed = steps_per_second(q, photos, monets, device)
+        steps = max(4, int(args.seconds * speed) // 4 * 4)
+        q = with_train(q, epochs=4, steps_per_epoch=steps // 4, decay_from_epoch=2)
+        print(f"\n{name}: {changes or 'params.yaml'}; {speed:.2f} steps/s -> {steps} steps", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            trainer, _ = train_stage.train(q, photos, monets, Path(tmp) / "ckpt.pt", name, device=device)
+            seconds = time.perf_counter() - started
+        G = trainer.generators()[0]
+        dtype = autocast_dtype(q.precision, device)
+        generated = translate(G, first, q.image_size, device, autocast(device, dtype), out_size=256)
+        outputs[name] = evaluate.as_jpeg(generated.numpy(), quality)
+        gen_features = features(outputs[name], f"{name}: generated")
+        k = kid(gen_features, real, e.kid_subsets, min(e.kid_subset_size, n, len(real)))
+        results[name] = {"steps": steps, "pairs_per_s": steps * q.train.batch_size / seconds,
+                         "fid_vs_ground_truth": fid(gen_features, real) / fid_truth, "kid": k["kid_mean"]}
+
+    run("default", {})
+    for name, changes in OPTIONS.items():
+        run(name, changes)
+    better = [name for name in OPTIONS if results[name]["fid_vs_ground_truth"] < results["default"]["fid_vs_ground_truth"]]
+    if len(better) > 1:
+        run("+".join(better), {k: v for name in better for k, v in OPTIONS[name].items()})
+
+    base = results["default"]
+    print(f"\nfid_ground_truth {fid_truth:.2f} on the first {n} photos; budget {args.seconds:.0f} s each; "
+          f"extractor offline\n")
+    print(f"{'configuration':<28} {'steps':>6} {'pairs/s':>8} {'ratio':>6} {'fid/gt':>7} {'ratio':>6} "
+          f"{'KID':>9} {'ratio':>6}")
+    for name, r in results.items():
+        print(f"{name:<28} {r['steps']:>6} {r['pairs_per_s']:>8.2f} {r['pairs_per_s'] / base['pairs_per_s']:>6.3f} "
+              f"{r['fid_vs_ground_truth']:>7.3f} {r['fid_vs_ground_truth'] / base['fid_vs_ground_truth']:>6.3f} "
+              f"{r['kid']:>9.4g} {r['kid'] / base['kid']:>6.3f}")
+    if args.picture:
+        best = min(results, key=lambda name: results[name]["fid_vs_ground_truth"])
+        rows = [first[:6].numpy(), outputs["default"][:6].numpy(), outputs[best][:6].numpy()]
+        picture = np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)  # 3 rows of 6
+        args.picture.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(picture).resize((6 * 128, 3 * 128), Image.BICUBIC).save(args.picture)
+        print(f"\n{args.picture}: rows: photos, default, {best}")
+
+
+if __name__ == "__main__":
+    main()
