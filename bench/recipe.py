@@ -45,7 +45,7 @@ def with_train(p: Params, **changes) -> Params:
     return dataclasses.replace(p, train=dataclasses.replace(p.train, **changes))
 
 
-def steps_per_second(p: Params, photos, monets, device, probe: int = 8) -> float:
+def steps_per_second(p: Params, photos, monets, device, probe: int = 16) -> float:
     torch.manual_seed(p.seed)
     trainer = Trainer(build_nets(p), p, device, autocast_dtype(p.precision, device))
     gen = torch.Generator(device).manual_seed(p.seed)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -41,17 +42,28 @@ SHOWN = 8          # generated images shown beside their nearest painting
 
 
 def read_jpegs(folder: Path, names: list[str], batch_size: int) -> Iterator[torch.Tensor]:
-    """uint8 N×256×256×3 batches of `<name>.jpg` in the order of `names`."""
-    for k in range(0, len(names), batch_size):
+    """uint8 N×256×256×3 batches of `<name>.jpg` in the order of `names`, each decoded in a thread
+    while the caller works on the one before (Pillow releases the GIL while it decodes)."""
+    def decode(batch_names: list[str]) -> torch.Tensor:
         batch = []
-        for name in names[k:k + batch_size]:
+        for name in batch_names:
             path = folder / f"{name}.jpg"
             try:
                 with Image.open(path) as img:
                     batch.append(np.asarray(img.convert("RGB")))
             except FileNotFoundError:
                 raise DataError(f"{path}: generated image missing (run the generate stage)") from None
-        yield torch.from_numpy(np.stack(batch))
+        return torch.from_numpy(np.stack(batch))
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = None
+        for k in range(0, len(names), batch_size):
+            following = pool.submit(decode, names[k:k + batch_size])
+            if ahead is not None:
+                yield ahead.result()
+            ahead = following
+        if ahead is not None:
+            yield ahead.result()
 
 
 def first_photos(shards_dir: Path, manifest, count: int) -> torch.Tensor:
