@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import memorization, sample, shards
+from pipeline import memorization, sample, shards, tracking
 from pipeline.errors import DataError, cli
 from pipeline.feature_cache import FeatureCache, images_key
 from pipeline.features import Extractor, extract, load_extractor
@@ -184,17 +184,17 @@ def main(argv=None) -> None:
                     help="folder for the reference images' features (relative paths: under the main repository)")
     args = ap.parse_args(argv)
     p = load(args.params)
+    tracking.check_store()  # an unreachable MLflow server stops the stage before the work
     result, description = evaluate(p, args.shards, args.manifest, args.images, main_repo() / args.features_cache,
                                    args.memorization)
     # numbers to 7 significant digits and short ids only: `dvc exp show` stays readable
     write_json(args.out, {k: float(f"{v:.7g}") if isinstance(v, float) else v for k, v in result.items()})
 
-    from pipeline import tracking
-
-    with tracking.open_run(p, args.generator, stage="evaluate"):
+    with tracking.open_run(p, args.generator, "evaluate", args.shards, args.manifest):
         tracking.log_metrics_file(args.out)
         tracking.log_artifact(args.memorization)
         tracking.log_tags({"evaluate.extractor_description": description})
+    print(tracking.report("evaluate"))
     label = "FID Inception" if result["extractor"] == "fid-inception" else "OFFLINE extractor: not comparable to Kaggle"
     truth = f"  FID/ground truth {result['fid_vs_ground_truth']:.3f}" if "fid_vs_ground_truth" in result else ""
     print(f"evaluate: MiFID {result['mifid']:.2f}  FID {result['fid']:.2f}  KID {result['kid_mean']:.4g}"

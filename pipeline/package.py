@@ -1,7 +1,7 @@
 """Stage 5, package: the submission zip Kaggle accepts, checked before it is written.
 
     python -m pipeline.package --images data/generated --out data/images.zip --metrics metrics/package.json \\
-        --generator models/photo2monet.pt
+        --generator models/photo2monet.pt --shards data/shards --manifest data/manifest.csv
 
 The competition wants 7,000–10,000 JPEGs of 256×256×3, flat (no folders) in `images.zip`.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline import tracking
 from pipeline.errors import DataError, cli
 from pipeline.files import atomic_path, write_json
 from pipeline.params import load
@@ -63,18 +64,20 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="the submission zip to write")
     ap.add_argument("--metrics", type=Path, required=True)
     ap.add_argument("--generator", type=Path, required=True, help="identifies the MLflow run")
+    ap.add_argument("--shards", type=Path, required=True, help="the data set, for a new MLflow run")
+    ap.add_argument("--manifest", type=Path, required=True, help="the data set's index")
     args = ap.parse_args(argv)
     p = load(args.params)
+    tracking.check_store()  # an unreachable MLflow server stops the stage before the work
     images = check_images(args.images, p.package.min_images, p.package.max_images)
     digest = write_zip(images, args.out)
     summary = {"images": len(images), "zip_mb": round(args.out.stat().st_size / 2**20, 2)}  # numbers only
     write_json(args.metrics, summary)
 
-    from pipeline import tracking
-
-    with tracking.open_run(p, args.generator, stage="package"):
+    with tracking.open_run(p, args.generator, "package", args.shards, args.manifest):
         tracking.log_metrics_file(args.metrics)
         tracking.log_tags({"package.zip_sha256": digest})  # which file was submitted, in the row
+    print(tracking.report("package"))
     print(f"package: {len(images)} JPEGs -> {args.out} ({summary['zip_mb']} MiB)")
 
 

@@ -1,42 +1,128 @@
 """MLflow, and every call to it: one row per pipeline execution.
 
-A row is identified by a key = hash(all params, the trained generator's bytes). The first stage
-that logs in an execution opens the row; later stages find it by key and add to it. When only
-some stages rerun (say `evaluate.*` changed), the key differs, so the first of them makes a new
-row and copies into it what the stages DVC skips left on disk, where their results still hold
-(`stage_results`), so every row is complete. Stages that DVC skips log nothing: no empty rows.
+`train` opens the row before its first step (so the row's duration includes training, and an
+unreachable server stops the stage before any work) and logs every param and the data set; when
+its outputs are on disk it keys the row: hash(all params, the trained generator's bytes), and adds
+the losses, the grid and the generator as an MLflow model. `evaluate` and `package` find the row
+by that key and add to it; a killed training resumes its row. When only some stages rerun (say
+`evaluate.*` changed), the key differs, so the first of them makes a new row and copies into it
+what the stages DVC skips left on disk, where their results still hold (`stage_results`), so
+every row is complete. Stages that DVC skips log nothing: no empty rows.
 
 The store is `sqlite:///<main repo>/mlflow.db` unless MLFLOW_TRACKING_URI is set; the main repo is
-DVC_ROOT (DVC points it at the parent repo inside `dvc exp run --temp`/queued runs), so temp
-experiments log into the same place as the workspace. A row is named after its DVC experiment,
-or, for a workspace run, after the commit and the time it started.
+DVC_ROOT (DVC points it at the parent repo inside `dvc exp run --temp`/queued runs), so temp and
+queued experiments log into the same place as the workspace. Queued experiments run side by side
+(`dvc queue start -j 2`), so every call to a SQLite store holds a file lock beside it: SQLite takes
+one writer at a time, and two processes creating the store or the experiment at once collide.
+A row is named after its DVC experiment, or, for a workspace run, after the commit and the time
+it started.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import time
+import urllib.error
+import urllib.request
+import warnings
 from pathlib import Path
 
 import pandas as pd
 
+from pipeline.errors import PipelineError
 from pipeline.files import main_repo
 from pipeline.params import Params, flatten
 from pipeline.stage_results import held_results
 
 EXPERIMENT = "monet-cyclegan"
+MODEL_NAME = "photo2monet"  # the generator as an MLflow model: runs:/<run id>/photo2monet
+KAGGLE_URL = "https://www.kaggle.com/competitions/gan-getting-started"
+# MLflow 3's UI opens an experiment on its GenAI pages unless the address asks for the training view
+TRAINING_VIEW = "?workflowType=machine_learning"
+PROBE_SECONDS = 5  # an MLflow server that does not answer its health check in this long is down
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{main_repo() / 'mlflow.db'}"
 
 
+def check_store() -> None:
+    """Fail fast, before a stage does any work, when MLFLOW_TRACKING_URI names a server that does
+    not answer (MLflow itself would retry for minutes, and only after training)."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_SECONDS) as answer:
+            answer.read()
+    except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts and refused connections are OSErrors
+        reason = getattr(e, "reason", None) or e
+        raise PipelineError(f"tracking: no MLflow server answers at MLFLOW_TRACKING_URI={uri} ({reason}); "
+                            f"start it, correct the address, or unset it to log into "
+                            f"sqlite:///{main_repo() / 'mlflow.db'}") from None
+
+
+_held = 0  # depth of _serialized in this process (flock is per open file: a nested open would block)
+_seconds = 0.0  # time spent in MLflow calls by this process, reported by the stages
+
+
+@contextlib.contextmanager
+def _serialized():
+    """Hold the store's lock (SQLite only) and count the time spent."""
+    global _held, _seconds
+    uri = tracking_uri()
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if uri.startswith("sqlite:///") and _held == 0:
+            lock = stack.enter_context(open(uri.removeprefix("sqlite:///") + ".lock", "a"))
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        _held += 1
+        try:
+            yield
+        finally:
+            _held -= 1
+            if _held == 0:
+                _seconds += time.perf_counter() - started
+
+
+def _mlflow():
+    """mlflow, imported on first use (heavy: only the stages that log import it), the time counted."""
+    global _seconds
+    started = time.perf_counter()
+    import mlflow
+    import mlflow.data
+    import mlflow.pyfunc
+
+    if _held == 0:  # inside _serialized the time is counted already
+        _seconds += time.perf_counter() - started
+    return mlflow
+
+
+def report(stage: str) -> str:
+    """One line for the stage's log: where it logged, what that cost, and the run's page (in
+    `mlflow ui` on its default port for a local store)."""
+    mlflow = _mlflow()
+    uri = tracking_uri()
+    run = mlflow.last_active_run()
+    ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    page = f"{ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}{TRAINING_VIEW}" if run else "?"
+    return f"{stage}: logged to {uri} in {_seconds:.1f} s: {page}"
+
+
 def run_key(params: Params, generator_path: str | Path) -> str:
-    h = hashlib.sha256(json.dumps(flatten(params), sort_keys=True, default=str).encode())
+    h = hashlib.sha256(params_key(params).encode())
     h.update(Path(generator_path).read_bytes())
     return h.hexdigest()[:16]
+
+
+def params_key(params: Params) -> str:
+    return hashlib.sha256(json.dumps(flatten(params), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run_name() -> str:
@@ -53,7 +139,9 @@ def run_name() -> str:
     return f"workspace@{commit or 'no-commit'} {time.strftime('%Y-%m-%d %H:%M:%S')}"
 
 
-def _experiment_id(mlflow, own_store: bool) -> str:
+def _experiment_id(mlflow) -> str:
+    own_store = "MLFLOW_TRACKING_URI" not in os.environ  # read first: set_tracking_uri sets it
+    mlflow.set_tracking_uri(tracking_uri())
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
@@ -63,28 +151,136 @@ def _experiment_id(mlflow, own_store: bool) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
-def open_run(params: Params, generator_path: str | Path, stage: str):
-    """Start (or resume) the row of this pipeline execution for `stage`; use it as a context.
-
-    A new row also gets every param, and the results of the other stages that still hold."""
-    import mlflow  # heavy; only the stages that log import it
-
-    own_store = "MLFLOW_TRACKING_URI" not in os.environ  # read first: set_tracking_uri sets it
-    mlflow.set_tracking_uri(tracking_uri())
-    exp_id = _experiment_id(mlflow, own_store)
-    key = run_key(params, generator_path)
-    found = mlflow.search_runs([exp_id], filter_string=f"tags.pipeline_key = '{key}'", max_results=1,
-                               output_format="list")
-    if found:
-        return mlflow.start_run(run_id=found[0].info.run_id)
-    exp_name = os.environ.get("DVC_EXP_NAME")
+def _new_run(mlflow, exp_id: str, params: Params, manifest: Path, tags: dict[str, str]):
     run = mlflow.start_run(experiment_id=exp_id, run_name=run_name(),
-                           tags={"pipeline_key": key, "dvc_exp_name": exp_name or "workspace"})
+                           tags={**tags, "dvc_exp_name": os.environ.get("DVC_EXP_NAME") or "workspace"})
     mlflow.log_params(flatten(params))
+    log_dataset(params, manifest)
+    return run
+
+
+def start_training(params: Params, shards: Path, manifest: Path):
+    """`train`, before its first step: this execution's row, to use as a context around training.
+    A training that was killed (or failed) and is run again resumes its row."""
+    check_store()
+    mlflow = _mlflow()
+    with _serialized():
+        exp_id = _experiment_id(mlflow)
+        key = params_key(params)
+        unfinished = [r for r in mlflow.search_runs([exp_id], filter_string=f"tags.training_of = '{key}'",
+                                                    output_format="list") if "pipeline_key" not in r.data.tags]
+        if unfinished:
+            return _active(mlflow.start_run(run_id=unfinished[0].info.run_id))
+        return _active(_new_run(mlflow, exp_id, params, manifest, {"training_of": key}))
+
+
+def finish_training(params: Params, generator_path: Path) -> None:
+    """`train`, with its outputs on disk: key the row, so the later stages find it, and copy in the
+    results of the later stages that still hold (a retraining to the same weights skips them)."""
+    mlflow = _mlflow()
+    with _serialized():
+        mlflow.set_tag("pipeline_key", run_key(params, generator_path))
+        _copy_held_results("train")
+
+
+def open_run(params: Params, generator_path: Path, stage: str, shards: Path, manifest: Path):
+    """`evaluate`, `package`: the row of this execution, found by its key, else a new one with
+    every param, the data set, the generator as a model, and the results of the other stages that
+    still hold."""
+    mlflow = _mlflow()
+    with _serialized():
+        exp_id = _experiment_id(mlflow)
+        key = run_key(params, generator_path)
+        found = mlflow.search_runs([exp_id], filter_string=f"tags.pipeline_key = '{key}'", max_results=1,
+                                   output_format="list")
+        if found:
+            return _active(mlflow.start_run(run_id=found[0].info.run_id))
+        run = _new_run(mlflow, exp_id, params, manifest, {"pipeline_key": key})
+        log_generator_model(generator_path, shards, manifest)
+        _copy_held_results(stage)
+        return _active(run)
+
+
+@contextlib.contextmanager
+def _active(run):
+    """The run as a context, ended under the store's lock: FINISHED, or FAILED (KILLED on ^C)
+    when the stage raised, so a broken execution is visible as such in the UI."""
+    mlflow = _mlflow()
+    try:
+        yield run
+    except BaseException as e:
+        with _serialized():
+            mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    with _serialized():
+        mlflow.end_run()
+
+
+def _copy_held_results(stage: str) -> None:
     for other, files in held_results(stage).items():
         for path in files:
             log_file(path, other)
-    return run
+
+
+def _dataset_source(source: str):
+    """(MLflow dataset source, name) of `ingest.source`."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    if source == "sample":
+        return CodeDatasetSource({"renderer": "pipeline/sample.py"}), "embedded-sample"
+    if source == "kaggle":
+        return HTTPDatasetSource(KAGGLE_URL), "kaggle/gan-getting-started"
+    path = Path(source).expanduser().resolve()
+    with warnings.catch_warnings():  # MLflow registers the local-file source twice and says so
+        warnings.filterwarnings("ignore", message=".*interpreted in multiple ways", category=UserWarning)
+        return resolve_dataset_source(str(path)), f"local/{path.name}"
+
+
+def log_dataset(params: Params, manifest: Path) -> None:
+    """The images trained on, as an MLflow dataset: the Dataset column names the source and a
+    digest of the manifest (which images, from which records), the tags the counts."""
+    mlflow = _mlflow()
+    frame = pd.read_csv(manifest, dtype={"image_name": str})
+    source, name = _dataset_source(params.ingest.source)
+    counts = frame["domain"].value_counts()
+    with warnings.catch_warnings():  # the schema MLflow infers from the manifest's integer columns
+        warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+    with _serialized():
+        mlflow.log_input(dataset, context="training",
+                         tags={"photos": str(int(counts.get("photo", 0))),
+                               "paintings": str(int(counts.get("monet", 0)))})
+
+
+def log_generator_model(generator_path: Path, shards: Path, manifest: Path) -> None:
+    """The photo→Monet generator as an MLflow model (pyfunc) with its signature and the first
+    photo as the input example: `mlflow.pyfunc.load_model("runs:/<id>/photo2monet")` and
+    `mlflow models serve -m runs:/<id>/photo2monet` work without this repository."""
+    mlflow = _mlflow()
+    import numpy as np
+    import torch
+
+    from pipeline import served_model
+    from pipeline.shards import iter_domain, read_manifest
+
+    _, first_shard = next(iter_domain(shards, read_manifest(manifest), "photo"))
+    example = first_shard[:1].numpy()  # 1×256×256×3 uint8
+
+    requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+                    f"numpy=={np.__version__}", f"pandas=={pd.__version__}", "pyyaml", "pillow"]
+    with tempfile.TemporaryDirectory() as tmp, _serialized():
+        code = Path(tmp) / "pipeline"  # the package's sources, without caches
+        code.mkdir()
+        for source in Path(__file__).parent.glob("*.py"):
+            shutil.copy2(source, code / source.name)
+        with warnings.catch_warnings():  # MLflow's advice to type-hint predict: the signature is given
+            warnings.filterwarnings("ignore", message=".*type hints", category=UserWarning)
+            mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=served_model.__file__,
+                                    artifacts={"generator": str(generator_path)}, code_paths=[str(code)],
+                                    signature=served_model.signature(), input_example=example,
+                                    pip_requirements=requirements)
 
 
 def log_file(path: Path, stage: str) -> None:
@@ -100,34 +296,35 @@ def log_file(path: Path, stage: str) -> None:
 def log_metrics_file(path: str | Path, step: int | None = None) -> None:
     """Log the numeric entries of a stage's metrics JSON, prefixed by its name (`evaluate.fid`);
     text entries become tags."""
-    import mlflow
+    mlflow = _mlflow()
 
     prefix = Path(path).stem
     data = json.loads(Path(path).read_text())
     numbers = {f"{prefix}.{k}": float(v) for k, v in data.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    mlflow.log_metrics(numbers, step=step)
     texts = {f"{prefix}.{k}": str(v) for k, v in data.items() if isinstance(v, (str, bool))}
-    if texts:
-        mlflow.set_tags(texts)
+    with _serialized():
+        mlflow.log_metrics(numbers, step=step)
+        if texts:
+            mlflow.set_tags(texts)
 
 
 def log_curve(path: str | Path, prefix: str) -> None:
     """A curve CSV (a `step` column and `loss_*` columns, one row per point) as metric histories."""
-    import mlflow
-
-    for row in pd.read_csv(path).to_dict("records"):
-        mlflow.log_metrics({f"{prefix}.{k}": float(v) for k, v in row.items() if k.startswith("loss_")},
-                           step=int(row["step"]))
+    mlflow = _mlflow()
+    with _serialized():
+        for row in pd.read_csv(path).to_dict("records"):
+            mlflow.log_metrics({f"{prefix}.{k}": float(v) for k, v in row.items() if k.startswith("loss_")},
+                               step=int(row["step"]))
 
 
 def log_tags(tags: dict[str, str]) -> None:
-    import mlflow
-
-    mlflow.set_tags(tags)
+    mlflow = _mlflow()
+    with _serialized():
+        mlflow.set_tags(tags)
 
 
 def log_artifact(path: str | Path) -> None:
-    import mlflow
-
-    mlflow.log_artifact(str(path))
+    mlflow = _mlflow()
+    with _serialized():
+        mlflow.log_artifact(str(path))

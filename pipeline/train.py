@@ -14,6 +14,7 @@ under torchrun yourself:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sys
@@ -26,7 +27,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from pipeline import distributed, generator_file, shards
+from pipeline import distributed, generator_file, shards, tracking
 from pipeline.cyclegan import LossMeter, Trainer, build_nets
 from pipeline.distributed import World
 from pipeline.errors import PipelineError, cli
@@ -163,8 +164,11 @@ def main(argv=None) -> None:
     p = load(args.params)
     world = distributed.current()
     if p.train.processes > 1 and world.size == 1:  # the stage itself starts the DDP workers
+        tracking.check_store()
         distributed.launch(p.train.processes, "pipeline.train", argv)
         return
+    if world.main:
+        tracking.check_store()  # an unreachable MLflow server stops the stage before any training
     device = distributed.start(world, pick_device(p.device))
     try:
         run(p, args, world, device)
@@ -183,17 +187,33 @@ def run(p: Params, args: argparse.Namespace, world: World, device: torch.device)
     _, photos = shards.load_domain(args.shards, manifest, "photo", p.image_size)
     _, monets = shards.load_domain(args.shards, manifest, "monet", p.image_size)
 
-    started = time.perf_counter()
-    trainer, history = train(p, photos, monets, args.checkpoint, fingerprint(p, args.manifest), say, world, device)
-    seconds = time.perf_counter() - started
-    if not world.main:  # rank 0 alone writes outputs and logs
-        return
+    # rank 0 opens the MLflow row before the first step, so its duration includes training
+    with tracking.start_training(p, args.shards, args.manifest) if world.main else contextlib.nullcontext():
+        started = time.perf_counter()
+        trainer, history = train(p, photos, monets, args.checkpoint, fingerprint(p, args.manifest), say, world, device)
+        seconds = time.perf_counter() - started
+        if not world.main:  # rank 0 alone writes outputs and logs
+            return
+        grid_photos = photos[: p.train.grid_size]
+        save_outputs(p, args, trainer, history, grid_photos, seconds, len(photos), len(monets), world.size)
 
+        tracking.finish_training(p, args.generator)
+        tracking.log_curve(args.curve, "train")
+        tracking.log_metrics_file(args.metrics, step=trainer.step)  # the final values end the curves
+        tracking.log_artifact(args.grid)
+        tracking.log_tags({"train.device_description": trainer.describe()})
+        tracking.log_generator_model(args.generator, args.shards, args.manifest)
+    print(tracking.report("train"))
+    print(f"train: {trainer.step} steps in {seconds:.0f} s -> {args.generator}, {args.reverse_generator}")
+
+
+def save_outputs(p: Params, args: argparse.Namespace, trainer: Trainer, history: list[dict], grid_photos: torch.Tensor,
+                 seconds: float, photos: int, paintings: int, processes: int) -> None:
+    """The generators, the grid, the loss curve and the metrics, each written atomically."""
     config = generator_file.config_of(p)
     photo2monet, monet2photo = trainer.generators()  # the weight averages when train.ema is on
     generator_file.save(photo2monet, config, args.generator)
     generator_file.save(monet2photo, config, args.reverse_generator)
-    grid_photos = photos[: p.train.grid_size]
     generated = generator_file.translate(photo2monet, grid_photos, p.image_size, trainer.device,
                                          trainer.autocast, channels_last=p.train.channels_last)
     with atomic_path(args.grid) as tmp:
@@ -202,18 +222,8 @@ def run(p: Params, args: argparse.Namespace, world: World, device: torch.device)
         pd.DataFrame(history).to_csv(tmp, index=False)
     final = {k: v for k, v in history[-1].items() if k.startswith("loss_")}
     write_json(args.metrics, {**final, "steps": trainer.step, "seconds": round(seconds, 1),
-                              "photos": len(photos), "paintings": len(monets), "processes": world.size,
+                              "photos": photos, "paintings": paintings, "processes": processes,
                               "device": trainer.device.type, "precision": "bf16" if trainer.dtype else "fp32"})
-
-    from pipeline import tracking  # mlflow only after the work is safely on disk
-
-    with tracking.open_run(p, args.generator, stage="train"):
-        tracking.log_curve(args.curve, "train")
-        tracking.log_metrics_file(args.metrics, step=trainer.step)  # the final values end the curves
-        tracking.log_artifact(args.grid)
-        tracking.log_tags({"train.device_description": trainer.describe()})
-    print(f"train: {trainer.step} steps in {seconds:.0f} s -> {args.generator}, {args.reverse_generator}")
-
 
 if __name__ == "__main__":
     main()

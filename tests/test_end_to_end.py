@@ -10,17 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
-from workspace import dvc, make_repo, new_rows, rows, run, set_params
+from workspace import TINY, assert_complete, dvc, make_repo, new_rows, rows, run, set_params
 
-TINY = {
-    "image_size": 32,
-    "ingest": {"sample_photos": 24, "sample_paintings": 12, "shard_size": 16},
-    "train": {"gen_filters": 4, "disc_filters": 4, "resnet_blocks": 1, "epochs": 1, "steps_per_epoch": 3,
-              "batch_size": 2, "decay_from_epoch": 1, "grid_size": 4},
-    "generate": {"batch_size": 16},
-    "evaluate": {"offline_image_size": 75, "batch_size": 16, "download": False},
-    "package": {"min_images": 20, "max_images": 30},
-}
 STAGES = ("ingest", "train", "generate", "evaluate", "package")
 
 
@@ -36,20 +27,6 @@ def reproduced(repo):
     root, env = repo
     res = dvc(root, env, "repro")
     return root, env, res.stdout
-
-
-def _assert_complete(row: dict, metrics_dir: Path) -> None:
-    """The row holds every param, the final numbers of train, evaluate and package, and the grid."""
-    assert row["status"] == "FINISHED"
-    for stage in ("train", "evaluate", "package"):
-        numbers = {k: v for k, v in json.loads((metrics_dir / f"{stage}.json").read_text()).items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        for key, value in numbers.items():
-            assert row["metrics"].get(f"{stage}.{key}") == pytest.approx(value), (stage, key)
-    assert {"grid.png", "memorization.png"} <= set(row["artifacts"])
-    assert row["tags"]["evaluate.extractor"] == "offline" and "OFFLINE" in row["tags"].get(
-        "evaluate.extractor_description", "OFFLINE (copied rows hold the id alone)")
-    assert len(row["params"]) > 30 and row["params"]["lambda_cycle"] in {"10.0", "5.0", "3.0"}
 
 
 def test_dvc_repro_runs_all_five_stages(reproduced):
@@ -79,7 +56,7 @@ def test_first_repro_makes_one_complete_row(reproduced):
     first = [r for r in rows(root).values() if r["params"].get("lambda_cycle") == "10.0"
              and r["params"]["evaluate.batch_size"] == "16" and r["params"]["package.min_images"] == "20"]
     assert len(first) == 1
-    _assert_complete(first[0], root / "metrics")
+    assert_complete(first[0], root / "metrics")
     assert first[0]["params"]["train.epochs"] == "1"
     assert first[0]["name"].startswith("workspace@") and first[0]["tags"]["dvc_exp_name"] == "workspace"
 
@@ -121,7 +98,7 @@ def test_evaluate_only_rerun_makes_a_complete_row(reproduced):
     assert not any(f"Running stage '{s}'" in res.stdout for s in ("ingest", "train", "generate", "package"))
     new = new_rows(root, before)
     assert len(new) == 1 and new[0]["params"]["evaluate.batch_size"] == "8"
-    _assert_complete(new[0], root / "metrics")
+    assert_complete(new[0], root / "metrics")
     assert "train.loss_cycle" in new[0]["metrics"]  # the training curve is copied too
 
 
@@ -138,7 +115,7 @@ def test_retraining_to_the_same_weights_skips_the_rest_and_still_makes_a_complet
     assert (root / "models/photo2monet.pt").read_bytes() == generator
     new = new_rows(root, before)
     assert len(new) == 1 and new[0]["params"]["train.grid_size"] == "3"
-    _assert_complete(new[0], root / "metrics")
+    assert_complete(new[0], root / "metrics")
 
 
 def test_package_only_reruns_make_complete_rows_with_distinct_names(reproduced):
@@ -151,7 +128,7 @@ def test_package_only_reruns_make_complete_rows_with_distinct_names(reproduced):
     new = new_rows(root, before)
     assert sorted(r["params"]["package.min_images"] for r in new) == ["18", "19"]
     for row in new:
-        _assert_complete(row, root / "metrics")
+        assert_complete(row, root / "metrics")
     names = [r["name"] for r in new]
     assert len(set(names)) == 2 and all(n.startswith("workspace@") for n in names)
 
@@ -163,7 +140,7 @@ def test_exp_run_is_a_new_complete_row_named_after_the_experiment(reproduced):
     new = new_rows(root, before)
     assert len(new) == 1 and new[0]["params"]["lambda_cycle"] == "5.0"
     assert new[0]["name"] == "cycle-five" and new[0]["tags"]["dvc_exp_name"] == "cycle-five"
-    _assert_complete(new[0], root / "metrics")
+    assert_complete(new[0], root / "metrics")
 
 
 def test_exp_run_takes_every_float_form_dvc_writes(reproduced):
@@ -178,7 +155,7 @@ def test_exp_run_takes_every_float_form_dvc_writes(reproduced):
     assert len(new) == 1 and new[0]["name"] == "small-lr"
     assert (new[0]["params"]["train.lr"], new[0]["params"]["lambda_cycle"],
             new[0]["params"]["lambda_identity"]) == ("1e-05", "10.0", "0.5")
-    _assert_complete(new[0], root / "metrics")
+    assert_complete(new[0], root / "metrics")
 
 
 def test_temp_experiment_logs_into_the_main_store(reproduced):

@@ -1,0 +1,91 @@
+"""Benchmark a queued sweep: two experiments on two workers against the same two one after the other.
+
+    python bench/sweep.py [--keep DIR]
+
+Clones this repository's HEAD into a temp folder, sets a smaller recipe in params.yaml (so the
+bench takes minutes) and runs its ingest once, so that both ways start from cached data. Then
+runs `dvc exp run -S lambda_cycle=3` and `=5` one after the other (the reference), and queues
+`lambda_cycle=4,6` and runs them with `dvc queue start -j 2` (other values: DVC's run cache
+would restore known results instead of running). Prints the wall times, the ratio queued / one
+after the other (below 1.0: the sweep gains), and checks that each of the four experiments made
+one finished MLflow row.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"ingest": {"sample_photos": 1024, "sample_paintings": 300},
+         "train": {"epochs": 2, "steps_per_epoch": 32, "decay_from_epoch": 1},
+         "evaluate": {"baseline_images": 256, "kid_subset_size": 256},
+         "package": {"min_images": 1000}}
+
+
+def dvc(repo: Path, env: dict, *args: str) -> str:
+    res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"dvc {' '.join(args)} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    return res.stdout
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--keep", type=Path, help="clone here and keep it (default: a temp folder, removed)")
+    args = ap.parse_args()
+    work = args.keep or Path(tempfile.mkdtemp(prefix="sweep-bench-"))
+    repo = work / "repo"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@localhost", GIT_COMMITTER_NAME="bench",
+               GIT_COMMITTER_EMAIL="bench@localhost")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in SMALL.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "commit", "-qam", "bench: smaller recipe"], cwd=repo, env=env, check=True)
+    dvc(repo, env, "repro", "ingest")  # cached: every experiment restores it
+
+    one_after_other = sum(timed(lambda c=c: dvc(repo, env, "exp", "run", "-S", f"lambda_cycle={c}")) for c in (3, 5))
+    dvc(repo, env, "exp", "run", "--queue", "-S", "lambda_cycle=4,6")
+
+    def queued() -> None:
+        dvc(repo, env, "queue", "start", "-j", "2")
+        while True:
+            status = dvc(repo, env, "queue", "status")
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(2)
+        if status.count("Success") != 2:
+            raise SystemExit(f"queued experiments failed:\n{status}")
+
+    parallel = timed(queued)
+    with sqlite3.connect(repo / "mlflow.db") as con:
+        finished = dict(con.execute("select p.value, count(*) from runs r join params p on p.run_uuid = r.run_uuid "
+                                    "where p.key = 'lambda_cycle' and r.status = 'FINISHED' group by p.value"))
+    print(f"\nrepo: {repo}")
+    print(f"MLflow rows per lambda_cycle: {finished}")
+    print(f"\n{'way':<40} {'seconds':>8} {'ratio':>6}")
+    print(f"{'two experiments one after the other':<40} {one_after_other:>8.1f} {1.0:>6.3f}")
+    print(f"{'two queued, dvc queue start -j 2':<40} {parallel:>8.1f} {parallel / one_after_other:>6.3f}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The photo→Monet generator as an MLflow model: `mlflow.pyfunc.load_model(...)` and
+`mlflow models serve` turn a uint8 N×256×256×3 photo batch into uint8 N×256×256×3 paintings.
+
+`tracking.log_generator_model` logs this file as the model's code (MLflow's models from code: no
+pickle), the generator file the train stage wrote as its artifact, and this package's sources
+beside it, so the model loads wherever torch and mlflow are installed, with no params.yaml.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import mlflow.models
+import mlflow.pyfunc
+import numpy as np
+import torch
+
+IMAGE_SIZE = 256  # what the competition takes and what generate writes
+
+
+class PhotoToMonet(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from pipeline import generator_file
+        from pipeline.runtime import pick_device
+
+        self.device = pick_device("auto")
+        self.net, self.config = generator_file.load(context.artifacts["generator"], self.device)
+
+    def predict(self, context, model_input, params=None):
+        from pipeline import generator_file
+
+        photos = np.asarray(model_input)
+        if photos.dtype != np.uint8 or photos.ndim != 4 or photos.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+            raise ValueError(f"photo2monet takes uint8 N×{IMAGE_SIZE}×{IMAGE_SIZE}×3 photos, "
+                             f"got {photos.dtype} {tuple(photos.shape)}")
+        paintings = generator_file.translate(self.net, torch.from_numpy(np.ascontiguousarray(photos)),
+                                             self.config["image_size"], self.device, contextlib.nullcontext,
+                                             out_size=IMAGE_SIZE)
+        return paintings.numpy()
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    batch = TensorSpec(np.dtype(np.uint8), (-1, IMAGE_SIZE, IMAGE_SIZE, 3), name=None)
+    return ModelSignature(inputs=Schema([batch]), outputs=Schema([batch]))
+
+
+mlflow.models.set_model(PhotoToMonet())  # what MLflow loads when it runs this file as the model's code

@@ -1,0 +1,210 @@
+"""Experiments as DVC and MLflow users run them, in a temporary copy of the repository (tiny
+params): queued sweeps with two workers, the row spanning the pipeline with its data set and
+model, the model loaded and served, a remote tracking server, and an unreachable one."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from workspace import TINY, assert_complete, dvc, make_repo, new_rows, rows, run
+
+WAIT = 180  # seconds a server gets to come up
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory, repo_root):
+    root, env = make_repo(tmp_path_factory.mktemp("exps"), repo_root, TINY)
+    dvc(root, env, "repro")
+    return root, env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + WAIT
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer in {WAIT} s:\n{log.read_text()[-3000:]}")
+
+
+def start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
+    out = open(log, "w")
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+
+
+def photos(root: Path, n: int) -> np.ndarray:
+    from pipeline.shards import iter_domain, read_manifest
+
+    _, first = next(iter_domain(root / "data/shards", read_manifest(root / "data/manifest.csv"), "photo"))
+    return first[:n].numpy()
+
+
+def expected_paintings(root: Path, batch: np.ndarray) -> np.ndarray:
+    """What the pipeline's own code makes of `batch` with the trained generator."""
+    import contextlib
+
+    from pipeline import generator_file
+
+    net, config = generator_file.load(root / "models/photo2monet.pt", torch.device("cpu"))
+    return generator_file.translate(net, torch.from_numpy(batch), config["image_size"], torch.device("cpu"),
+                                    contextlib.nullcontext, out_size=256).numpy()
+
+
+def the_row(root: Path) -> tuple[str, dict]:
+    (run_id, row), = [(k, r) for k, r in rows(root).items() if r["name"].startswith("workspace@")][:1]
+    return run_id, row
+
+
+def test_one_row_spans_training_and_names_its_data_set(reproduced):
+    root, _ = reproduced
+    run_id, row = the_row(root)
+    assert_complete(row, root / "metrics")
+    # opened before the first step (the checkpoint is written after each epoch), ended by package
+    assert row["start_time"] / 1000 < (root / "models/checkpoint.pt").stat().st_mtime
+    assert row["end_time"] / 1000 >= (root / "metrics/package.json").stat().st_mtime
+    (dataset,) = row["datasets"]
+    assert dataset["name"] == "embedded-sample" and dataset["source_type"] == "code" and dataset["context"] == "training"
+    assert (dataset["photos"], dataset["paintings"]) == ("24", "12")
+    assert dataset["digest"]
+    assert row["models"] == ["photo2monet"]
+
+
+@pytest.mark.parametrize("source, name, kind, points_to", [
+    ("kaggle", "kaggle/gan-getting-started", "http", "kaggle.com/competitions/gan-getting-started"),
+    ("/data/gan-getting-started.zip", "local/gan-getting-started.zip", "local", "/data/gan-getting-started.zip"),
+    ("sample", "embedded-sample", "code", "pipeline/sample.py")])
+def test_the_data_set_names_where_the_images_came_from(source, name, kind, points_to):
+    from pipeline.tracking import _dataset_source
+
+    found, found_name = _dataset_source(source)
+    assert (found_name, found._get_source_type()) == (name, kind) and points_to in found.to_json()
+
+
+def test_logged_model_loads_back_and_translates(reproduced):
+    import mlflow
+
+    root, _ = reproduced
+    run_id, _ = the_row(root)
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/photo2monet")
+    batch = photos(root, 3)
+    out = model.predict(batch)
+    assert out.dtype == np.uint8 and out.shape == (3, 256, 256, 3)
+    assert np.array_equal(out, expected_paintings(root, batch))
+    (spec,) = model.metadata.get_input_schema().inputs  # the signature: one uint8 tensor of photos
+    assert (spec.type, spec.shape) == (np.dtype(np.uint8), (-1, 256, 256, 3))
+    with pytest.raises(Exception, match="uint8"):
+        model.predict(batch.astype(np.float32))  # the signature or the model refuses it, by name
+
+
+def test_served_model_answers_a_rest_request(reproduced, tmp_path):
+    root, env = reproduced
+    run_id, _ = the_row(root)
+    port = free_port()
+    served_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    log = tmp_path / "serve.log"
+    proc = start([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/photo2monet",
+                  "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], tmp_path, served_env, log)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", proc, log)
+        batch = photos(root, 2)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": batch.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            paintings = np.array(json.loads(answer.read())["predictions"], dtype=np.uint8)
+    finally:
+        stop(proc)
+    assert np.array_equal(paintings, expected_paintings(root, batch))
+
+
+def test_two_queued_experiments_on_two_workers_make_two_complete_rows(reproduced):
+    root, env = reproduced
+    before = rows(root)
+    dvc(root, env, "exp", "run", "--queue", "-S", "lambda_cycle=3,5")
+    dvc(root, env, "queue", "start", "-j", "2")
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        status = dvc(root, env, "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    dvc(root, env, "queue", "stop", check=False)
+    assert status.count("Success") == 2, status + dvc(root, env, "queue", "logs", "-e", "", check=False).stdout
+    new = new_rows(root, before)
+    assert sorted(r["params"]["lambda_cycle"] for r in new) == ["3.0", "5.0"]
+    names = {line.split()[1] for line in status.splitlines()[1:] if "Success" in line}
+    assert {r["name"] for r in new} == names  # named after their DVC experiments
+    for row in new:
+        assert_complete(row, root / "metrics", values=False)  # the experiments' own numbers, every key
+        assert row["models"] == ["photo2monet"] and row["datasets"][0]["name"] == "embedded-sample"
+    shown = dvc(root, env, "exp", "show", "--only-changed", "--csv").stdout
+    assert "lambda_cycle" in shown and "fid_vs_ground_truth" in shown
+    diff = dvc(root, env, "plots", "diff", *sorted(names), "--json").stdout
+    assert "loss_cycle" in diff
+
+
+def test_a_remote_tracking_server_receives_the_run(reproduced, tmp_path):
+    root, env = reproduced
+    port = free_port()
+    log = tmp_path / "server.log"
+    server = start([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                    "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                    "--artifacts-destination", str(tmp_path / "server-artifacts")], tmp_path, env, log)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", server, log)
+        before = rows(root)
+        uri = f"http://127.0.0.1:{port}"
+        dvc(root, {**env, "MLFLOW_TRACKING_URI": uri}, "exp", "run", "-n", "remote", "-S", "lambda_cycle=7")
+        assert rows(root) == before  # nothing in the local store
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        (exp,) = [e for e in client.search_experiments() if e.name == "monet-cyclegan"]
+        (found,) = client.search_runs([exp.experiment_id])
+        assert found.info.run_name == "remote" and found.info.status == "FINISHED"
+        assert found.data.params["lambda_cycle"] == "7.0" and "evaluate.fid_vs_ground_truth" in found.data.metrics
+        assert {"grid.png", "memorization.png"} <= {a.path for a in client.list_artifacts(found.info.run_id)}
+        assert list((tmp_path / "server-artifacts").rglob("grid.png"))  # proxied: the server wrote the files
+    finally:
+        stop(server)
+
+
+def test_an_unreachable_tracking_server_stops_train_before_any_step(reproduced, tmp_path):
+    root, env = reproduced
+    port = free_port()  # nothing listens there
+    checkpoint = tmp_path / "checkpoint.pt"
+    res = run([sys.executable, "-m", "pipeline.train", "--shards", "data/shards", "--manifest", "data/manifest.csv",
+               "--generator", str(tmp_path / "g.pt"), "--reverse-generator", str(tmp_path / "r.pt"),
+               "--checkpoint", str(checkpoint), "--metrics", str(tmp_path / "m.json"), "--curve",
+               str(tmp_path / "c.csv"), "--grid", str(tmp_path / "grid.png")], root,
+              {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}, check=False, timeout=120)
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: tracking: no MLflow server answers at") and f":{port}" in lines[-1]
+    assert not checkpoint.exists() and not list(tmp_path.iterdir())
