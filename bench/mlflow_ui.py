@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -90,10 +89,11 @@ def main() -> None:
         plain = f"{base}/#/experiments/{exp_id}"
         pages = {address: browser(["--dump-dom", address], work / f"profile-{i}")
                  for i, address in enumerate((readme, plain))}
-        ids = urllib.parse.quote(json.dumps(list(runs.values())))
-        compare = f"{base}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([exp_id]))}"
+        # the address the Compare button opens (the UI reads the lists as JSON, unquoted)
+        compare = f"{base}/#/compare-runs?runs={json.dumps(list(runs.values()))}&experiments={json.dumps([str(exp_id)])}"
         args.screenshot.parent.mkdir(parents=True, exist_ok=True)
-        browser([f"--screenshot={args.screenshot}", compare + "&workflowType=machine_learning"], work / "profile-c")
+        browser([f"--screenshot={args.screenshot}", "--window-size=1400,1700", compare + "&" + TRAINING_VIEW[1:]],
+                work / "profile-c")
     finally:
         os.killpg(ui.pid, 15)
         ui.wait(timeout=30)
