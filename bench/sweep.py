@@ -1,6 +1,6 @@
 """Benchmark a queued sweep: two experiments on two workers against the same two one after the other.
 
-    python bench/sweep.py [--keep DIR]
+    python bench/sweep.py [--threads N] [--keep DIR]
 
 Clones this repository's HEAD into a temp folder, sets a smaller recipe in params.yaml (so the
 bench takes minutes) and runs its ingest once, so that both ways start from cached data. Then
@@ -8,7 +8,8 @@ runs `dvc exp run -S lambda_cycle=3` and `=5` one after the other (the reference
 `lambda_cycle=4,6` and runs them with `dvc queue start -j 2` (other values: DVC's run cache
 would restore known results instead of running). Prints the wall times, the ratio queued / one
 after the other (below 1.0: the sweep gains), and checks that each of the four experiments made
-one finished MLflow row.
+one finished MLflow row. `--threads N` starts the queue's workers with OMP_NUM_THREADS=N (each
+experiment's share of the cores); by default they get PyTorch's default, every core each.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def timed(fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep", type=Path, help="clone here and keep it (default: a temp folder, removed)")
+    ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the queued experiments (default: unset)")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="sweep-bench-"))
     repo = work / "repo"
@@ -65,7 +67,7 @@ def main() -> None:
     dvc(repo, env, "exp", "run", "--queue", "-S", "lambda_cycle=4,6")
 
     def queued() -> None:
-        dvc(repo, env, "queue", "start", "-j", "2")
+        dvc(repo, {**env, "OMP_NUM_THREADS": str(args.threads)} if args.threads else env, "queue", "start", "-j", "2")
         while True:
             status = dvc(repo, env, "queue", "status")
             if "Queued" not in status and "Running" not in status:
@@ -82,7 +84,8 @@ def main() -> None:
     print(f"MLflow rows per lambda_cycle: {finished}")
     print(f"\n{'way':<40} {'seconds':>8} {'ratio':>6}")
     print(f"{'two experiments one after the other':<40} {one_after_other:>8.1f} {1.0:>6.3f}")
-    print(f"{'two queued, dvc queue start -j 2':<40} {parallel:>8.1f} {parallel / one_after_other:>6.3f}")
+    way = f"two queued, -j 2, OMP_NUM_THREADS={args.threads or 'unset'}"
+    print(f"{way:<40} {parallel:>8.1f} {parallel / one_after_other:>6.3f}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
