@@ -28,7 +28,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
@@ -245,11 +244,12 @@ def log_dataset(params: Params, manifest: Path) -> None:
     frame = pd.read_csv(manifest, dtype={"image_name": str})
     source, name = _dataset_source(params.ingest.source)
     counts = frame["domain"].value_counts()
-    with warnings.catch_warnings():  # the schema MLflow infers from the manifest's integer columns
+    with warnings.catch_warnings(), _serialized():
+        # MLflow's own notes on the schema it infers from the manifest's integer columns, and on
+        # the pandas calls inside its digest: nothing a user of this pipeline can act on
         warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
-        dataset = mlflow.data.from_pandas(frame, source=source, name=name)
-    with _serialized():
-        mlflow.log_input(dataset, context="training",
+        warnings.filterwarnings("ignore", message=".*will be keyword-only")
+        mlflow.log_input(mlflow.data.from_pandas(frame, source=source, name=name), context="training",
                          tags={"photos": str(int(counts.get("photo", 0))),
                                "paintings": str(int(counts.get("monet", 0)))})
 
@@ -268,8 +268,9 @@ def log_generator_model(generator_path: Path, shards: Path, manifest: Path) -> N
     _, first_shard = next(iter_domain(shards, read_manifest(manifest), "photo"))
     example = first_shard[:1].numpy()  # 1×256×256×3 uint8
 
+    # what the model's code imports (generator_file and the modules beneath it), pinned where it matters
     requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
-                    f"numpy=={np.__version__}", f"pandas=={pd.__version__}", "pyyaml", "pillow"]
+                    f"numpy=={np.__version__}", f"pandas=={pd.__version__}", "pyyaml", "tqdm"]
     with tempfile.TemporaryDirectory() as tmp, _serialized():
         code = Path(tmp) / "pipeline"  # the package's sources, without caches
         code.mkdir()

@@ -76,7 +76,7 @@ def expected_paintings(root: Path, batch: np.ndarray) -> np.ndarray:
 
 
 def the_row(root: Path) -> tuple[str, dict]:
-    (run_id, row), = [(k, r) for k, r in rows(root).items() if r["name"].startswith("workspace@")][:1]
+    ((run_id, row),) = [(k, r) for k, r in rows(root).items() if r["name"].startswith("workspace@")]
     return run_id, row
 
 
@@ -103,6 +103,32 @@ def test_the_data_set_names_where_the_images_came_from(source, name, kind, point
 
     found, found_name = _dataset_source(source)
     assert (found_name, found._get_source_type()) == (name, kind) and points_to in found.to_json()
+
+
+def test_a_training_run_again_resumes_its_row_until_it_finishes(tmp_path, monkeypatch):
+    # kill -9 leaves the row RUNNING, ^C marks it KILLED: either way the next training of the same
+    # params continues that row; once keyed (finish_training), the next training makes a new one
+    from pipeline import tracking
+    from pipeline.params import parse
+    from pipeline.shards import MANIFEST_COLUMNS
+
+    monkeypatch.chdir(tmp_path)  # no dvc.lock here: no other stage's results to copy
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(",".join(MANIFEST_COLUMNS) + "\nphoto,a,photo-000.pt,0,x.tfrec,0\nmonet,b,monet-000.pt,0,y.tfrec,0\n")
+    generator = tmp_path / "g.pt"
+    generator.write_bytes(b"weights")
+    p = parse({"train": {"lr": 1e-5}})
+    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest) as first:
+        raise KeyboardInterrupt
+    with tracking.start_training(p, tmp_path, manifest) as again:
+        assert again.info.run_id == first.info.run_id
+        tracking.finish_training(p, generator)
+    with tracking.start_training(p, tmp_path, manifest) as new:
+        assert new.info.run_id != first.info.run_id
+    with tracking.start_training(parse({"train": {"lr": 2e-5}}), tmp_path, manifest) as other:
+        assert other.info.run_id not in (first.info.run_id, new.info.run_id)  # other params: its own row
+    assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"] * 3
 
 
 def test_logged_model_loads_back_and_translates(reproduced):
