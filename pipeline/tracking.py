@@ -160,8 +160,8 @@ def _new_run(mlflow, exp_id: str, params: Params, manifest: Path, tags: dict[str
 
 def start_training(params: Params, shards: Path, manifest: Path):
     """`train`, before its first step: this execution's row, to use as a context around training.
-    A training that was killed (or failed) and is run again resumes its row."""
-    check_store()
+    A training that was killed (or failed) and is run again resumes its row. (The stage has
+    called check_store before loading the data.)"""
     mlflow = _mlflow()
     with _serialized():
         exp_id = _experiment_id(mlflow)
