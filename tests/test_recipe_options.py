@@ -10,7 +10,7 @@ from pipeline import generator_file
 from pipeline import train as train_stage
 from pipeline.cyclegan import Trainer, build_nets
 from pipeline.diffaugment import Augment
-from pipeline.networks import define_generator, to_model_input
+from pipeline.networks import ResizeConvAtInputSize, define_generator, fold_resize_upsampling, to_model_input
 from pipeline.params import ParamsError, parse
 
 BASE = {"image_size": 32, "train": {"gen_filters": 4, "disc_filters": 4, "resnet_blocks": 1, "batch_size": 3,
@@ -183,3 +183,58 @@ def test_a_file_saved_before_the_option_loads_as_the_transposed_network_it_holds
     loaded, _ = generator_file.load(tmp_path / "old.pt", torch.device("cpu"))
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     assert torch.equal(loaded(x), net.eval()(x))
+
+
+def _upsampling_kinds(net):
+    return [type(m).__name__ for m in net.modules()
+            if isinstance(m, (torch.nn.Upsample, torch.nn.ConvTranspose2d, ResizeConvAtInputSize))]
+
+
+@pytest.mark.parametrize("kind, size, how", [("resnet", 32, "resize"), ("resnet", 64, "resize"),
+                                             ("unet", 32, "resize"), ("unet", 64, "resize"),
+                                             ("resnet", 32, "transpose"), ("unet", 32, "transpose")])
+def test_folded_resize_upsampling_computes_the_same_function(kind, size, how):
+    # in float64, so that what is compared is the function, not float32 rounding (which the
+    # U-Net's instance norm over equal pixels below 4×4 amplifies in either form)
+    torch.manual_seed(0)
+    net = define_generator(kind, size, 4, 2, how).eval().double()
+    with torch.no_grad():  # trained-looking weights: the init's are tiny and would hide errors
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    folded = fold_resize_upsampling(copy.deepcopy(net))
+    before, after = _upsampling_kinds(net), _upsampling_kinds(folded)
+    if how == "resize":
+        assert after == ["ResizeConvAtInputSize"] * before.count("Upsample") and after
+    else:
+        assert after == before  # nothing to fold
+    x = torch.rand(3, 3, size, size, dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        want, got = net(x), folded(x)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() < 1e-9, float((got - want).abs().max())
+
+
+def test_a_resize_upsampling_at_a_border_pixel_matches_by_hand():
+    conv = torch.nn.Conv2d(1, 1, 3, bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(torch.arange(9.0).view(1, 1, 3, 3))
+        conv.bias.fill_(0.5)
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    y = ResizeConvAtInputSize(conv)(x)
+    # the doubled image, reflection-padded, then the 3×3 conv at output (0, 0): rows 1,1,1 / 1,1,2 / 3,3,4
+    doubled = torch.nn.functional.pad(x.repeat_interleave(2, 2).repeat_interleave(2, 3), (1, 1, 1, 1), mode="reflect")
+    assert float(y[0, 0, 0, 0]) == pytest.approx(float((doubled[0, 0, :3, :3] * conv.weight[0, 0]).sum() + 0.5))
+    assert torch.allclose(y, conv(doubled))
+
+
+def test_generate_runs_a_resize_generator_folded_and_the_plain_file_stays_trainable(tmp_path):
+    p = _params(upsample="resize")
+    torch.manual_seed(0)
+    generator_file.save(generator_file.build(generator_file.config_of(p)), generator_file.config_of(p), tmp_path / "g.pt")
+    plain, _ = generator_file.load(tmp_path / "g.pt", torch.device("cpu"))
+    fast, _ = generator_file.load_for_inference(tmp_path / "g.pt", torch.device("cpu"))
+    assert "Upsample" in _upsampling_kinds(plain) and "Upsample" not in _upsampling_kinds(fast)
+    photos = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    a, b = (generator_file.translate(net, photos, 32, torch.device("cpu"), torch.no_grad, out_size=64)
+            for net in (plain, fast))
+    assert (a.int() - b.int()).abs().max() <= 1  # float rounding moves a level at most
