@@ -10,6 +10,7 @@ Which extractor is a param (`evaluate.extractor`), never a fallback:
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.models.inception import BasicConv2d
 from tqdm import tqdm
 
 from pipeline import fid_weights
@@ -38,6 +41,25 @@ class Extractor:
     comparable: bool      # True only for the real FID weights
     image_size: int       # input px the model resizes to (299, or the offline size)
     key: str              # what its features depend on besides the images (weights, options)
+    runs: nn.Module       # what `extract` runs: `model`, or for the offline extractor `model` with
+                          # its BatchNorms folded into the convs (see fold_batchnorm)
+
+
+FOLDED = "bn-folded"  # in the offline extractor's key: its cached features come from the folded network
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """`model` (eval mode) with the BatchNorm of each Inception conv block (conv -> BN -> ReLU)
+    folded into the conv's weights and bias, in place. Returns `model`.
+
+    The same features up to float rounding (1e-5 relative) and ~17% faster on the CPU. Used for
+    the offline extractor only: the fid-inception features stay pytorch-fid's computation, the one
+    whose numbers are compared with Kaggle's."""
+    for block in model.modules():
+        if isinstance(block, BasicConv2d) and isinstance(block.bn, nn.BatchNorm2d):
+            block.conv = fuse_conv_bn_eval(block.conv.eval(), block.bn.eval())
+            block.bn = nn.Identity()
+    return model.eval()
 
 
 def fid_extractor(path: Path, what: str, device: torch.device) -> Extractor:
@@ -49,7 +71,8 @@ def fid_extractor(path: Path, what: str, device: torch.device) -> Extractor:
     model = FIDInceptionPool(net, FID_IMAGE_SIZE).to(device).eval()
     return Extractor(model=model, id="fid-inception",
                      name=f"fid-inception-v3 ({fid_weights.FID_WEIGHTS_NAME}, from {path}{note})",
-                     comparable=True, image_size=FID_IMAGE_SIZE, key=f"fid-inception/{digest}/{FID_IMAGE_SIZE}")
+                     comparable=True, image_size=FID_IMAGE_SIZE, key=f"fid-inception/{digest}/{FID_IMAGE_SIZE}",
+                     runs=model)
 
 
 # ------------------------------------------------------------------------------------- offline
@@ -114,7 +137,8 @@ def offline_extractor(reference: torch.Tensor, image_size: int, device: torch.de
     # its BatchNorm statistics come from the paintings: their bytes are part of what it is
     paintings = hashlib.sha256(reference.contiguous().numpy().tobytes()).hexdigest()
     return Extractor(model=model, id="offline", name=name, comparable=False, image_size=int(image_size),
-                     key=f"offline/{seed}/{int(image_size)}/{paintings}")
+                     key=f"offline/{seed}/{int(image_size)}/{paintings}/{FOLDED}",
+                     runs=fold_batchnorm(copy.deepcopy(model)))
 
 
 # ---------------------------------------------------------------------------------- public API
@@ -157,7 +181,7 @@ def extract(extractor: Extractor, images: Any, batch_size: int, device: torch.de
     """float64 (N, 2048) pool features of uint8 (N, H, W, 3) images (a tensor or an iterable
     of such batches), with a progress bar."""
     device = torch.device(device)
-    model = extractor.model.to(device).eval()
+    model = extractor.runs.to(device).eval()
     batches, total = _iter_batches(images, batch_size)
     out: list[np.ndarray] = []
     with torch.inference_mode(), tqdm(total=total, desc=desc, unit="img") as bar:

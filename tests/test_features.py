@@ -5,6 +5,7 @@ No network and no real weights needed: the "real" weights are a state dict of th
 the tests create (with recalibrated, non-trivial BatchNorm statistics)."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 from pipeline import fid_weights
 from pipeline.errors import FeatureError
-from pipeline.features import Extractor, extract, load_extractor, offline_extractor
+from pipeline.features import Extractor, extract, fold_batchnorm, load_extractor, offline_extractor
 from pipeline.fid_weights import FID_WEIGHTS_NAME
 
 CPU = torch.device("cpu")
@@ -261,3 +262,24 @@ def test_extract_rejects_non_uint8_images(offline, paintings):
         extract(offline, paintings.float() / 255, batch_size=4, device=CPU)
     with pytest.raises(FeatureError, match="uint8"):
         extract(offline, paintings.permute(0, 3, 1, 2).contiguous(), batch_size=4, device=CPU)
+
+
+def test_the_offline_extractor_runs_its_network_with_batchnorm_folded(offline, paintings, weights_file):
+    def batchnorms(net):
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+
+    assert batchnorms(offline.model) == 94 and batchnorms(offline.runs) == 0  # the model keeps its weights
+    assert offline.key.endswith("/bn-folded")  # cached features say which network made them
+    x = paintings.permute(0, 3, 1, 2).double() / 255
+    with torch.inference_mode():  # the same function: in float64, where rounding cannot hide a wrong fold
+        exact = copy.deepcopy(offline.model).double()(x)
+        folded = fold_batchnorm(copy.deepcopy(offline.model).double())(x)
+    torch.testing.assert_close(folded, exact, rtol=1e-9, atol=1e-9)
+    with torch.inference_mode():
+        unfolded = offline.model(x.float()).double().numpy()
+    got = extract(offline, paintings, batch_size=8, device=CPU)
+    assert not np.array_equal(got, unfolded)  # extract ran the folded network: float32 rounds differently
+    np.testing.assert_allclose(got, unfolded, rtol=1e-2, atol=1e-2)
+    real = load_extractor("fid-inception", str(weights_file), download=False, offline_image_size=OFFLINE_PX,
+                          reference=None, device=CPU)
+    assert real.runs is real.model  # the comparable extractor runs pytorch-fid's computation as it is
