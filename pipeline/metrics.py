@@ -58,12 +58,27 @@ def _factor_from_cov(sigma: np.ndarray) -> np.ndarray:
     return v[:, keep] * np.sqrt(w[keep])
 
 
+def _centred(x: np.ndarray) -> np.ndarray:
+    """L with L @ L.T == np.cov(x, rowvar=False), exactly: the centred data, (dims, rows)."""
+    return (x - x.mean(axis=0)).T / np.sqrt(x.shape[0] - 1)
+
+
 def _factor_from_data(x: np.ndarray) -> np.ndarray:
     """L with L @ L.T == np.cov(x, rowvar=False); exact (no eigensolver) when rows <= dims."""
     n, d = x.shape
     if n <= d:
-        return (x - x.mean(axis=0)).T / np.sqrt(n - 1)
+        return _centred(x)
     return _factor_from_cov(np.cov(x, rowvar=False))
+
+
+def _factors(g: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Factors of both covariances for _trace_sqrt_from_factors. The centred data themselves
+    whenever M = Lg^T Lr, rows × rows, is no larger than a covariance (7,028 generated images
+    against 300 paintings in 2048 dims: 0.9 s instead of 2.9 s for the covariance and its
+    eigensolver, and exact); otherwise each set's smaller factor."""
+    if g.shape[0] * r.shape[0] <= g.shape[1] ** 2:
+        return _centred(g), _centred(r)
+    return _factor_from_data(g), _factor_from_data(r)
 
 
 def _trace_sqrt_from_factors(l1: np.ndarray, l2: np.ndarray) -> float:
@@ -120,7 +135,7 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
 def fid(generated: Any, real: Any) -> float:
     """FID between two feature matrices (rows = images)."""
     g, r = _check_pair(generated, real)
-    lg, lr = _factor_from_data(g), _factor_from_data(r)
+    lg, lr = _factors(g, r)
     gc, rc = g - g.mean(axis=0), r - r.mean(axis=0)
     tr_g = float((gc * gc).sum()) / (g.shape[0] - 1)    # Tr of the (unbiased) covariances
     tr_r = float((rc * rc).sum()) / (r.shape[0] - 1)
@@ -171,14 +186,24 @@ def kid(generated: Any, real: Any, subsets: int = 100, subset_size: int = 1000, 
     g, r = _check_pair(generated, real)
     m = min(subset_size, g.shape[0], r.shape[0])
     dims = g.shape[1]
+
+    def kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return (a @ b.T / dims + coef0) ** degree
+
+    # a whole-set kernel matrix, indexed per subset, where it costs less than the subsets' own
+    # (300 paintings: each subset of them is all of them, reordered)
+    budget = subsets * m * m
+    whole_xy = kernel(g, r) if g.shape[0] * r.shape[0] <= budget else None
+    whole_yy = kernel(r, r) if r.shape[0] ** 2 <= budget else None
     rng = np.random.default_rng(seed)
     values = np.empty(subsets)
     for i in range(subsets):
-        x = g[rng.choice(g.shape[0], m, replace=False)]
-        y = r[rng.choice(r.shape[0], m, replace=False)]
-        k_xx = (x @ x.T / dims + coef0) ** degree
-        k_yy = (y @ y.T / dims + coef0) ** degree
-        k_xy = (x @ y.T / dims + coef0) ** degree
+        ix = rng.choice(g.shape[0], m, replace=False)
+        iy = rng.choice(r.shape[0], m, replace=False)
+        x, y = g[ix], r[iy]
+        k_xx = kernel(x, x)
+        k_yy = whole_yy[np.ix_(iy, iy)] if whole_yy is not None else kernel(y, y)
+        k_xy = whole_xy[np.ix_(ix, iy)] if whole_xy is not None else kernel(x, y)
         values[i] = ((k_xx.sum() - np.trace(k_xx)) / (m * (m - 1)) + (k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
                      - 2.0 * k_xy.mean())
     return {"kid_mean": float(values.mean()), "kid_std": float(values.std())}

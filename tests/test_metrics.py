@@ -77,6 +77,17 @@ def test_fid_rank_deficient_like_300_paintings_in_2048_dims():
     assert frechet_distance(*stats) == pytest.approx(ref_fid_nuclear(a, b), rel=1e-9)
 
 
+@pytest.mark.parametrize("n_generated, n_real", [(400, 4), (400, 30), (300, 60)])
+def test_fid_with_more_generated_images_than_dims(n_generated, n_real):
+    """Many generated rows against few real ones (7,028 against 300 in 2048 dims, scaled down):
+    both ways of factoring the covariances give the exact FID."""
+    rng = np.random.default_rng(11)
+    a, b = feats(rng, n_generated, 40), feats(rng, n_real, 40, shift=0.3)
+    assert fid(a, b) == pytest.approx(ref_fid_nuclear(a, b), rel=1e-9)
+    if n_real > 40:  # full rank: the textbook formula holds too
+        assert fid(a, b) == pytest.approx(ref_fid_sqrtm(a, b), rel=1e-8)
+
+
 def test_frechet_distance_from_statistics():
     rng = np.random.default_rng(2)
     a, b = feats(rng, 200, 8), feats(rng, 250, 8, shift=-0.5, scale=2.0)
@@ -242,6 +253,24 @@ def test_kid_equals_the_unbiased_mmd_written_out():
     got = kid(x, y, subsets=1, subset_size=12)
     assert got["kid_mean"] == pytest.approx(_mmd2_loops(x, y), rel=1e-10)
     assert got["kid_std"] == 0.0
+
+
+@pytest.mark.parametrize("generated, real", [(30, 8), (8, 30), (6, 6)])
+def test_kid_subsets_are_the_unbiased_mmd_of_the_rows_drawn(generated, real):
+    """Subsets smaller than a set: each value is the MMD² of exactly the rows the seeded draw
+    picks, whether the kernel is computed per subset or indexed from a whole-set matrix."""
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(generated, 5)), rng.normal(0.3, 1.1, size=(real, 5))
+    subsets, m = 4, 5
+    draw = np.random.default_rng(0)
+    values = []
+    for _ in range(subsets):
+        ix = draw.choice(generated, m, replace=False)
+        iy = draw.choice(real, m, replace=False)
+        values.append(_mmd2_loops(x[ix], y[iy]))
+    got = kid(x, y, subsets=subsets, subset_size=m, seed=0)
+    assert got["kid_mean"] == pytest.approx(np.mean(values), rel=1e-10)
+    assert got["kid_std"] == pytest.approx(np.std(values), rel=1e-8)
 
 
 def test_kid_of_constant_sets_has_the_closed_form():
