@@ -85,7 +85,7 @@ def fold_resize_upsampling(net: nn.Module) -> nn.Module:
                     and tuple(run[1].padding) == (1, 1, 1, 1) and isinstance(run[2], nn.Conv2d) \
                     and run[2].kernel_size == (3, 3) and run[2].stride == (1, 1) and run[2].padding == (0, 0) \
                     and run[2].dilation == (1, 1) and run[2].groups == 1:
-                folded.append(ResizeConvAtInputSize(run[2]).to(run[2].weight.device))
+                folded.append(ResizeConvAtInputSize(run[2]))  # its buffers on the conv's device
                 layers = layers[3:]
             else:
                 folded.append(layers.pop(0))
