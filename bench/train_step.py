@@ -8,13 +8,14 @@ numpy, tqdm): no dvc, mlflow or tfrecord, so it runs on a bare GPU machine.
 
 Training rows, in pairs (photo + painting) per second:
 - reference: the reference CycleGAN implementation's recipe on the same networks: fp32, eager,
-  batch 1, each batch copied from the host, `.item()` on every loss after every step;
+  batch 1, each batch copied from the host, `.item()` on every loss after every step, a resize
+  upsampling computed at the doubled size (nearest 2×, pad, 3×3 conv: `direct_resize`);
 - pipeline: the train stage's step as the recipe configures it (batch size, precision `auto`,
   channels_last, compile), images resident on the device, losses read every `log_every` steps;
 - one row per precision / memory-format mode of that step, to see what each buys.
 Generation: the generate stage's `generate()` and package's check and zip over synthetic photos,
-against the implementation they replaced (sequential JPEG encoding, F.interpolate's bicubic and
-large float temporaries), which the bench keeps below as `reference_generate`.
+against the implementation they replaced (sequential JPEG encoding, F.interpolate's bicubic,
+large float temporaries, resize upsampling at the doubled size), kept below as `reference_generate`.
 
 Writes its log and the table under $OUT (or ./bench-out); prints the table last.
 """
@@ -43,7 +44,7 @@ import readme_recipes  # noqa: E402
 from pipeline import generator_file, shards  # noqa: E402
 from pipeline.cyclegan import LossMeter, Trainer, build_nets  # noqa: E402
 from pipeline.generate import generate  # noqa: E402
-from pipeline.networks import to_model_input  # noqa: E402
+from pipeline.networks import ResizeConv2d, to_model_input  # noqa: E402
 from pipeline.package import check_images, write_zip  # noqa: E402
 from pipeline.params import Params, parse, read_yaml  # noqa: E402
 from pipeline.runtime import autocast_dtype, place  # noqa: E402
@@ -57,6 +58,15 @@ def recipe(name: str, device: torch.device) -> Params:
     return parse(raw)
 
 
+def direct_resize(net: torch.nn.Module) -> torch.nn.Module:
+    """`net` computing each resize upsampling the direct way, as the reference implementation
+    would: nearest 2×, reflection pad, 3×3 conv at the doubled size (the same function)."""
+    for m in net.modules():
+        if isinstance(m, ResizeConv2d):
+            m.at_input_size = False
+    return net
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -66,7 +76,8 @@ def pairs_per_second(p: Params, device: torch.device, dtype, reference: bool, st
     """Time `steps` training steps (after `warmup`); the reference reads every loss every step."""
     t = p.train
     torch.manual_seed(0)
-    nets = build_nets(p).map(lambda m: place(m, device, t.channels_last, t.compile))
+    nets = build_nets(p).map(lambda m: place(direct_resize(m) if reference else m, device, t.channels_last,
+                                             t.compile))
     trainer = Trainer(nets, p, device, dtype)
     data = torch.randint(0, 256, (64, p.image_size, p.image_size, 3), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
@@ -147,6 +158,7 @@ def reference_generate(shards_dir: Path, manifest_path: Path, generator_path: Pa
                        device: torch.device, batch_size: int, quality: int) -> int:
     """The generate stage as it was before it was made faster: the same images, made sequentially."""
     net, config = generator_file.load(generator_path, device)
+    direct_resize(net)
     manifest = shards.read_manifest(manifest_path)
     out.mkdir(parents=True)
     count = 0

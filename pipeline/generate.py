@@ -43,7 +43,7 @@ def generate(shards_dir: Path, manifest_path: Path, generator_path: Path, out: P
              precision: str, batch_size: int, quality: int) -> int:
     device = pick_device(device_name)
     ctx = autocast(device, autocast_dtype(precision, device))
-    net, config = generator_file.load_for_inference(generator_path, device)
+    net, config = generator_file.load(generator_path, device)
     manifest = shards.read_manifest(manifest_path)
     total = int((manifest["domain"] == "photo").sum())
     count = 0

@@ -17,7 +17,7 @@ from torch import nn
 
 from pipeline.errors import DataError
 from pipeline.files import save_torch
-from pipeline.networks import define_generator, fold_resize_upsampling, to_model_input, to_uint8
+from pipeline.networks import define_generator, to_model_input, to_uint8
 from pipeline.params import Params
 from pipeline.runtime import uncompiled
 from pipeline.shards import resize_uint8
@@ -51,13 +51,6 @@ def load(path: Path, device: torch.device) -> tuple[nn.Module, dict]:
     except (KeyError, RuntimeError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as e:
         raise DataError(f"{path}: not a generator saved by the train stage ({type(e).__name__})") from None
     return net.to(device).eval(), saved["config"]
-
-
-def load_for_inference(path: Path, device: torch.device) -> tuple[nn.Module, dict]:
-    """`load`, with the resize upsamplings computed at their input's resolution (the same images
-    up to float rounding, faster): what generate and the served MLflow model run."""
-    net, config = load(path, device)
-    return fold_resize_upsampling(net), config
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ class PhotoToMonet(mlflow.pyfunc.PythonModel):
         from pipeline.runtime import pick_device
 
         self.device = pick_device("auto")
-        self.net, self.config = generator_file.load_for_inference(context.artifacts["generator"], self.device)
+        self.net, self.config = generator_file.load(context.artifacts["generator"], self.device)
 
     def predict(self, context, model_input, params=None):
         from pipeline import generator_file

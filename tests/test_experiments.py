@@ -70,7 +70,7 @@ def expected_paintings(root: Path, batch: np.ndarray) -> np.ndarray:
 
     from pipeline import generator_file
 
-    net, config = generator_file.load_for_inference(root / "models/photo2monet.pt", torch.device("cpu"))
+    net, config = generator_file.load(root / "models/photo2monet.pt", torch.device("cpu"))
     return generator_file.translate(net, torch.from_numpy(batch), config["image_size"], torch.device("cpu"),
                                     contextlib.nullcontext, out_size=256).numpy()
 

@@ -10,7 +10,7 @@ from pipeline import generator_file
 from pipeline import train as train_stage
 from pipeline.cyclegan import Trainer, build_nets
 from pipeline.diffaugment import Augment
-from pipeline.networks import ResizeConvAtInputSize, define_generator, fold_resize_upsampling, to_model_input
+from pipeline.networks import ResizeConv2d, define_generator, to_model_input
 from pipeline.params import ParamsError, parse
 
 BASE = {"image_size": 32, "train": {"gen_filters": 4, "disc_filters": 4, "resnet_blocks": 1, "batch_size": 3,
@@ -185,56 +185,75 @@ def test_a_file_saved_before_the_option_loads_as_the_transposed_network_it_holds
     assert torch.equal(loaded(x), net.eval()(x))
 
 
-def _upsampling_kinds(net):
-    return [type(m).__name__ for m in net.modules()
-            if isinstance(m, (torch.nn.Upsample, torch.nn.ConvTranspose2d, ResizeConvAtInputSize))]
+
+def _direct(net, on: bool = True):
+    """`net` with its ResizeConv2d modules computing the direct way (upsample, pad, 3×3 conv)."""
+    for m in net.modules():
+        if isinstance(m, ResizeConv2d):
+            m.at_input_size = not on
+    return net
 
 
-@pytest.mark.parametrize("kind, size, how", [("resnet", 32, "resize"), ("resnet", 64, "resize"),
-                                             ("unet", 32, "resize"), ("unet", 64, "resize"),
-                                             ("resnet", 32, "transpose"), ("unet", 32, "transpose")])
-def test_folded_resize_upsampling_computes_the_same_function(kind, size, how):
+@pytest.mark.parametrize("kind, size", [("resnet", 32), ("resnet", 64), ("unet", 32), ("unet", 64)])
+def test_resize_convolution_at_input_size_is_the_direct_one_with_its_gradients(kind, size):
     # in float64, so that what is compared is the function, not float32 rounding (which the
     # U-Net's instance norm over equal pixels below 4×4 amplifies in either form)
     torch.manual_seed(0)
-    net = define_generator(kind, size, 4, 2, how).eval().double()
+    net = define_generator(kind, size, 4, 2, "resize").double().eval()  # eval: the U-Net's dropout off
     with torch.no_grad():  # trained-looking weights: the init's are tiny and would hide errors
         for p in net.parameters():
             p.normal_(0, 0.3)
-    folded = fold_resize_upsampling(copy.deepcopy(net))
-    before, after = _upsampling_kinds(net), _upsampling_kinds(folded)
-    if how == "resize":
-        assert after == ["ResizeConvAtInputSize"] * before.count("Upsample") and after
-    else:
-        assert after == before  # nothing to fold
+    direct = _direct(copy.deepcopy(net))
+    assert sum(isinstance(m, ResizeConv2d) for m in net.modules()) >= 2
     x = torch.rand(3, 3, size, size, dtype=torch.float64) * 2 - 1
-    with torch.no_grad():
-        want, got = net(x), folded(x)
-    assert got.shape == want.shape
-    assert (got - want).abs().max() < 1e-9, float((got - want).abs().max())
+    outputs, grads = [], []
+    for model in (net, direct):
+        model.zero_grad()
+        y = model(x)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()
+        outputs.append(y.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert outputs[0].shape == (3, 3, size, size)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-7, atol=1e-9)  # it trains the same way
 
 
-def test_a_resize_upsampling_at_a_border_pixel_matches_by_hand():
-    conv = torch.nn.Conv2d(1, 1, 3, bias=True)
+def test_a_resize_convolution_at_a_border_pixel_matches_by_hand():
+    conv = ResizeConv2d(1, 1, 3)
     with torch.no_grad():
         conv.weight.copy_(torch.arange(9.0).view(1, 1, 3, 3))
         conv.bias.fill_(0.5)
     x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
-    y = ResizeConvAtInputSize(conv)(x)
-    # the doubled image, reflection-padded, then the 3×3 conv at output (0, 0): rows 1,1,1 / 1,1,2 / 3,3,4
-    doubled = torch.nn.functional.pad(x.repeat_interleave(2, 2).repeat_interleave(2, 3), (1, 1, 1, 1), mode="reflect")
-    assert float(y[0, 0, 0, 0]) == pytest.approx(float((doubled[0, 0, :3, :3] * conv.weight[0, 0]).sum() + 0.5))
-    assert torch.allclose(y, conv(doubled))
+    # the doubled image is [[1,1,2,2],[1,1,2,2],[3,3,4,4],[3,3,4,4]]; output (i, j) sees its rows
+    # i-1..i+1 and columns j-1..j+1, reflected at the border (row -1 is row 1)
+    y = conv(x)
+    assert y.shape == (1, 1, 4, 4)
+    windows = {(1, 2): [[1.0, 2, 2], [1, 2, 2], [3, 4, 4]], (0, 0): [[1.0, 1, 1], [1, 1, 1], [1, 1, 1]],
+               (3, 3): [[4.0, 4, 4], [4, 4, 4], [4, 4, 4]], (2, 1): [[1.0, 1, 2], [3, 3, 4], [3, 3, 4]]}
+    for (i, j), window in windows.items():
+        expected = float((torch.tensor(window) * conv.weight[0, 0]).sum()) + 0.5
+        assert float(y[0, 0, i, j]) == pytest.approx(expected), (i, j)
+    torch.testing.assert_close(y, _direct(conv)(x))
 
 
-def test_generate_runs_a_resize_generator_folded_and_the_plain_file_stays_trainable(tmp_path):
-    p = _params(upsample="resize")
+def _as_saved_before(net):
+    """The layout resize generators had before ResizeConv2d: nearest 2×, reflection pad, Conv2d."""
+    for seq in [m for m in net.modules() if isinstance(m, torch.nn.Sequential)]:
+        for i, m in enumerate(list(seq)):
+            if isinstance(m, ResizeConv2d):
+                conv = torch.nn.Conv2d(m.in_channels, m.out_channels, 3, bias=m.bias is not None).double()
+                seq[i - 2], seq[i - 1], seq[i] = torch.nn.Upsample(scale_factor=2, mode="nearest"), \
+                    torch.nn.ReflectionPad2d(1), conv
+    return net
+
+
+@pytest.mark.parametrize("kind", ["resnet", "unet"])
+def test_a_resize_generator_saved_in_the_earlier_layout_loads_and_computes_the_same(kind):
     torch.manual_seed(0)
-    generator_file.save(generator_file.build(generator_file.config_of(p)), generator_file.config_of(p), tmp_path / "g.pt")
-    plain, _ = generator_file.load(tmp_path / "g.pt", torch.device("cpu"))
-    fast, _ = generator_file.load_for_inference(tmp_path / "g.pt", torch.device("cpu"))
-    assert "Upsample" in _upsampling_kinds(plain) and "Upsample" not in _upsampling_kinds(fast)
-    photos = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    a, b = (generator_file.translate(net, photos, 32, torch.device("cpu"), torch.no_grad, out_size=64)
-            for net in (plain, fast))
-    assert (a.int() - b.int()).abs().max() <= 1  # float rounding moves a level at most
+    net = define_generator(kind, 32, 4, 2, "resize").double().eval()
+    before = _as_saved_before(copy.deepcopy(net))
+    assert not any(isinstance(m, ResizeConv2d) for m in before.modules())
+    net.load_state_dict(before.state_dict())  # strict: the same keys, the same shapes
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before(x), rtol=1e-9, atol=1e-9)
