@@ -39,7 +39,7 @@ def upsample2x(in_ch: int, out_ch: int, how: str, kernel: int, bias: bool = True
     if how == "resize":
         # the two Identity modules hold the places the upsampling and the padding had before
         # ResizeConv2d did both itself, so generator files and checkpoints saved then still load
-        return [nn.Identity(), nn.Identity(), ResizeConv2d(in_ch, out_ch, 3, bias=bias)]
+        return [nn.Identity(), nn.Identity(), ResizeConv2d(in_ch, out_ch, bias=bias)]
     raise ValueError(f"unknown upsampling {how!r}")
 
 
@@ -56,8 +56,13 @@ class ResizeConv2d(nn.Conv2d):
     computes it the direct way (the reference in tests and bench/)."""
 
     at_input_size = True
-    # TAPS[a] maps the kernel's 3 rows onto the 2 input rows output phase a sees
-    TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+    def __init__(self, in_ch: int, out_ch: int, bias: bool = True):
+        super().__init__(in_ch, out_ch, 3, bias=bias)
+        # taps[a] maps the kernel's 3 rows onto the 2 input rows output phase a sees; a buffer, so
+        # it lives on the module's device (no host copy per step) and stays out of the state_dict
+        taps = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+        self.register_buffer("taps", taps, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.at_input_size:
@@ -65,8 +70,7 @@ class ResizeConv2d(nn.Conv2d):
                                          mode="reflect"))
         n, _, h, w = x.shape
         out = self.out_channels
-        taps = self.weight.new_tensor(self.TAPS)
-        phases = torch.einsum("apk,oikl,bql->aboipq", taps, self.weight, taps).reshape(4 * out, -1, 2, 2)
+        phases = torch.einsum("apk,oikl,bql->aboipq", self.taps, self.weight, self.taps).reshape(4 * out, -1, 2, 2)
         bias = None if self.bias is None else self.bias.repeat(4)
         y = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), phases, bias).view(n, 2, 2, out, h + 1, w + 1)
         # phase (a, b) of output pixel (i, j) is y[:, a, b] at (i + a, j + b)

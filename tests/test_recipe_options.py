@@ -219,7 +219,7 @@ def test_resize_convolution_at_input_size_is_the_direct_one_with_its_gradients(k
 
 
 def test_a_resize_convolution_at_a_border_pixel_matches_by_hand():
-    conv = ResizeConv2d(1, 1, 3)
+    conv = ResizeConv2d(1, 1)
     with torch.no_grad():
         conv.weight.copy_(torch.arange(9.0).view(1, 1, 3, 3))
         conv.bias.fill_(0.5)
