@@ -185,12 +185,11 @@ def test_a_file_saved_before_the_option_loads_as_the_transposed_network_it_holds
     assert torch.equal(loaded(x), net.eval()(x))
 
 
-
-def _direct(net, on: bool = True):
+def _direct(net):
     """`net` with its ResizeConv2d modules computing the direct way (upsample, pad, 3×3 conv)."""
     for m in net.modules():
         if isinstance(m, ResizeConv2d):
-            m.at_input_size = not on
+            m.at_input_size = False
     return net
 
 
