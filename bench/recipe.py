@@ -1,6 +1,7 @@
 """Which recipe options pay, measured on the embedded sample against the sample's ground truth.
 
     python bench/recipe.py [--seconds 480] [--images 1000] [--data data] [--picture docs/recipe.png]
+                           [--ceilings 64,128] [--ceilings-only]
 
 Configurations: today's default (params.yaml), each option alone (DiffAugment, the weight
 average, resize-convolution upsampling), then the combination of the options that beat the
@@ -12,10 +13,17 @@ fid_vs_ground_truth (FID of those images / FID of their scenes' ground-truth pai
 default offline extractor; 1.0 = as good as a perfect translation), KID, and training pairs/s,
 each also as a ratio to the default's, measured in the same run. `--picture`: the same photos
 through the default and the best configuration, one row each.
+
+Ceilings: the ground-truth paintings themselves, resized to N px and upscaled back to 256 px
+exactly as `generate` treats a generator's input and output (`translate` with an identity
+network), scored the same way: what the perfect translation scores when it is made at N px, the
+mark for a generator working at N px (not a strict bound: a generator's own high-frequency
+artefacts can land either side of it). `--ceilings-only` prints just those (no training).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import tempfile
@@ -25,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,6 +54,12 @@ def with_train(p: Params, **changes) -> Params:
     return dataclasses.replace(p, train=dataclasses.replace(p.train, **changes))
 
 
+def through_size(images: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+    """uint8 N×256×256×3 images as a perfect generator working at `size` px would output them:
+    resized to `size` as photos are, then upscaled to 256 px as generated images are."""
+    return translate(nn.Identity(), images, size, device, contextlib.nullcontext, out_size=images.shape[1])
+
+
 def steps_per_second(p: Params, photos, monets, device, probe: int = 16) -> float:
     torch.manual_seed(p.seed)
     trainer = Trainer(build_nets(p), p, device, autocast_dtype(p.precision, device))
@@ -62,7 +77,11 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1000, help="photos translated and scored")
     ap.add_argument("--data", type=Path, default=ROOT / "data", help="folder with shards/ and manifest.csv (ingested)")
     ap.add_argument("--picture", type=Path, help="PNG: the same photos through the default and the best")
+    ap.add_argument("--ceilings", default="64,128",
+                    help="comma-separated px: score the ground truth through a generator of that size")
+    ap.add_argument("--ceilings-only", action="store_true", help="print the ceilings only (no training)")
     args = ap.parse_args()
+    sizes = [int(s) for s in args.ceilings.split(",") if s.strip()]
     p = load(ROOT / "params.yaml")
     device = pick_device(p.device)
     e, quality = p.evaluate, p.generate.jpeg_quality
@@ -76,8 +95,16 @@ def main() -> None:
     extractor = load_extractor("offline", "", False, e.offline_image_size, paintings, device, e.batch_size)
     features = lambda images, what: extract(extractor, images, e.batch_size, device, desc=what)  # noqa: E731
     real = features(paintings, "paintings")
-    truth = evaluate.as_jpeg(sample.render_parallel(p.seed, [sample.photo_index(i) for i in range(n)], "monet"), quality)
-    fid_truth = fid(features(truth, "ground truth"), real)
+    rendered = torch.from_numpy(sample.render_parallel(p.seed, [sample.photo_index(i) for i in range(n)], "monet"))
+    fid_truth = fid(features(evaluate.as_jpeg(rendered.numpy(), quality), "ground truth"), real)
+    ceilings = {size: fid(features(evaluate.as_jpeg(through_size(rendered, size, device).numpy(), quality),
+                                   f"ground truth through {size} px"), real) / fid_truth for size in sizes}
+    print(f"\nfid_ground_truth {fid_truth:.2f} on the first {n} photos; extractor offline\n")
+    print(f"{'ground truth through':<28} {'fid/gt':>7}")
+    for size, ratio in ceilings.items():
+        print(f"{f'{size} px':<28} {ratio:>7.3f}")
+    if args.ceilings_only:
+        return
 
     results, outputs = {}, {}
 

@@ -30,3 +30,19 @@ def test_gpu_check_runs_and_prints_table_last(repo_root, tmp_path):
     assert table[7].startswith("reference generate") and table[8].startswith("pipeline generate")
     assert float(table[9].split()[-1]) < 1.0  # the same images, up to JPEG rounding
     assert (tmp_path / "train_step.txt").read_text().splitlines()[-1] == lines[-1]
+
+
+def test_recipe_ceiling_is_the_image_through_the_generator_size(repo_root):
+    """bench/recipe.py's ceilings: at full size the images come back as they are; at 64 px a
+    one-pixel stripe pattern (detail only 256 px can hold) is gone, the mean colour stays."""
+    import runpy
+
+    import torch
+    through_size = runpy.run_path(str(repo_root / "bench" / "recipe.py"))["through_size"]
+    stripes = torch.zeros(2, 256, 256, 3, dtype=torch.uint8)
+    stripes[:, ::2] = 200
+    assert torch.equal(through_size(stripes, 256, torch.device("cpu")), stripes)
+    small = through_size(stripes, 64, torch.device("cpu"))
+    assert small.shape == stripes.shape and small.dtype == torch.uint8
+    assert small.float().std() < 2 < stripes.float().std()
+    assert abs(small.float().mean() - stripes.float().mean()) < 1
