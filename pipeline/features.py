@@ -14,7 +14,7 @@ import copy
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from pipeline import fid_weights
 from pipeline.errors import FeatureError
+from pipeline.files import save_torch
 from pipeline.fid_inception import FEATURE_DIM, FID_IMAGE_SIZE, MIN_IMAGE_SIZE, FIDInceptionPool, build_fid_inception
 
 OFFLINE_SEED = 0
@@ -112,12 +113,41 @@ def recalibrate_batchnorm(model: nn.Module, reference: torch.Tensor, batch_size:
         model.eval()
 
 
+BATCHNORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _batchnorm_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.cpu() for k, v in model.state_dict().items() if k.endswith(BATCHNORM_STATS)}
+
+
+def _load_batchnorm_stats(model: nn.Module, path: Path, say: Callable[[str], None]) -> bool:
+    """Put the BatchNorm statistics saved at `path` into `model`; False (and `model` untouched)
+    when there is no such file or it does not read back as exactly these layers' statistics."""
+    if not path.exists():
+        return False
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        expected = _batchnorm_stats(model)
+        if not isinstance(saved, dict) or saved.keys() != expected.keys() \
+                or any(saved[k].shape != v.shape or saved[k].dtype != v.dtype for k, v in expected.items()):
+            raise ValueError("not this network's BatchNorm statistics")
+    except Exception as e:  # any unreadable cache file is recomputed, never trusted
+        say(f"evaluate: {path} does not read back ({type(e).__name__}); recalibrating BatchNorm")
+        return False
+    model.load_state_dict(saved, strict=False)
+    say(f"evaluate: offline extractor's BatchNorm statistics from the cache ({path})")
+    return True
+
+
 def offline_extractor(reference: torch.Tensor, image_size: int, device: torch.device,
-                      batch_size: int = 64, seed: int = OFFLINE_SEED) -> Extractor:
+                      batch_size: int = 64, seed: int = OFFLINE_SEED, cache: Path | None = None,
+                      say: Callable[[str], None] = print) -> Extractor:
     """The FID graph with a deterministic random init and BatchNorm recalibrated on `reference`.
 
     Without recalibration the BatchNorm layers hold identity statistics and the activations of a
-    random net explode (FIDs ~1e23); with it they behave. Not comparable to Kaggle's numbers."""
+    random net explode (FIDs ~1e23); with it they behave. Not comparable to Kaggle's numbers.
+    With a `cache` folder the statistics are kept there, one small file per (seed, size,
+    paintings), and read back instead of running the paintings through the net again."""
     if not MIN_IMAGE_SIZE <= int(image_size):
         raise FeatureError(f"offline_image_size {image_size}: Inception-v3 needs at least "
                            f"{MIN_IMAGE_SIZE} px")
@@ -130,27 +160,34 @@ def offline_extractor(reference: torch.Tensor, image_size: int, device: torch.de
         torch.manual_seed(seed)
         net = build_fid_inception()
     model = FIDInceptionPool(net, image_size).to(device)
-    recalibrate_batchnorm(model, reference, batch_size, device)
+    # its BatchNorm statistics come from the paintings: their bytes are part of what it is
+    paintings = hashlib.sha256(reference.contiguous().numpy().tobytes()).hexdigest()
+    identity = f"offline/{seed}/{int(image_size)}/{paintings}"
+    stats = cache / f"offline-batchnorm-{hashlib.sha256(identity.encode()).hexdigest()[:32]}.pt" if cache else None
+    if stats is None or not _load_batchnorm_stats(model, stats, say):
+        recalibrate_batchnorm(model, reference, batch_size, device)
+        if stats is not None:
+            save_torch(_batchnorm_stats(model), stats)
+    model.eval()
     n = reference.shape[0]
     name = (f"OFFLINE random-init Inception-v3 (seed {seed}, BatchNorm recalibrated on {n} "
             f"paintings, {int(image_size)} px) — not comparable to Kaggle MiFID")
-    # its BatchNorm statistics come from the paintings: their bytes are part of what it is
-    paintings = hashlib.sha256(reference.contiguous().numpy().tobytes()).hexdigest()
     return Extractor(model=model, id="offline", name=name, comparable=False, image_size=int(image_size),
-                     key=f"offline/{seed}/{int(image_size)}/{paintings}/{FOLDED}",
-                     runs=fold_batchnorm(copy.deepcopy(model)))
+                     key=f"{identity}/{FOLDED}", runs=fold_batchnorm(copy.deepcopy(model)))
 
 
 # ---------------------------------------------------------------------------------- public API
 
 def load_extractor(kind: str, weights: str, download: bool, offline_image_size: int,
-                   reference: torch.Tensor | None, device: torch.device, batch_size: int = 64) -> Extractor:
-    """The extractor `kind` names (one of EXTRACTORS): FeatureError when it cannot be had."""
+                   reference: torch.Tensor | None, device: torch.device, batch_size: int = 64,
+                   cache: Path | None = None, say: Callable[[str], None] = print) -> Extractor:
+    """The extractor `kind` names (one of EXTRACTORS): FeatureError when it cannot be had.
+    `cache`: where the offline extractor keeps its BatchNorm statistics (see offline_extractor)."""
     device = torch.device(device)
     if kind == "fid-inception":
         return fid_extractor(*fid_weights.find(weights, download), device)
     if kind == "offline":
-        return offline_extractor(reference, offline_image_size, device, batch_size)
+        return offline_extractor(reference, offline_image_size, device, batch_size, cache=cache, say=say)
     raise FeatureError(f"evaluate.extractor is {kind!r}; expected one of {', '.join(EXTRACTORS)}")
 
 

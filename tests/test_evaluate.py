@@ -64,7 +64,8 @@ def test_reference_features_are_cached_and_reused(data, capsys):
     assert sum("computed and cached" in s for s in said) == 3  # paintings, photos, ground truth
     said.clear()
     again, _ = _evaluate(data, cache="cache-b", say=said.append)
-    assert sum("from the cache" in s for s in said) == 3 and not any("computed" in s for s in said)
+    assert sum("features from the cache" in s for s in said) == 3 and not any("computed" in s for s in said)
+    assert any("BatchNorm statistics from the cache" in s for s in said)  # the offline extractor's
     assert again == first
     other = parse({**{"seed": SEED, "ingest": {"sample_photos": 24, "sample_paintings": 12}},
                    "evaluate": {"batch_size": 16, "baseline_images": 16, "kid_subsets": 5, "offline_image_size": 99}})

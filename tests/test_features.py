@@ -227,6 +227,44 @@ def test_offline_extractor_is_deterministic_and_finite(offline, paintings):
     assert 1e-3 < np.abs(f1).mean() < 1e2
 
 
+def test_offline_batchnorm_statistics_are_cached_and_a_bad_file_recalibrates(offline, paintings, tmp_path,
+                                                                              monkeypatch):
+    said: list[str] = []
+    first = offline_extractor(paintings, OFFLINE_PX, CPU, batch_size=8, cache=tmp_path, say=said.append)
+    [stats] = tmp_path.glob("offline-batchnorm-*.pt")
+    assert first.key == offline.key and not any("from the cache" in s for s in said)
+    expected = extract(offline, paintings, batch_size=8, device=CPU)
+    assert np.array_equal(extract(first, paintings, batch_size=8, device=CPU), expected)
+
+    # the second extractor must not run the paintings through the net at all
+    import pipeline.features as features_module
+    real_recalibrate = features_module.recalibrate_batchnorm
+    monkeypatch.setattr(features_module, "recalibrate_batchnorm", lambda *a, **k: pytest.fail("recalibrated"))
+    said.clear()
+    cached = offline_extractor(paintings, OFFLINE_PX, CPU, batch_size=8, cache=tmp_path, say=said.append)
+    assert any("from the cache" in s for s in said) and cached.key == offline.key
+    assert np.array_equal(extract(cached, paintings, batch_size=8, device=CPU), expected)
+    assert not any(m.training for m in cached.model.modules())
+
+    # other paintings are another extractor: another file, recalibrated
+    monkeypatch.setattr(features_module, "recalibrate_batchnorm", real_recalibrate)
+    offline_extractor(paintings[:6], OFFLINE_PX, CPU, batch_size=8, cache=tmp_path, say=said.append)
+    assert len(list(tmp_path.glob("offline-batchnorm-*.pt"))) == 2
+
+    # a file that does not read back, or holds other statistics, is recomputed and replaced
+    good = stats.read_bytes()
+    for bad in (b"not a torch file", None):
+        if bad is None:
+            torch.save({"Conv2d_1a_3x3.bn.running_mean": torch.zeros(3)}, stats)
+        else:
+            stats.write_bytes(bad)
+        said.clear()
+        again = offline_extractor(paintings, OFFLINE_PX, CPU, batch_size=8, cache=tmp_path, say=said.append)
+        assert any("does not read back" in s for s in said)
+        assert np.array_equal(extract(again, paintings, batch_size=8, device=CPU), expected)
+        assert stats.read_bytes() == good
+
+
 def test_batchnorm_statistics_are_recomputed_on_the_reference(offline, paintings):
     """One reference batch: the first BatchNorm's running stats are exactly that batch's."""
     model = offline.model
