@@ -74,8 +74,10 @@ def main() -> None:
     peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     second, _ = run_timed([sys.executable, "-m", "dvc", "repro"], clone, env, log)
     metrics = json.loads((clone / "metrics/evaluate.json").read_text())
-    cached, _ = run_timed([sys.executable, "-m", "dvc", "repro", "-f", "-s", "evaluate"], clone, env, log)
-    evaluate_s = dict(stages)["evaluate"]
+    # both evaluate times are the stage's own section of DVC's output, so DVC's start-up and its
+    # checks before the stage do not count against the cached run only
+    _, again = run_timed([sys.executable, "-m", "dvc", "repro", "-f", "-s", "evaluate"], clone, env, log)
+    evaluate_s, cached = dict(stages)["evaluate"], dict(again)["evaluate"]
 
     print(f"\nlog: {log}")
     print(f"{'stage':<10} {'seconds':>8}")
