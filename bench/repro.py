@@ -3,15 +3,16 @@
     python bench/repro.py [--keep DIR]
 
 Clones this repository's HEAD into a temp folder (set-up excluded: it uses the installed
-packages), runs `dvc repro --force` (every stage runs: the pipeline is deterministic on the CPU,
-so where the committed dvc.lock came from this very code, a plain `dvc repro` rebuilds the model
-and images to the same bytes and then skips evaluate, whose outputs are in git), then
-`dvc repro`, then the evaluate stage once more (`dvc repro -f -s evaluate`:
-the reference images' features now come from the cache, the generated ones are extracted again,
-as for a new model), and prints each stage's time, the peak memory of the largest process, and
-the quality line, each as a ratio against its budget: 10 min and 4 GiB for the first repro,
-10 s for the second, 90 s for evaluate, 0.8 for the cached evaluate against the first (at least
-20% faster), the sample's yardstick fid_vs_ground_truth (1.0 = as good as a perfect
+packages) and runs `dvc repro --force` (every stage runs: the pipeline is deterministic on the
+CPU, so where the committed dvc.lock came from this very code, a plain `dvc repro` rebuilds the
+model and images to the same bytes and then skips evaluate, whose outputs are in git), then
+`dvc repro`, then the evaluate stage four more times (`dvc repro -f -s evaluate`), alternately
+with the features cache emptied and kept (kept: the reference images' features come from the
+cache, the generated ones are extracted again, as for a new model). Prints each stage's time,
+the peak memory of the largest process, and the quality line, each as a ratio against its
+budget: 10 min and 4 GiB for the first repro, 10 s for the second, 90 s for evaluate (in the
+first repro), 0.8 for the median cached evaluate against the median with the cache emptied (at
+least 20% faster), the sample's yardstick fid_vs_ground_truth (1.0 = as good as a perfect
 translation) against 1.15, and the time the stages spent in MLflow calls (each prints it) as a
 share of the first repro against 5%.
 """
@@ -23,6 +24,7 @@ import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = {"repro_s": 600.0, "peak_gib": 4.0, "second_repro_s": 10.0, "evaluate_s": 90.0, "cached_evaluate": 0.8,
            "fid_vs_ground_truth": 1.15, "logging_share": 0.05}
+ROUNDS = 2  # evaluations with the features cache emptied and kept, alternated
 LOGGED = re.compile(r"^(\w+): logged to \S+ in ([0-9.]+) s")  # each logging stage's last MLflow line
 
 
@@ -74,20 +77,32 @@ def main() -> None:
     peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     second, _ = run_timed([sys.executable, "-m", "dvc", "repro"], clone, env, log)
     metrics = json.loads((clone / "metrics/evaluate.json").read_text())
-    # both evaluate times are the stage's own section of DVC's output, so DVC's start-up and its
-    # checks before the stage do not count against the cached run only
-    _, again = run_timed([sys.executable, "-m", "dvc", "repro", "-f", "-s", "evaluate"], clone, env, log)
-    evaluate_s, cached = dict(stages)["evaluate"], dict(again)["evaluate"]
+    evaluate_s = dict(stages)["evaluate"]
+    # The cached line: the evaluate stage with the features cache emptied (a first evaluation) and
+    # kept (a second one, as for a new model), alternated ROUNDS times, so both are measured in the
+    # same state of this shared machine. Each time is the stage's own section of DVC's output.
+    def evaluate_again() -> float:
+        _, again = run_timed([sys.executable, "-m", "dvc", "repro", "-f", "-s", "evaluate"], clone, env, log)
+        return dict(again)["evaluate"]
+
+    emptied, cached = [], []
+    for _ in range(ROUNDS):
+        shutil.rmtree(clone / ".cache" / "features")
+        emptied.append(evaluate_again())
+        cached.append(evaluate_again())
 
     print(f"\nlog: {log}")
     print(f"{'stage':<10} {'seconds':>8}")
     for name, seconds in stages:
         print(f"{name:<10} {seconds:>8.1f}")
+    print(f"evaluate, features cache emptied: {', '.join(f'{t:.1f}' for t in emptied)} s; "
+          f"cached: {', '.join(f'{t:.1f}' for t in cached)} s")
     rows = [("first dvc repro (s)", first, BUDGETS["repro_s"]),
             ("peak RSS, largest process (GiB)", peak_gib, BUDGETS["peak_gib"]),
             ("second dvc repro (s)", second, BUDGETS["second_repro_s"]),
             ("evaluate (s)", evaluate_s, BUDGETS["evaluate_s"]),
-            ("evaluate again, cached / first", cached / evaluate_s, BUDGETS["cached_evaluate"]),
+            (f"evaluate, cached / emptied (x{ROUNDS})", statistics.median(cached) / statistics.median(emptied),
+             BUDGETS["cached_evaluate"]),
             ("fid_vs_ground_truth", metrics["fid_vs_ground_truth"], BUDGETS["fid_vs_ground_truth"]),
             ("MLflow logging / first dvc repro", logging_s / first, BUDGETS["logging_share"])]
     print(f"\n{'measure':<34} {'value':>9} {'budget':>8} {'ratio':>6}")
