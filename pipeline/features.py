@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from pipeline import fid_weights
 from pipeline.errors import FeatureError
+from pipeline.feature_cache import images_key
 from pipeline.files import save_torch
 from pipeline.fid_inception import FEATURE_DIM, FID_IMAGE_SIZE, MIN_IMAGE_SIZE, FIDInceptionPool, build_fid_inception
 
@@ -161,8 +162,7 @@ def offline_extractor(reference: torch.Tensor, image_size: int, device: torch.de
         net = build_fid_inception()
     model = FIDInceptionPool(net, image_size).to(device)
     # its BatchNorm statistics come from the paintings: their bytes are part of what it is
-    paintings = hashlib.sha256(reference.contiguous().numpy().tobytes()).hexdigest()
-    identity = f"offline/{seed}/{int(image_size)}/{paintings}"
+    identity = f"offline/{seed}/{int(image_size)}/{images_key(reference)}"
     stats = cache / f"offline-batchnorm-{hashlib.sha256(identity.encode()).hexdigest()[:32]}.pt" if cache else None
     if stats is None or not _load_batchnorm_stats(model, stats, say):
         recalibrate_batchnorm(model, reference, batch_size, device)
