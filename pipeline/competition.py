@@ -2,9 +2,10 @@
 (monet_tfrec/*.tfrec and photo_tfrec/*.tfrec).
 
 An archive is checked from its listing before a byte is extracted, because a hostile one can fill
-the disk or memory or write outside the target: only the two TFRecord folders are taken (the
-*_jpg copies and anything else are skipped unread); links, names that climb out of the target
-and names given twice refuse the whole archive; and sizes are capped. The competition's
+the disk or memory or write outside the target: only the two TFRecord folders are taken, at the
+top or in one folder inside (the *_jpg copies and anything else are skipped unread; two copies of
+the folders refuse it); links, names that climb out of the target and names given twice refuse
+the whole archive; and sizes are capped. The competition's
 TFRecords are about 190 MB in all (its zip is 386 MB with the JPEG copies) and none is above
 about 10 MB, so a file above MAX_FILE (25× that) or a total above MAX_TOTAL (10×) is not this
 competition's data, whatever its names say. The same caps hold for a folder.
@@ -48,10 +49,20 @@ def check_sizes(where: Path, sizes: dict[str, int]) -> None:
                         f"competition's can be (about 190 MB); refusing them")
 
 
-def _taken(name: str) -> bool:
-    """monet_tfrec/<file>.tfrec or photo_tfrec/<file>.tfrec, exactly one level down."""
+def _tfrecord(name: str) -> tuple[str, str] | None:
+    """(the folder it sits in, 'monet_tfrec/<file>.tfrec') for a competition TFRecord at any depth
+    (a zip of the extracted folder holds them one level down), or None. macOS's resource-fork
+    copies (__MACOSX/..., ._<file>) are not data."""
     parts = PurePosixPath(name).parts
-    return len(parts) == 2 and parts[0] in TFREC_DIRS.values() and parts[1].endswith(".tfrec")
+    if len(parts) < 2 or parts[-2] not in TFREC_DIRS.values() or not parts[-1].endswith(".tfrec"):
+        return None
+    if parts[0] == "__MACOSX" or parts[-1].startswith("._"):
+        return None
+    return "/".join(parts[:-2]), "/".join(parts[-2:])
+
+
+def _places(roots) -> str:
+    return ", ".join(f"'{r}/'" if r else "the top level" for r in roots)
 
 
 def _hostile(info: zipfile.ZipInfo) -> str | None:
@@ -67,8 +78,9 @@ def _hostile(info: zipfile.ZipInfo) -> str | None:
 
 
 @contextlib.contextmanager
-def open_checked(source: Path) -> Iterator[tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]]:
-    """The open zip and the members to take, once its whole listing has passed the checks."""
+def open_checked(source: Path) -> Iterator[tuple[zipfile.ZipFile, list[tuple[zipfile.ZipInfo, str]]]]:
+    """The open zip and the members to take, each with its name under `raw`, once the whole
+    listing has passed the checks."""
     try:
         with zipfile.ZipFile(source) as zf:
             infos, seen = zf.infolist(), set()
@@ -77,11 +89,20 @@ def open_checked(source: Path) -> Iterator[tuple[zipfile.ZipFile, list[zipfile.Z
                 if why:
                     raise DataError(f"{source}: member '{info.filename}' {why}; refusing the archive")
                 seen.add(info.filename)
-            taken = [i for i in infos if _taken(i.filename)]
+            by_root: dict[str, list[tuple[zipfile.ZipInfo, str]]] = {}
+            for info in infos:
+                if found := _tfrecord(info.filename):
+                    by_root.setdefault(found[0], []).append((info, found[1]))
+            if len(by_root) > 1:
+                raise DataError(f"{source}: TFRecord folders in {len(by_root)} places ({_places(sorted(by_root))}); "
+                                f"an archive must hold one copy of the competition's data")
+            root, taken = next(iter(by_root.items()), ("", []))
             for folder in TFREC_DIRS.values():
-                if not any(i.filename.startswith(f"{folder}/") for i in taken):
+                if not any(name.startswith(f"{folder}/") for _, name in taken):
                     raise DataError(f"{source}: no {folder}/*.tfrec inside (is this the {COMPETITION} zip?)")
-            check_sizes(source, {i.filename: i.file_size for i in taken})
+            check_sizes(source, {info.filename: info.file_size for info, _ in taken})
+            if root:
+                print(f"ingest: {source}: taking the TFRecords under '{root}/'")
             yield zf, taken
     except zipfile.BadZipFile as e:
         raise DataError(f"{source}: not a readable zip ({e})") from None
@@ -89,15 +110,33 @@ def open_checked(source: Path) -> Iterator[tuple[zipfile.ZipFile, list[zipfile.Z
 
 def from_zip(source: Path, raw: Path) -> None:
     with open_checked(source) as (zf, taken):
-        for info in taken:
+        for info, name in taken:
             # zipfile never yields more than the listed size, and checks the CRC at the end
-            target = raw / info.filename
+            target = raw / name
             target.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(info) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
 
 
+def _folder_root(source: Path) -> Path:
+    """`source` if it holds the TFRecord folders, else its one subfolder that does (the folder a
+    zip of the data was extracted into)."""
+    def holds(d: Path) -> bool:
+        return any((d / folder).is_dir() for folder in TFREC_DIRS.values())
+
+    if holds(source):
+        return source
+    inner = [d for d in sorted(source.iterdir()) if d.is_dir() and holds(d)]
+    if len(inner) > 1:
+        raise DataError(f"{source}: TFRecord folders in {len(inner)} places "
+                        f"({_places(d.name for d in inner)}); pass the one to use")
+    if inner:
+        print(f"ingest: {source}: taking the TFRecords under '{inner[0].name}/'")
+    return inner[0] if inner else source  # none: the check below names what is missing
+
+
 def from_folder(source: Path, raw: Path) -> None:
+    source = _folder_root(source)
     files = {}
     for folder in TFREC_DIRS.values():
         found = [f for f in sorted((source / folder).glob("*.tfrec")) if f.is_file()]  # no devices, fifos

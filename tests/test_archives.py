@@ -110,11 +110,37 @@ def test_other_members_are_skipped_unread(tmp_path, good, monkeypatch):
     assert len(manifest) == 2 and sorted(opened) == sorted(good)
 
 
-def test_a_folder_with_an_oversized_file_is_refused(tmp_path, good):
-    comp = tmp_path / "comp"
+def _folder(root, members: dict[str, bytes]):
+    for name, data in members.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def test_the_data_one_folder_down_is_taken(tmp_path, good):
+    # a zip of the extracted folder (as macOS's Compress makes it, with its __MACOSX copies)
+    inner = {f"gan-getting-started/{name}": data for name, data in good.items()}
+    junk = {f"__MACOSX/gan-getting-started/{name.replace('/', '/._')}": b"\0\5\26\7" for name in good}
+    archive = _zip(tmp_path / "zipped-folder.zip", {**inner, **junk})
+    manifest = _ingest(tmp_path / "a", archive)
+    assert sorted(manifest["tfrecord"]) == sorted(f"raw/{name}" for name in good)
     for name, data in good.items():
-        (comp / name).parent.mkdir(parents=True, exist_ok=True)
-        (comp / name).write_bytes(data)
+        assert (tmp_path / "a/data/raw" / name).read_bytes() == data
+    # and the folder a zip was extracted into
+    comp = _folder(tmp_path / "extracted", inner)
+    assert sorted(_ingest(tmp_path / "b", comp)["tfrecord"]) == sorted(manifest["tfrecord"])
+
+
+def test_two_copies_of_the_data_are_refused(tmp_path, good):
+    twice = {**good, **{f"copy/{name}": data for name, data in good.items()}}
+    _refused(tmp_path, _zip(tmp_path / "twice.zip", twice),
+             re.escape("TFRecord folders in 2 places (the top level, 'copy/')"))
+    comp = _folder(tmp_path / "comp", {f"{d}/{name}": data for name, data in good.items() for d in ("a", "b")})
+    _refused(tmp_path, comp, re.escape("TFRecord folders in 2 places ('a/', 'b/'); pass the one to use"))
+
+
+def test_a_folder_with_an_oversized_file_is_refused(tmp_path, good):
+    comp = _folder(tmp_path / "comp", good)
     with open(comp / "photo_tfrec/huge.tfrec", "wb") as f:  # sparse: no disk used
         f.truncate(competition.MAX_FILE + 1)
     with pytest.raises(DataError, match="huge.tfrec is 256 MiB, above"):
