@@ -5,6 +5,7 @@ numpy, tqdm): no dvc, mlflow or tfrecord, so it runs on a bare GPU machine.
     python bench/train_step.py                        # CPU: the default recipe (params.yaml)
     python bench/train_step.py --recipe competition   # the README's competition command (the CUDA default)
     python bench/train_step.py --generate 7028        # also generate + package that many images
+    python bench/train_step.py --evaluate 7028        # also the evaluate stage on that many sample photos
 
 Training rows, in pairs (photo + painting) per second:
 - reference: the reference CycleGAN implementation's recipe on the same networks: fp32, eager,
@@ -16,6 +17,10 @@ Training rows, in pairs (photo + painting) per second:
 Generation: the generate stage's `generate()` and package's check and zip over synthetic photos,
 against the implementation they replaced (sequential JPEG encoding, F.interpolate's bicubic,
 large float temporaries, resize upsampling at the doubled size), kept below as `reference_generate`.
+Evaluation (`--evaluate N`): the evaluate stage of the default recipe (offline extractor) on the
+first N photos of the embedded sample, each run a fresh process (imports included; MLflow and DVC
+left out, which this machine may not have): first with the features cache empty, then with it
+kept; on CUDA the first run on the CPU is the reference.
 
 Writes its log and the table under $OUT (or ./bench-out); prints the table last.
 """
@@ -24,25 +29,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import readme_recipes  # noqa: E402
-from pipeline import generator_file, shards  # noqa: E402
+from pipeline import generator_file, sample, shards  # noqa: E402
 from pipeline.cyclegan import LossMeter, Trainer, build_nets  # noqa: E402
+from pipeline.evaluate import as_jpeg  # noqa: E402
 from pipeline.generate import generate  # noqa: E402
 from pipeline.networks import ResizeConv2d, to_model_input  # noqa: E402
 from pipeline.package import check_images, write_zip  # noqa: E402
@@ -211,6 +221,68 @@ def generation_rows(p: Params, device: torch.device, count: int, work: Path) -> 
     return rows
 
 
+def sample_data(folder: Path, seed: int, photos: int, paintings: int) -> tuple[Path, Path]:
+    """Shards and manifest of the embedded sample as ingest makes them (rendered, then through a
+    JPEG of quality 95 as its TFRecords hold them), without the tfrecord package."""
+    rows = []
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # Pillow releases the GIL while it codes
+        for domain, count, index in (("monet", paintings, sample.monet_index), ("photo", photos, sample.photo_index)):
+            rendered = sample.render_parallel(seed, [index(i) for i in range(count)], domain)
+            pixels = torch.cat(list(pool.map(lambda k: as_jpeg(rendered[k:k + 256], 95), range(0, count, 256))))
+            items = (({"image_name": sample.sample_name(seed, domain, i), "tfrecord": "rendered", "record": i},
+                      px.numpy()) for i, px in enumerate(pixels))
+            rows += shards.write_domain(items, folder / "shards", domain, shard_size=1024)
+    pd.DataFrame(rows, columns=shards.MANIFEST_COLUMNS).to_csv(folder / "manifest.csv", index=False)
+    return folder / "shards", folder / "manifest.csv"
+
+
+# the evaluate stage's work, as `python -m pipeline.evaluate` does it, less the MLflow logging
+EVALUATE_STAGE = """
+import json, sys
+from pathlib import Path
+from pipeline.evaluate import evaluate
+from pipeline.params import load
+params, shards, manifest, images, cache, picture, out = map(Path, sys.argv[1:])
+result, _ = evaluate(load(params), shards, manifest, images, cache, picture)
+out.write_text(json.dumps(result))
+"""
+
+
+def evaluation_rows(device: torch.device, count: int, work: Path, log: Path) -> list[tuple[str, dict]]:
+    raw = read_yaml(ROOT / "params.yaml")
+    p = parse(raw)
+    shards_dir, manifest = sample_data(work, p.seed, count, p.ingest.sample_paintings)
+    torch.manual_seed(0)  # the images' quality does not change the stage's work: a fresh generator
+    generator_path = work / "generator.pt"
+    config = generator_file.config_of(p)
+    generator_file.save(generator_file.build(config), config, generator_path)
+    generate(shards_dir, manifest, generator_path, work / "generated", device.type, p.precision,
+             p.generate.batch_size, p.generate.jpeg_quality)
+    runs = [("first (features cache empty)", device.type, "cache"), ("cached (paintings, photos, truth)", device.type, "cache")]
+    if device.type == "cuda":
+        runs.insert(0, (f"first, on the CPU ({os.cpu_count()} cores)", "cpu", "cpu-cache"))
+    rows = []
+    for name, where, cache in runs:
+        params = work / f"params-{where}.yaml"
+        params.write_text(yaml.safe_dump({**raw, "device": where}, sort_keys=False))
+        out = work / f"evaluate-{where}.json"
+        args = [params, shards_dir, manifest, work / "generated", work / cache, work / "memorization.png", out]
+        start = time.perf_counter()
+        with open(log, "a") as f:
+            f.write(f"\n== evaluate: {name}\n")
+            f.flush()
+            done = subprocess.run([sys.executable, "-c", EVALUATE_STAGE, *map(str, args)], cwd=ROOT, stdout=f,
+                                  stderr=subprocess.STDOUT)
+        seconds = time.perf_counter() - start
+        if done.returncode:
+            rows.append((name, {"error": f"exit {done.returncode}, see {log.name}"}))
+        else:
+            result = json.loads(out.read_text())
+            rows.append((name, {"seconds": seconds, "fid_vs_ground_truth": result["fid_vs_ground_truth"]}))
+        print(name, rows[-1][1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default=None, help="default (params.yaml) or a README command's name; "
@@ -218,6 +290,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed training steps per row")
     ap.add_argument("--generate", type=int, default=None, metavar="N",
                     help="also time generate + package of N photos (CUDA default 7028, CPU default 0)")
+    ap.add_argument("--evaluate", type=int, default=None, metavar="N",
+                    help="also time the evaluate stage on N sample photos (CUDA default 7028, CPU default 0)")
     ap.add_argument("--rounds", type=int, default=3, help="turns of reference and pipeline rows (median kept)")
     ap.add_argument("--no-compile", action="store_true", help="the pipeline row without torch.compile")
     args = ap.parse_args()
@@ -226,6 +300,7 @@ def main() -> None:
     p = recipe(name, device)
     steps = args.steps or (30 if device.type == "cuda" else 5)
     count = args.generate if args.generate is not None else (7028 if device.type == "cuda" else 0)
+    evaluate_count = args.evaluate if args.evaluate is not None else (7028 if device.type == "cuda" else 0)
     out = Path(os.environ.get("OUT", "bench-out"))
     out.mkdir(parents=True, exist_ok=True)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
@@ -250,6 +325,19 @@ def main() -> None:
         for row_name, r in gen[:2]:
             lines.append(f"{row_name:<44} {r['seconds']:>9.1f} {ref_s / r['seconds']:>7.2f} {r['generate_s']:>9.1f}")
         lines.append(f"{gen[2][0]:<44} {gen[2][1]['levels']:>9.3f}")
+    if evaluate_count:
+        work = Path(tempfile.mkdtemp(prefix="bench-evaluate-"))
+        try:
+            ev = evaluation_rows(device, evaluate_count, work, out / "evaluate.log")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        ref_s = ev[0][1].get("seconds")
+        lines.append(f"{f'evaluate stage, default recipe, {evaluate_count} photos':<44} {'seconds':>9} {'/ ref':>7} "
+                     f"{'fid/gt':>9}")
+        for row_name, r in ev:
+            lines.append(f"{row_name:<44} {r['error']}" if "error" in r else
+                         f"{row_name:<44} {r['seconds']:>9.1f} {r['seconds'] / ref_s if ref_s else float('nan'):>7.2f} "
+                         f"{r['fid_vs_ground_truth']:>9.3f}")
     (out / "train_step.txt").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
 

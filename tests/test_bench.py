@@ -15,7 +15,8 @@ def test_gpu_check_imports_no_mlflow_dvc_or_tfrecord(repo_root):
 
 def test_gpu_check_runs_and_prints_table_last(repo_root, tmp_path):
     env = {"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    res = subprocess.run([sys.executable, "bench/train_step.py", "--steps", "1", "--rounds", "1", "--generate", "20"],
+    res = subprocess.run([sys.executable, "bench/train_step.py", "--steps", "1", "--rounds", "1", "--generate", "20",
+                          "--evaluate", "24"],
                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()
@@ -29,6 +30,12 @@ def test_gpu_check_runs_and_prints_table_last(repo_root, tmp_path):
     assert table[6].startswith("generate + package, 20 images")
     assert table[7].startswith("reference generate") and table[8].startswith("pipeline generate")
     assert float(table[9].split()[-1]) < 1.0  # the same images, up to JPEG rounding
+    assert table[10].startswith("evaluate stage, default recipe, 24 photos")
+    first, cached = table[11].split(), table[12].split()
+    assert table[11].startswith("first (features cache empty)") and table[12].startswith("cached")
+    assert first[-2] == "1.00" and float(cached[-3]) > 0
+    assert first[-1] == cached[-1]  # the cached features score the same images alike
+    assert "features from the cache" in (tmp_path / "evaluate.log").read_text()
     assert (tmp_path / "train_step.txt").read_text().splitlines()[-1] == lines[-1]
 
 
