@@ -53,7 +53,7 @@ def _tfrecord(name: str) -> tuple[str, str] | None:
     """(the folder it sits in, 'monet_tfrec/<file>.tfrec') for a competition TFRecord at any depth
     (a zip of the extracted folder holds them one level down), or None. macOS's resource-fork
     copies (__MACOSX/..., ._<file>) are not data."""
-    parts = PurePosixPath(name).parts
+    parts = PurePosixPath(name.replace("\\", "/")).parts  # some Windows tools write backslashes
     if len(parts) < 2 or parts[-2] not in TFREC_DIRS.values() or not parts[-1].endswith(".tfrec"):
         return None
     if parts[0] == "__MACOSX" or parts[-1].startswith("._"):
@@ -85,10 +85,11 @@ def open_checked(source: Path) -> Iterator[tuple[zipfile.ZipFile, list[tuple[zip
         with zipfile.ZipFile(source) as zf:
             infos, seen = zf.infolist(), set()
             for info in infos:
-                why = _hostile(info) or ("appears twice" if info.filename in seen else None)
+                name = info.filename.replace("\\", "/")
+                why = _hostile(info) or ("appears twice" if name in seen else None)
                 if why:
                     raise DataError(f"{source}: member '{info.filename}' {why}; refusing the archive")
-                seen.add(info.filename)
+                seen.add(name)
             by_root: dict[str, list[tuple[zipfile.ZipInfo, str]]] = {}
             for info in infos:
                 if found := _tfrecord(info.filename):

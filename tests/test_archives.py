@@ -83,6 +83,7 @@ def test_right_names_but_far_too_large_in_all(tmp_path, good):
     ("/tmp/escape.tfrec", r"has an absolute name"),
     ("C:/escape.tfrec", r"has an absolute name"),
     ("monet_tfrec/monet00-1.tfrec", r"appears twice"),
+    ("monet_tfrec\\monet00-1.tfrec", r"appears twice"),  # the same file, as a Windows tool may write it
 ])
 def test_hostile_names_refuse_the_archive(tmp_path, good, name, why):
     archive = tmp_path / "hostile.zip"
@@ -126,6 +127,9 @@ def test_the_data_one_folder_down_is_taken(tmp_path, good):
     assert sorted(manifest["tfrecord"]) == sorted(f"raw/{name}" for name in good)
     for name, data in good.items():
         assert (tmp_path / "a/data/raw" / name).read_bytes() == data
+    # written by a Windows tool that separates with backslashes
+    windows = _zip(tmp_path / "windows.zip", {name.replace("/", "\\"): data for name, data in inner.items()})
+    assert sorted(_ingest(tmp_path / "w", windows)["tfrecord"]) == sorted(manifest["tfrecord"])
     # and the folder a zip was extracted into
     comp = _folder(tmp_path / "extracted", inner)
     assert sorted(_ingest(tmp_path / "b", comp)["tfrecord"]) == sorted(manifest["tfrecord"])
