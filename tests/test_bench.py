@@ -53,3 +53,14 @@ def test_recipe_ceiling_is_the_image_through_the_generator_size(repo_root):
     assert small.shape == stripes.shape and small.dtype == torch.uint8
     assert small.float().std() < 2 < stripes.float().std()
     assert abs(small.float().mean() - stripes.float().mean()) < 1
+
+
+def test_features_bench_prints_both_modes_and_their_agreement(repo_root):
+    res = subprocess.run([sys.executable, "bench/features.py", "--images", "48", "--batch-size", "16", "--rounds", "1"],
+                         cwd=repo_root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = res.stdout.strip().splitlines()[-4:]
+    assert table[0].startswith("mode")
+    assert table[1].startswith("reference") and float(table[1].split()[-1]) == 1.0
+    assert table[2].startswith("extract") and float(table[2].split()[-1]) > 0
+    assert float(table[3].split()[-1]) < 1e-3  # the same features up to float32 rounding

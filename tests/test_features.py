@@ -295,6 +295,25 @@ def test_extract_accepts_batches_and_any_batch_size(offline, paintings):
     assert not np.allclose(extract(offline, shifted, batch_size=8, device=CPU), whole)
 
 
+def test_extract_gives_the_same_features_whatever_the_core_count(offline, paintings):
+    """On the CPU each batch runs on one thread, one batch per core: the features come bit for bit
+    the same, in order, with 1, 2 or 3 cores, and the thread setting is given back, also when a
+    batch is refused."""
+    before, runs = torch.get_num_threads(), {}
+    try:
+        for cores in (1, 2, 3):
+            torch.set_num_threads(cores)
+            runs[cores] = extract(offline, paintings, batch_size=2, device=CPU)
+            assert torch.get_num_threads() == cores
+        bad = [paintings[:2], paintings[2:4], paintings[4:6].float(), paintings[6:]]
+        with pytest.raises(FeatureError, match="uint8"):
+            extract(offline, bad, batch_size=2, device=CPU)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(runs[1], runs[2]) and np.array_equal(runs[1], runs[3])
+
+
 def test_extract_rejects_non_uint8_images(offline, paintings):
     with pytest.raises(FeatureError, match="uint8"):
         extract(offline, paintings.float() / 255, batch_size=4, device=CPU)
