@@ -109,27 +109,28 @@ def train(p: Params, photos: torch.Tensor, monets: torch.Tensor, checkpoint: Pat
 
     reduce_min = lambda x: distributed.minimum(x, world)  # noqa: E731
     meter = LossMeter(device)
-    bar = tqdm(total=total, initial=trainer.step, desc="train", unit="step", mininterval=2, disable=not world.main)
-    while trainer.step < total:
-        epoch = trainer.step // t.steps_per_epoch
-        meter.reset()
-        started = time.perf_counter()
-        for _ in range(t.steps_per_epoch - trainer.step % t.steps_per_epoch):  # fewer when resuming mid-epoch
-            meter.add(trainer.step + 1, trainer.train_on(photos, monets, data_gen))
-            bar.update()
-            if trainer.step % t.log_every == 0:  # the only host syncs: every log_every steps
-                meter.check(reduce_min)
-                means = meter.means()
-                bar.set_postfix(cyc=f"{means['loss_cycle']:.3f}", D=f"{means['loss_D_M']:.3f}", refresh=False)
-        meter.check(reduce_min)
-        means = meter.means(lambda x: distributed.sum_(x, world), world.size)
-        history.append({"epoch": epoch + 1, "step": trainer.step, **means, "seconds": time.perf_counter() - started})
-        ranks = distributed.gather({"data_rng": data_gen.get_state(), "rng": rng_state(device),
-                                    **trainer.pools_state()}, world)
-        if world.main:
-            save_torch({"fingerprint": resume_key, "processes": world.size, "trainer": trainer.state_dict(),
-                        "ranks": ranks, "history": history}, checkpoint)
-    bar.close()
+    # a context: a bar left open by an error would print itself once more at exit, after the error line
+    with tqdm(total=total, initial=trainer.step, desc="train", unit="step", mininterval=2,
+              disable=not world.main) as bar:
+        while trainer.step < total:
+            epoch = trainer.step // t.steps_per_epoch
+            meter.reset()
+            started = time.perf_counter()
+            for _ in range(t.steps_per_epoch - trainer.step % t.steps_per_epoch):  # fewer when resuming mid-epoch
+                meter.add(trainer.step + 1, trainer.train_on(photos, monets, data_gen))
+                bar.update()
+                if trainer.step % t.log_every == 0:  # the only host syncs: every log_every steps
+                    meter.check(reduce_min)
+                    means = meter.means()
+                    bar.set_postfix(cyc=f"{means['loss_cycle']:.3f}", D=f"{means['loss_D_M']:.3f}", refresh=False)
+            meter.check(reduce_min)
+            means = meter.means(lambda x: distributed.sum_(x, world), world.size)
+            history.append({"epoch": epoch + 1, "step": trainer.step, **means, "seconds": time.perf_counter() - started})
+            ranks = distributed.gather({"data_rng": data_gen.get_state(), "rng": rng_state(device),
+                                        **trainer.pools_state()}, world)
+            if world.main:
+                save_torch({"fingerprint": resume_key, "processes": world.size, "trainer": trainer.state_dict(),
+                            "ranks": ranks, "history": history}, checkpoint)
     if world.size > 1:
         _check_same_weights(trainer, world, print_fn)
     return trainer, history

@@ -2,6 +2,7 @@ import dataclasses
 
 import pytest
 import torch
+from tqdm import tqdm
 
 from pipeline import train as train_stage
 from pipeline.cyclegan import NonFiniteLoss, Trainer, build_nets
@@ -156,6 +157,8 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
     with pytest.raises(NonFiniteLoss, match=r"^train: loss_G_adv is not finite at step 4; stopped") as e:
         train_stage.train(p, photos, monets, tmp_path / "n.pt", "key", print_fn=lambda *_: None)
     assert "\n" not in str(e.value)
+    # the progress bar is closed now, not left to print itself again after the stage's error line
+    assert not [bar for bar in tqdm._instances if bar.desc == "train"]
     state = torch.load(tmp_path / "n.pt", weights_only=True)
     assert state["trainer"]["step"] == 3  # epoch 1's checkpoint, untouched by the failed epoch
     assert all(torch.isfinite(v).all() for v in state["trainer"]["nets"]["G"].values())
