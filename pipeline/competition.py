@@ -109,7 +109,8 @@ def open_checked(source: Path) -> Iterator[tuple[zipfile.ZipFile, list[tuple[zip
         raise DataError(f"{source}: not a readable zip ({e})") from None
 
 
-def from_zip(source: Path, raw: Path) -> None:
+def from_zip(source: Path, raw: Path) -> dict[str, str]:
+    """Extract the TFRecords into `raw`; returns where each came from, for error messages."""
     with open_checked(source) as (zf, taken):
         for info, name in taken:
             # zipfile never yields more than the listed size, and checks the CRC at the end
@@ -117,6 +118,7 @@ def from_zip(source: Path, raw: Path) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(info) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
+    return {name: f"{source}: {info.filename}" for info, name in taken}
 
 
 def _folder_root(source: Path) -> Path:
@@ -136,7 +138,8 @@ def _folder_root(source: Path) -> Path:
     return inner[0] if inner else source  # none: the check below names what is missing
 
 
-def from_folder(source: Path, raw: Path) -> None:
+def from_folder(source: Path, raw: Path) -> dict[str, str]:
+    """Copy the TFRecords into `raw`; returns where each came from, for error messages."""
     source = _folder_root(source)
     files = {}
     for folder in TFREC_DIRS.values():
@@ -148,14 +151,16 @@ def from_folder(source: Path, raw: Path) -> None:
     for name, f in files.items():
         (raw / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, raw / name)
+    return {name: str(f) for name, f in files.items()}
 
 
-def copy_local(source: Path, raw: Path) -> None:
-    """Take the TFRecords from a local copy of the competition zip or its extracted folder."""
+def copy_local(source: Path, raw: Path) -> dict[str, str]:
+    """Take the TFRecords from a local copy of the competition zip or its extracted folder;
+    returns where each came from ('monet_tfrec/x.tfrec' -> the file, or the zip and its member)."""
     if not source.exists():
         raise PipelineError(f"ingest.source: {source} does not exist (expected 'sample', 'kaggle', "
                             f"or the competition zip / folder)")
-    (from_folder if source.is_dir() else from_zip)(source, raw)
+    return (from_folder if source.is_dir() else from_zip)(source, raw)
 
 
 def kaggle_api():

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 SAMPLE_FILES = {"monet": 5, "photo": 20}  # the Kaggle data has 5 Monet and 20 photo TFRecord files
+MAX_NAME_BYTES = 200  # a photo's JPEG is '<image_name>.jpg'; file systems stop at 255 bytes
 # torch (which `tfrecord` and `shards` import) costs 0.5 GiB and 3 s to load: the functions that
 # need it import it themselves, so a hostile archive is refused from its listing before that
 
@@ -59,12 +60,43 @@ def write_sample(raw: Path, seed: int, counts: dict[str, int], workers: int) -> 
 
 # --- reading: every source goes through here ----------------------------------------------
 
-def read_raw(raw: Path, shards_dir: Path, shard_size: int) -> pd.DataFrame:
-    """Verify, decode and check every record; write shards; return the manifest."""
+def check_photo_name(name: str, where: str) -> None:
+    """generate saves each photo as '<image_name>.jpg' in one folder: the name must be a plain
+    file name there (Kaggle's are 10 hex digits; a name like '../x' would write outside it)."""
+    if (not name or name.startswith(".") or len(name.encode()) > MAX_NAME_BYTES
+            or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name)):
+        raise DataError(f"{where}: image_name {name!r} cannot name a file (generate saves '<image_name>.jpg'): "
+                        f"no '/', '\\', control characters or leading '.', at most {MAX_NAME_BYTES} bytes")
+
+
+def check_unique(group: pd.DataFrame, where) -> None:
+    """Each image_name once per domain; photo names also once ignoring case (each becomes a
+    JPEG). `where(row)` names a manifest row's file and record."""
+    names = group["image_name"]
+    for key in [names] + ([names.str.casefold()] if group["domain"].iloc[0] == "photo" else []):
+        clash = key[key.duplicated(keep=False)]
+        if clash.empty:
+            continue
+        first, again = (group.loc[i] for i in clash.index[clash == clash.iloc[0]][:2])
+        if first["image_name"] == again["image_name"]:
+            raise DataError(f"{where(first)}: image_name '{first['image_name']}' appears twice "
+                            f"(again at {where(again)})")
+        raise DataError(f"{where(first)}: image_name '{first['image_name']}' and '{again['image_name']}' "
+                        f"({where(again)}) differ only in case; their JPEGs would be one file where names "
+                        f"ignore case (macOS, Windows)")
+
+
+def read_raw(raw: Path, shards_dir: Path, shard_size: int,
+             origins: dict[str, str] | None = None) -> pd.DataFrame:
+    """Verify, decode and check every record; write shards; return the manifest. Errors name each
+    file as `origins` says it came in ('photo_tfrec/x.tfrec' -> the user's file or zip member)."""
     import pandas as pd
     from tqdm import tqdm
 
     from pipeline import shards, tfrecords
+
+    def where_file(name: str) -> str:
+        return (origins or {}).get(name, str(raw / name))
 
     manifest = []
     for domain, folder in TFREC_DIRS.items():
@@ -74,17 +106,18 @@ def read_raw(raw: Path, shards_dir: Path, shard_size: int) -> pd.DataFrame:
 
         def examples():
             for f in files:
-                for i, ex in enumerate(tfrecords.read(f)):
+                label = where_file(f"{folder}/{f.name}")
+                for i, ex in enumerate(tfrecords.read(f, label)):
+                    if domain == "photo":
+                        check_photo_name(ex.image_name, f"{label}: record {i}")
                     row = {"image_name": ex.image_name, "tfrecord": f"{folder}/{f.name}", "record": i}
-                    yield row, tfrecords.decode_image(ex.image, f"{f}: record {i} ({ex.image_name})")
+                    yield row, tfrecords.decode_image(ex.image, f"{label}: record {i} ({ex.image_name})")
 
         progress = tqdm(examples(), desc=f"ingest {domain}", unit="img", mininterval=2)
         manifest += shards.write_domain(progress, shards_dir, domain, shard_size)
     frame = pd.DataFrame(manifest, columns=shards.MANIFEST_COLUMNS)
-    for domain, group in frame.groupby("domain"):
-        dup = group["image_name"][group["image_name"].duplicated()]
-        if not dup.empty:
-            raise DataError(f"{raw / TFREC_DIRS[domain]}: image_name '{dup.iloc[0]}' appears twice")
+    for _, group in frame.groupby("domain"):
+        check_unique(group, lambda row: f"{where_file(row['tfrecord'])}: record {row['record']}")
     return frame
 
 
@@ -92,15 +125,16 @@ def ingest(p: Params, raw: Path, shards_dir: Path, manifest_path: Path, download
            api_factory=competition.kaggle_api) -> pd.DataFrame:
     source = p.ingest.source
     with atomic_dir(raw) as tmp_raw:
+        origins: dict[str, str] = {}  # the user's file or zip member of each TFRecord, for error lines
         if source == "sample":
             counts = {"monet": p.ingest.sample_paintings, "photo": p.ingest.sample_photos}
             write_sample(tmp_raw, p.seed, counts, workers=os.cpu_count() or 1)
         elif source == "kaggle":
-            competition.from_zip(competition.download(download_cache, api_factory), tmp_raw)
+            origins = competition.from_zip(competition.download(download_cache, api_factory), tmp_raw)
         else:
-            competition.copy_local(Path(source).expanduser(), tmp_raw)
+            origins = competition.copy_local(Path(source).expanduser(), tmp_raw)
         with atomic_dir(shards_dir) as tmp_shards:
-            manifest = read_raw(tmp_raw, tmp_shards, p.ingest.shard_size)
+            manifest = read_raw(tmp_raw, tmp_shards, p.ingest.shard_size, origins)
             manifest["tfrecord"] = manifest["tfrecord"].map(lambda t: f"{raw.name}/{t}")
     with atomic_path(manifest_path) as tmp:
         manifest.to_csv(tmp, index=False)

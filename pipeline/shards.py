@@ -42,7 +42,7 @@ def write_domain(items: Iterable[tuple[dict, np.ndarray]], out_dir: Path, domain
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
     try:
-        manifest = pd.read_csv(path, dtype={"image_name": str})
+        manifest = pd.read_csv(path, dtype={"image_name": str}, keep_default_na=False)
     except FileNotFoundError:
         raise DataError(f"{path}: manifest not found (run the ingest stage first)") from None
     missing = set(MANIFEST_COLUMNS) - set(manifest.columns)

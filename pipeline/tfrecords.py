@@ -50,15 +50,16 @@ def write(path: str | Path, examples: Iterable[Example]) -> int:
     return count
 
 
-def verify(path: str | Path) -> int:
+def verify(path: str | Path, label: str | None = None) -> int:
     """Check framing and both masked CRC32Cs of every record, one record in memory at a time;
     returns the record count. A length the rest of the file cannot hold, or above MAX_RECORD,
-    is refused before anything is read."""
+    is refused before anything is read. Errors name the file as `label` (default: its path)."""
     path = Path(path)
+    label = label or str(path)
     size, pos, count = path.stat().st_size, 0, 0
     with open(path, "rb") as f:
         while pos < size:
-            where = f"{path}: record {count} at byte {pos}"
+            where = f"{label}: record {count} at byte {pos}"
             header = f.read(12)
             if len(header) < 12:
                 raise DataError(f"{where}: truncated record header")
@@ -78,15 +79,16 @@ def verify(path: str | Path) -> int:
     return count
 
 
-def read(path: str | Path) -> Iterator[Example]:
-    """Verified examples of one file, in file order."""
-    verify(path)
+def read(path: str | Path, label: str | None = None) -> Iterator[Example]:
+    """Verified examples of one file, in file order; errors name it as `label` (default: its path)."""
+    label = label or str(path)
+    verify(path, label)
     # index_path=None: read sequentially from the start, no random wrap-around
     for i, rec in enumerate(example_loader(str(path), None, description=list(SCHEMA))):
         try:
             yield Example(bytes(rec["image_name"]).decode(), bytes(rec["image"]), bytes(rec["target"]).decode())
         except (KeyError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: record {i}: bad field ({e})") from None
+            raise DataError(f"{label}: record {i}: bad field ({e})") from None
 
 
 def decode_image(jpeg: bytes, where: str) -> np.ndarray:

@@ -241,7 +241,7 @@ def log_dataset(params: Params, manifest: Path) -> None:
     """The images trained on, as an MLflow dataset: the Dataset column names the source and a
     digest of the manifest (which images, from which records), the tags the counts."""
     mlflow = _mlflow()
-    frame = pd.read_csv(manifest, dtype={"image_name": str})
+    frame = pd.read_csv(manifest, dtype={"image_name": str}, keep_default_na=False)
     source, name = _dataset_source(params.ingest.source)
     counts = frame["domain"].value_counts()
     with warnings.catch_warnings(), _serialized():

@@ -91,12 +91,25 @@ def test_local_folder_and_zip_give_same_shards(tmp_path):
 
 def test_bad_image_leaves_nothing_half_written(tmp_path):
     comp = _write_competition(tmp_path / "comp", bad=_image(3, (200, 256, 3)))
-    with pytest.raises(DataError, match="badimage.*256x200 RGB"):
+    with pytest.raises(DataError, match="badimage.*256x200 RGB") as e:
         _run(tmp_path, comp)
+    # named as the user has it, not as the temp copy that is gone by now
+    assert str(e.value).startswith(f"{comp / 'photo_tfrec/photo00-4.tfrec'}: record 3 (badimage)")
     data = tmp_path / "data"
     assert not (data / "manifest.csv").exists()
     assert not (data / "shards").exists() and not (data / "raw").exists()
     assert not list(data.iterdir())  # no temp folders left either
+
+
+def test_errors_inside_a_zip_name_the_zip_and_member(tmp_path):
+    comp = _write_competition(tmp_path / "comp", bad=_image(3, (200, 256, 3)))
+    zpath = tmp_path / "data.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for f in comp.rglob("*.tfrec"):
+            zf.write(f, "gan/" + f.relative_to(comp).as_posix())
+    with pytest.raises(DataError) as e:
+        _run(tmp_path / "run", zpath)
+    assert str(e.value).startswith(f"{zpath}: gan/photo_tfrec/photo00-4.tfrec: record 3 (badimage)")
 
 
 def test_duplicate_names_rejected(tmp_path):
@@ -104,8 +117,41 @@ def test_duplicate_names_rejected(tmp_path):
     ex = tfrecords.Example("same", tfrecords.encode_jpeg(_image(1)), "monet")
     tfrecords.write(comp / "monet_tfrec/m.tfrec", [ex, ex])
     tfrecords.write(comp / "photo_tfrec/p.tfrec", [ex._replace(target="photo")])
-    with pytest.raises(DataError, match="'same' appears twice"):
+    with pytest.raises(DataError, match=r"m\.tfrec: record 0: image_name 'same' appears twice "
+                                         r"\(again at .*m\.tfrec: record 1\)") as e:
         _run(tmp_path, comp)
+    assert str(e.value).startswith(str(comp / "monet_tfrec/m.tfrec"))
+
+
+def _with_photo_names(folder, names):
+    examples = [tfrecords.Example(name, tfrecords.encode_jpeg(_image(i)), "photo") for i, name in enumerate(names)]
+    tfrecords.write(folder / "monet_tfrec/m.tfrec", [tfrecords.Example("m", tfrecords.encode_jpeg(_image(1)), "monet")])
+    tfrecords.write(folder / "photo_tfrec/p.tfrec", examples)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "a\\b", "", ".hidden", "tab\there", "x" * 201])
+def test_photo_name_that_cannot_name_a_file_is_refused(tmp_path, name):
+    # generate saves '<image_name>.jpg': '../escape' would land outside its folder
+    comp = _with_photo_names(tmp_path / "comp", ["fine", name])
+    with pytest.raises(DataError, match=r"p\.tfrec: record 1: image_name .* cannot name a file"):
+        _run(tmp_path, comp)
+    assert not list((tmp_path / "data").iterdir())
+
+
+def test_photo_names_differing_only_in_case_are_refused(tmp_path):
+    comp = _with_photo_names(tmp_path / "comp", ["Scene1", "other", "scene1"])
+    with pytest.raises(DataError, match=r"p\.tfrec: record 0: image_name 'Scene1' and 'scene1' "
+                                         r"\(.*p\.tfrec: record 2\) differ only in case"):
+        _run(tmp_path, comp)
+
+
+def test_names_pandas_would_read_as_missing_survive_the_manifest(tmp_path):
+    names = ["NA", "null", "nan", "1e5", "0012", "Ünïcode name"]
+    comp = _with_photo_names(tmp_path / "comp", names)
+    _run(tmp_path, comp)
+    manifest = shards.read_manifest(tmp_path / "data/manifest.csv")
+    assert manifest.loc[manifest["domain"] == "photo", "image_name"].tolist() == names
 
 
 def test_missing_source_and_wrong_folder(tmp_path):
