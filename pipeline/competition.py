@@ -52,8 +52,8 @@ def check_sizes(where: Path, sizes: dict[str, int]) -> None:
 def _tfrecord(name: str) -> tuple[str, str] | None:
     """(the folder it sits in, 'monet_tfrec/<file>.tfrec') for a competition TFRecord at any depth
     (a zip of the extracted folder holds them one level down), or None. macOS's resource-fork
-    copies (__MACOSX/..., ._<file>) are not data."""
-    parts = PurePosixPath(name.replace("\\", "/")).parts  # some Windows tools write backslashes
+    copies (__MACOSX/..., ._<file>) are not data. `name` uses '/' (see _member_name)."""
+    parts = PurePosixPath(name).parts
     if len(parts) < 2 or parts[-2] not in TFREC_DIRS.values() or not parts[-1].endswith(".tfrec"):
         return None
     if parts[0] == "__MACOSX" or parts[-1].startswith("._"):
@@ -65,9 +65,13 @@ def _places(roots) -> str:
     return ", ".join(f"'{r}/'" if r else "the top level" for r in roots)
 
 
-def _hostile(info: zipfile.ZipInfo) -> str | None:
-    """Why a member must not be in a data archive at all, or None."""
-    name = info.filename.replace("\\", "/")
+def _member_name(info: zipfile.ZipInfo) -> str:
+    """A member's name with '/' between folders: some Windows tools write backslashes."""
+    return info.filename.replace("\\", "/")
+
+
+def _hostile(info: zipfile.ZipInfo, name: str) -> str | None:
+    """Why a member (`name`: see _member_name) must not be in a data archive at all, or None."""
     if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
         return "has an absolute name"
     if ".." in PurePosixPath(name).parts:
@@ -83,16 +87,15 @@ def open_checked(source: Path) -> Iterator[tuple[zipfile.ZipFile, list[tuple[zip
     listing has passed the checks."""
     try:
         with zipfile.ZipFile(source) as zf:
-            infos, seen = zf.infolist(), set()
-            for info in infos:
-                name = info.filename.replace("\\", "/")
-                why = _hostile(info) or ("appears twice" if name in seen else None)
+            members, seen = [(info, _member_name(info)) for info in zf.infolist()], set()
+            for info, name in members:
+                why = _hostile(info, name) or ("appears twice" if name in seen else None)
                 if why:
                     raise DataError(f"{source}: member '{info.filename}' {why}; refusing the archive")
                 seen.add(name)
             by_root: dict[str, list[tuple[zipfile.ZipInfo, str]]] = {}
-            for info in infos:
-                if found := _tfrecord(info.filename):
+            for info, name in members:
+                if found := _tfrecord(name):
                     by_root.setdefault(found[0], []).append((info, found[1]))
             if len(by_root) > 1:
                 raise DataError(f"{source}: TFRecord folders in {len(by_root)} places ({_places(sorted(by_root))}); "
