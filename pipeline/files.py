@@ -78,3 +78,10 @@ def main_repo() -> Path:
         if parts[i:i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
     return cwd
+
+
+def under_main_repo(path: str | Path) -> Path:
+    """A path from params as the user means it: a relative one under the main repository, so that
+    it names the same file from `dvc exp run --temp` and queued runs (DVC copies no untracked
+    file into .dvc/tmp/exps/...); an absolute one as it is."""
+    return main_repo() / Path(path).expanduser()  # pathlib: an absolute right side wins

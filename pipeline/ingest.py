@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from pipeline import competition, sample
 from pipeline.competition import TFREC_DIRS
 from pipeline.errors import DataError, cli
-from pipeline.files import atomic_dir, atomic_path, main_repo
+from pipeline.files import atomic_dir, atomic_path, main_repo, under_main_repo
 from pipeline.params import Params, load
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def ingest(p: Params, raw: Path, shards_dir: Path, manifest_path: Path, download
         elif source == "kaggle":
             origins = competition.from_zip(competition.download(download_cache, api_factory), tmp_raw)
         else:
-            origins = competition.copy_local(Path(source).expanduser(), tmp_raw)
+            origins = competition.copy_local(under_main_repo(source), tmp_raw)
         with atomic_dir(shards_dir) as tmp_shards:
             manifest = read_raw(tmp_raw, tmp_shards, p.ingest.shard_size, origins)
             manifest["tfrecord"] = manifest["tfrecord"].map(lambda t: f"{raw.name}/{t}")

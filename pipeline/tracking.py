@@ -35,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.errors import PipelineError
-from pipeline.files import main_repo
+from pipeline.files import main_repo, under_main_repo
 from pipeline.params import Params, flatten
 from pipeline.stage_results import held_results
 
@@ -231,7 +231,7 @@ def _dataset_source(source: str):
         return CodeDatasetSource({"renderer": "pipeline/sample.py"}), "embedded-sample"
     if source == "kaggle":
         return HTTPDatasetSource(KAGGLE_URL), "kaggle/gan-getting-started"
-    path = Path(source).expanduser().resolve()
+    path = under_main_repo(source).resolve()
     with warnings.catch_warnings():  # MLflow registers the local-file source twice and says so
         warnings.filterwarnings("ignore", message=".*interpreted in multiple ways", category=UserWarning)
         return resolve_dataset_source(str(path)), f"local/{path.name}"

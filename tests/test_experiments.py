@@ -105,6 +105,17 @@ def test_the_data_set_names_where_the_images_came_from(source, name, kind, point
     assert (found_name, found._get_source_type()) == (name, kind) and points_to in found.to_json()
 
 
+def test_a_relative_local_source_names_the_file_in_the_main_repository(tmp_path, monkeypatch):
+    from pipeline.tracking import _dataset_source
+
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    queued = tmp_path / "repo/.dvc/tmp/exps/tmp1a2b"  # where DVC runs a queued experiment
+    queued.mkdir(parents=True)
+    monkeypatch.chdir(queued)
+    found, name = _dataset_source("gan.zip")
+    assert name == "local/gan.zip" and str(tmp_path / "repo/gan.zip") in found.to_json()
+
+
 def test_a_training_run_again_resumes_its_row_until_it_finishes(tmp_path, monkeypatch):
     # kill -9 leaves the row RUNNING, ^C marks it KILLED: either way the next training of the same
     # params continues that row; once keyed (finish_training), the next training makes a new one

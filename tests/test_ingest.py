@@ -154,6 +154,26 @@ def test_names_pandas_would_read_as_missing_survive_the_manifest(tmp_path):
     assert manifest.loc[manifest["domain"] == "photo", "image_name"].tolist() == names
 
 
+@pytest.mark.parametrize("dvc_root", [False, True])
+def test_a_relative_source_is_under_the_main_repository(tmp_path, monkeypatch, dvc_root):
+    # `dvc exp run --temp` and queued runs execute in .dvc/tmp/exps/..., without untracked files
+    repo = tmp_path / "repo"
+    _write_competition(repo / "my data")
+    queued = repo / ".dvc/tmp/exps/tmp1a2b"
+    queued.mkdir(parents=True)
+    monkeypatch.chdir(queued)
+    if dvc_root:
+        monkeypatch.setenv("DVC_ROOT", str(repo))
+    else:
+        monkeypatch.delenv("DVC_ROOT", raising=False)
+    p = parse({"ingest": {"source": "my data"}})
+    manifest = ingest.ingest(p, Path("data/raw"), Path("data/shards"), Path("data/manifest.csv"), tmp_path / "cache")
+    assert (manifest["domain"] == "photo").sum() == 4 and (queued / "data/manifest.csv").exists()
+    with pytest.raises(PipelineError, match=f"ingest.source: {repo / 'gone.zip'} does not exist"):
+        ingest.ingest(parse({"ingest": {"source": "gone.zip"}}), Path("data/raw"), Path("data/shards"),
+                      Path("data/manifest.csv"), tmp_path / "cache")
+
+
 def test_missing_source_and_wrong_folder(tmp_path):
     with pytest.raises(PipelineError, match="does not exist"):
         _run(tmp_path, tmp_path / "nowhere")
