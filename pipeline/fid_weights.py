@@ -22,7 +22,7 @@ from torch import nn
 
 from pipeline.errors import FeatureError
 from pipeline.fid_inception import build_fid_inception
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, under_main_repo
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = _pf.FID_WEIGHTS_URL           # pytorch-fid 0.3.0's release asset
@@ -139,8 +139,8 @@ def find(weights: str, download_ok: bool) -> tuple[Path, str]:
     A named file is returned even when it is missing, so that loading it fails loudly. With no
     file named, none cached and no download to be had: FeatureError saying where it looked and
     how to supply the file (never a quiet fallback to other weights)."""
-    if weights:
-        return Path(weights).expanduser(), "weights file"
+    if weights:  # a relative path is under the main repository (also from queued experiments)
+        return under_main_repo(weights), "weights file"
     cached = hub_cache_path()
     if cached.exists():
         return cached, "cached weights (delete to re-download)"

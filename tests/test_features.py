@@ -86,6 +86,16 @@ def test_named_weights_file_gives_comparable_extractor_matching_pytorch_fid(
     assert np.abs(got).max() > 0
 
 
+def test_a_relative_weights_path_is_under_the_main_repository(tmp_path, monkeypatch):
+    # queued and --temp experiments run in .dvc/tmp/exps/..., where no untracked file is copied
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    queued = tmp_path / "repo/.dvc/tmp/exps/tmp1a2b"
+    queued.mkdir(parents=True)
+    monkeypatch.chdir(queued)
+    assert fid_weights.find(f"weights/{FID_WEIGHTS_NAME}", False) == (
+        tmp_path / "repo/weights" / FID_WEIGHTS_NAME, "weights file")
+
+
 def test_hub_cache_is_used_and_follows_torch_home(weights_file, isolated_hub):
     assert fid_weights.hub_cache_path() == isolated_hub / FID_WEIGHTS_NAME
     isolated_hub.mkdir(parents=True)
