@@ -8,6 +8,7 @@ Two things the package does not do for us, on purpose here:
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
@@ -84,10 +85,21 @@ def read(path: str | Path, label: str | None = None) -> Iterator[Example]:
     label = label or str(path)
     verify(path, label)
     # index_path=None: read sequentially from the start, no random wrap-around
-    for i, rec in enumerate(example_loader(str(path), None, description=list(SCHEMA))):
+    records = example_loader(str(path), None, description=list(SCHEMA))
+    for i in itertools.count():
         try:
-            yield Example(bytes(rec["image_name"]).decode(), bytes(rec["image"]), bytes(rec["target"]).decode())
-        except (KeyError, UnicodeDecodeError) as e:
+            rec = next(records)
+        except StopIteration:
+            return
+        except Exception as e:  # the package raises KeyError (a field missing), TypeError, IndexError,
+            # protobuf's DecodeError (not a tf.train.Example): all mean this is not a competition record
+            raise DataError(f"{label}: record {i}: not a competition record ({type(e).__name__}: {e})") from None
+        for key in SCHEMA:  # one bytes value each (several values come back as an array, ints as ints)
+            if not isinstance(rec[key], bytes):
+                raise DataError(f"{label}: record {i}: field '{key}' is not a single bytes value")
+        try:
+            yield Example(rec["image_name"].decode(), rec["image"], rec["target"].decode())
+        except UnicodeDecodeError as e:
             raise DataError(f"{label}: record {i}: bad field ({e})") from None
 
 

@@ -1,3 +1,4 @@
+import struct
 import zipfile
 from pathlib import Path
 
@@ -48,6 +49,46 @@ def test_corrupt_tfrecord_is_named(tmp_path, damage, needle):
     with pytest.raises(DataError, match=needle) as e:
         list(tfrecords.read(path))
     assert str(path) in str(e.value)
+
+
+def _raw_records(path, records):
+    from tfrecord.writer import TFRecordWriter
+
+    writer = TFRecordWriter(str(path))
+    for record in records:
+        writer.write(record)
+    writer.close()
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"image_name": (b"b", "byte"), "image": (b"jpeg", "byte")}, "record 1: not a competition record .*target"),
+    ({"image_name": (b"b", "byte"), "image": ([1, 2], "int"), "target": (b"photo", "byte")},
+     "record 1: field 'image' is not a single bytes value"),
+    ({"image_name": ([b"b", b"c"], "byte"), "image": (b"jpeg", "byte"), "target": (b"photo", "byte")},
+     "record 1: field 'image_name' is not a single bytes value"),
+    ({"image_name": (b"\xff", "byte"), "image": (b"jpeg", "byte"), "target": (b"photo", "byte")},
+     "record 1: bad field"),
+])
+def test_a_record_outside_the_schema_is_named(tmp_path, bad, needle):
+    good = {"image_name": (b"a", "byte"), "image": (tfrecords.encode_jpeg(_image(1)), "byte"), "target": (b"photo", "byte")}
+    path = tmp_path / "x.tfrec"
+    _raw_records(path, [good, bad])
+    with pytest.raises(DataError, match=needle) as e:
+        list(tfrecords.read(path, "mine.tfrec"))
+    assert str(e.value).startswith("mine.tfrec: record 1")
+
+
+def test_a_record_that_is_not_an_example_is_named(tmp_path):
+    # valid framing and checksums around bytes that are not a tf.train.Example
+    from tfrecord.writer import TFRecordWriter
+
+    body = b"\xff\xff\xff not protobuf"
+    path = tmp_path / "x.tfrec"
+    path.write_bytes(struct.pack("<Q", len(body)) + TFRecordWriter.masked_crc(struct.pack("<Q", len(body)))
+                     + body + TFRecordWriter.masked_crc(body))
+    assert tfrecords.verify(path) == 1
+    with pytest.raises(DataError, match="record 0: not a competition record"):
+        list(tfrecords.read(path))
 
 
 @pytest.mark.parametrize("pixels, needle", [
