@@ -50,9 +50,15 @@ def read_jpegs(folder: Path, names: list[str], batch_size: int) -> Iterator[torc
             path = folder / f"{name}.jpg"
             try:
                 with Image.open(path) as img:
-                    batch.append(np.asarray(img.convert("RGB")))
+                    pixels = np.asarray(img.convert("RGB"))
             except FileNotFoundError:
                 raise DataError(f"{path}: generated image missing (run the generate stage)") from None
+            except Exception as e:  # Pillow raises many types for a damaged file
+                raise DataError(f"{path}: generated image does not decode ({type(e).__name__}: {e}); "
+                                f"run the generate stage again") from None
+            if pixels.shape != (256, 256, 3):
+                raise DataError(f"{path}: generated image is {pixels.shape[1]}x{pixels.shape[0]}, expected 256x256")
+            batch.append(pixels)
         return torch.from_numpy(np.stack(batch))
 
     with ThreadPoolExecutor(max_workers=1) as pool:

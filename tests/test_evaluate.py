@@ -150,6 +150,20 @@ def test_pair_l1_is_the_mean_pixel_error_on_a_0_to_1_scale():
     assert got == {"pair_l1": pytest.approx(0.2), "pair_l1_identity": pytest.approx(0.4)}
 
 
+@pytest.mark.parametrize("damage, needle", [
+    (lambda path: path.write_bytes(path.read_bytes()[:300]), "a.jpg: generated image does not decode"),
+    (lambda path: Image.new("RGB", (128, 128)).save(path), "a.jpg: generated image is 128x128, expected 256x256"),
+    (lambda path: path.unlink(), "a.jpg: generated image missing"),
+])
+def test_a_damaged_generated_image_is_named(tmp_path, damage, needle):
+    for name in ("a", "b"):
+        Image.new("RGB", (256, 256), (10, 20, 30)).save(tmp_path / f"{name}.jpg")
+    assert next(stage.read_jpegs(tmp_path, ["a", "b"], 2)).shape == (2, 256, 256, 3)
+    damage(tmp_path / "a.jpg")
+    with pytest.raises(DataError, match=needle):
+        list(stage.read_jpegs(tmp_path, ["b", "a"], 1))
+
+
 def test_photos_of_another_seed_are_refused():
     names = [sample.sample_name(SEED, "photo", i) for i in range(4)]
     stage.check_sample_names(names, SEED)
