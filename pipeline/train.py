@@ -61,7 +61,13 @@ def _resume(trainer: Trainer, checkpoint: Path, resume_key: str, world: World, t
     """Load a matching checkpoint into the trainer and this rank's RNGs; returns its history."""
     if not checkpoint.exists():
         return []
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError(f"holds a {type(state).__name__}")
+    except Exception as e:  # truncated, not a torch file, or not a checkpoint: kept for the user to judge
+        raise PipelineError(f"train: {checkpoint} does not read back as a checkpoint ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120]}); delete it to start afresh") from None
     if state.get("fingerprint") != resume_key:
         print_fn(f"train: {checkpoint} was written for other params or data; starting afresh")
         return []
@@ -73,11 +79,16 @@ def _resume(trainer: Trainer, checkpoint: Path, resume_key: str, world: World, t
                 f"{state['processes']} to resume it, or delete it to start afresh")
         print_fn(f"train: {checkpoint} is a finished run with {state['processes']} processes; starting afresh")
         return []
-    trainer.load_state_dict(state["trainer"])
-    mine = state["ranks"][world.rank]
-    trainer.load_pools_state(mine)
-    data_gen.set_state(mine["data_rng"])
-    set_rng_state(mine["rng"], trainer.device)
+    try:
+        trainer.load_state_dict(state["trainer"])
+        mine = state["ranks"][world.rank]
+        trainer.load_pools_state(mine)
+        data_gen.set_state(mine["data_rng"])
+        set_rng_state(mine["rng"], trainer.device)
+    except Exception as e:  # same params and data, but written by code whose networks or state differ
+        raise PipelineError(f"train: {checkpoint} matches these params and data but does not load into "
+                            f"this code's training state ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                            f"finish it with the code that wrote it, or delete it to start afresh") from None
     print_fn(f"train: resuming from {checkpoint} at step {trainer.step}")
     return state["history"]
 

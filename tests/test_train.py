@@ -131,6 +131,29 @@ def test_an_unfinished_checkpoint_of_another_process_count_is_a_clear_error(tmp_
     assert ckpt.read_bytes() == before  # kept for the resume the message offers
 
 
+@pytest.mark.parametrize("spoil, needle", [
+    (lambda path: path.write_bytes(path.read_bytes()[:1000]), "does not read back as a checkpoint"),
+    (lambda path: torch.save([1, 2], path), "does not read back as a checkpoint .*holds a list"),
+    (lambda path: torch.save(_with_wider_first_conv(torch.load(path, weights_only=True)), path),
+     "matches these params and data but does not load into this code's training state"),
+])
+def test_a_checkpoint_that_does_not_load_is_a_clear_error_and_kept(tmp_path, monkeypatch, spoil, needle):
+    ckpt = _interrupted(tmp_path, monkeypatch, at_call=4)
+    spoil(ckpt)
+    before = ckpt.read_bytes()
+    with pytest.raises(PipelineError, match=needle):
+        train_stage.train(P, *_data(), ckpt, "key", print_fn=lambda *_: None)
+    assert ckpt.read_bytes() == before
+
+
+def _with_wider_first_conv(state):
+    # what a checkpoint written by other network code looks like: a layer of another shape
+    nets = state["trainer"]["nets"]["G"]
+    key = next(k for k in nets if k.endswith("weight") and nets[k].ndim == 4)
+    nets[key] = torch.zeros(nets[key].shape[0] + 1, *nets[key].shape[1:])
+    return state
+
+
 def test_a_finished_checkpoint_of_another_process_count_starts_afresh_and_says_so(tmp_path):
     photos, monets = _data()
     train_stage.train(P, photos, monets, tmp_path / "f.pt", "key", print_fn=lambda *_: None)
