@@ -47,8 +47,20 @@ TRAINING_VIEW = "?workflowType=machine_learning"
 PROBE_SECONDS = 5  # an MLflow server that does not answer its health check in this long is down
 
 
+def default_store() -> str:
+    return f"sqlite:///{main_repo() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{main_repo() / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, else the repository's own store. A relative SQLite path in it
+    (`sqlite:///mlflow.db`) is under the main repository, where it was typed: queued and --temp
+    experiments run in .dvc/tmp/exps/..., and their rows would go to a store deleted with it."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return default_store()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{main_repo() / uri.removeprefix('sqlite:///')}"
+    return uri
 
 
 def check_store() -> None:
@@ -63,8 +75,7 @@ def check_store() -> None:
     except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts and refused connections are OSErrors
         reason = getattr(e, "reason", None) or e
         raise PipelineError(f"tracking: no MLflow server answers at MLFLOW_TRACKING_URI={uri} ({reason}); "
-                            f"start it, correct the address, or unset it to log into "
-                            f"sqlite:///{main_repo() / 'mlflow.db'}") from None
+                            f"start it, correct the address, or unset it to log into {default_store()}") from None
 
 
 _held = 0  # depth of _serialized in this process (flock is per open file: a nested open would block)
@@ -139,7 +150,7 @@ def run_name() -> str:
 
 
 def _experiment_id(mlflow) -> str:
-    own_store = "MLFLOW_TRACKING_URI" not in os.environ  # read first: set_tracking_uri sets it
+    own_store = tracking_uri() == default_store()
     mlflow.set_tracking_uri(tracking_uri())
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     exp = mlflow.get_experiment_by_name(name)

@@ -105,6 +105,27 @@ def test_the_data_set_names_where_the_images_came_from(source, name, kind, point
     assert (found_name, found._get_source_type()) == (name, kind) and points_to in found.to_json()
 
 
+@pytest.mark.parametrize("uri, expected", [
+    (None, "sqlite:///{repo}/mlflow.db"),
+    ("sqlite:///mlflow.db", "sqlite:///{repo}/mlflow.db"),        # as the README's serve command writes it
+    ("sqlite:///stores/team.db", "sqlite:///{repo}/stores/team.db"),
+    ("sqlite:////srv/team.db", "sqlite:////srv/team.db"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+])
+def test_a_relative_sqlite_store_is_the_main_repositorys_from_a_queued_run(tmp_path, monkeypatch, uri, expected):
+    from pipeline import tracking
+
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    queued = tmp_path / "repo/.dvc/tmp/exps/tmp1a2b"
+    queued.mkdir(parents=True)
+    monkeypatch.chdir(queued)
+    if uri is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert tracking.tracking_uri() == expected.format(repo=tmp_path / "repo")
+
+
 def test_a_relative_local_source_names_the_file_in_the_main_repository(tmp_path, monkeypatch):
     from pipeline.tracking import _dataset_source
 
