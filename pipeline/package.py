@@ -46,12 +46,19 @@ def check_images(folder: Path, min_images: int, max_images: int) -> list[Path]:
     return entries
 
 
+ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can say: entries carry no file times
+
+
 def write_zip(images: list[Path], out: Path) -> str:
-    """Write the zip atomically (stored: JPEGs do not compress); returns its sha256."""
+    """Write the zip atomically (stored: JPEGs do not compress); returns its sha256. Entries get a
+    fixed time and mode instead of the files', so the same JPEGs make the same zip, byte for byte
+    (DVC then sees an unchanged output when a rerun reproduces the images)."""
     with atomic_path(out) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
             for path in images:
-                zf.write(path, arcname=path.name)
+                entry = zipfile.ZipInfo(path.name, date_time=ZIP_TIME)
+                entry.external_attr = 0o644 << 16  # rw-r--r--, as extracted
+                zf.writestr(entry, path.read_bytes())
         digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     return digest
 

@@ -1,9 +1,11 @@
 """The competition's TFRecords, read and written with the `tfrecord` package (no TensorFlow).
 
 Each record is a tf.train.Example with `image_name`, `image` (JPEG bytes) and `target` (bytes).
-Two things the package does not do for us, on purpose here:
+Three things the package does not do for us, on purpose here:
 - it never checks the CRC32C checksums, so `verify` walks the framing and checks them first;
-- given an index file it starts at a random record and wraps around, so we never pass one.
+- given an index file it starts at a random record and wraps around, so we never pass one;
+- its writer leaves the order of an Example's features to protobuf, which differs from process
+  to process, so `write` serializes them in key order: equal examples, equal files.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image
+from tfrecord import example_pb2
 from tfrecord.reader import example_loader
 from tfrecord.writer import TFRecordWriter
 
@@ -33,21 +36,24 @@ class Example(NamedTuple):
     target: str
 
 
+def _record(ex: Example) -> bytes:
+    """The tf.train.Example of `ex`, its features in key order (protobuf's deterministic mode)."""
+    proto = example_pb2.Example()
+    for key, value in (("image_name", ex.image_name.encode()), ("image", ex.image), ("target", ex.target.encode())):
+        proto.features.feature[key].bytes_list.value.append(value)
+    return proto.SerializeToString(deterministic=True)
+
+
 def write(path: str | Path, examples: Iterable[Example]) -> int:
-    """Write examples to one TFRecord file atomically; returns the record count."""
+    """Write examples to one TFRecord file atomically; returns the record count. The framing is
+    TFRecord's: length, its masked CRC32C, the record, its masked CRC32C (the package's CRC)."""
     count = 0
-    with atomic_path(path) as tmp:
-        writer = TFRecordWriter(str(tmp))
-        try:
-            for ex in examples:
-                writer.write({
-                    "image_name": (ex.image_name.encode(), "byte"),
-                    "image": (ex.image, "byte"),
-                    "target": (ex.target.encode(), "byte"),
-                })
-                count += 1
-        finally:
-            writer.close()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for ex in examples:
+            record = _record(ex)
+            length = struct.pack("<Q", len(record))
+            f.write(length + TFRecordWriter.masked_crc(length) + record + TFRecordWriter.masked_crc(record))
+            count += 1
     return count
 
 

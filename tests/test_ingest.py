@@ -51,6 +51,21 @@ def test_corrupt_tfrecord_is_named(tmp_path, damage, needle):
     assert str(path) in str(e.value)
 
 
+def test_equal_examples_make_equal_files_in_every_process(tmp_path):
+    # protobuf orders an Example's features differently from process to process unless asked
+    # not to; the sample's data/raw then changed bytes (and DVC hash) on every ingest
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline import tfrecords; "
+            "tfrecords.write(sys.argv[1], [tfrecords.Example(f'n{i}', bytes(range(i, i + 50)), 'photo') for i in range(4)])")
+    paths = [tmp_path / f"{k}.tfrec" for k in range(5)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+    assert len({path.read_bytes() for path in paths}) == 1
+    assert [ex.image_name for ex in tfrecords.read(paths[0])] == ["n0", "n1", "n2", "n3"]
+
+
 def _raw_records(path, records):
     from tfrecord.writer import TFRecordWriter
 

@@ -25,6 +25,22 @@ def test_good_folder_becomes_a_flat_zip(tmp_path):
     assert digest == hashlib.sha256((tmp_path / "out/images.zip").read_bytes()).hexdigest()
 
 
+def test_the_same_images_make_the_same_zip_whenever_they_were_written(tmp_path):
+    import os
+    import shutil
+
+    first = check_images(_jpegs(tmp_path / "a", 6), 5, 10)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for k, path in enumerate(sorted((tmp_path / "b").iterdir())):
+        os.utime(path, (1_000_000_000 + k, 1_000_000_000 + k))  # other times, as a rerun leaves them
+        path.chmod(0o600)
+    second = check_images(tmp_path / "b", 5, 10)
+    assert write_zip(first, tmp_path / "1.zip") == write_zip(second, tmp_path / "2.zip")
+    with zipfile.ZipFile(tmp_path / "2.zip") as zf:
+        assert all(zf.read(e.filename) == (tmp_path / "b" / e.filename).read_bytes() for e in zf.infolist())
+        assert all(e.compress_type == zipfile.ZIP_STORED for e in zf.infolist())
+
+
 def test_too_few_images_refused(tmp_path):
     with pytest.raises(DataError, match="3 images; the submission needs 5–10"):
         check_images(_jpegs(tmp_path / "gen", 3), 5, 10)
