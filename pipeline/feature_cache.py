@@ -27,18 +27,19 @@ class FeatureCache:
         digest = hashlib.sha256(f"{self.extractor_key}|{key}".encode()).hexdigest()[:32]
         return self.folder / f"{label}-{digest}.npy"
 
-    def get(self, label: str, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
-        """The features of `label`'s images (identified by `key`): from the cache, else computed and cached."""
+    def get(self, label: str, key: str, compute: Callable[[], np.ndarray], what: str = "features") -> np.ndarray:
+        """The features (or `what` else) of `label`'s images, identified by `key`: from the cache,
+        else computed and cached."""
         path = self.path(label, key)
         if path.exists():
             try:
-                features = np.load(path, allow_pickle=False)
-                self.say(f"evaluate: {label} features from the cache ({path})")
-                return features
+                array = np.load(path, allow_pickle=False)
+                self.say(f"evaluate: {label} {what} from the cache ({path})")
+                return array
             except (OSError, ValueError) as e:
                 self.say(f"evaluate: {path} does not read back ({type(e).__name__}); computing it again")
-        features = compute()
+        array = compute()
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, features, allow_pickle=False)
-        self.say(f"evaluate: {label} features computed and cached ({path})")
-        return features
+            np.save(f, array, allow_pickle=False)
+        self.say(f"evaluate: {label} {what} computed and cached ({path})")
+        return array

@@ -58,20 +58,25 @@ def test_scores_baselines_and_ground_truth_on_the_sample(data):
     assert all(isinstance(v, (int, float, str)) and (not isinstance(v, str) or len(v) < 20) for v in result.values())
 
 
-def test_reference_features_are_cached_and_reused(data, capsys):
+def test_reference_features_are_cached_and_reused(data, capsys, monkeypatch):
     said = []
     first, _ = _evaluate(data, cache="cache-b", say=said.append)
-    assert sum("computed and cached" in s for s in said) == 3  # paintings, photos, ground truth
+    assert sum("features computed and cached" in s for s in said) == 3  # paintings, photos, ground truth
+    assert sum("ground-truth pixels computed and cached" in s for s in said) == 1  # pair_l1's renders
     said.clear()
+    rendered = []
+    real_render = sample.render_parallel
+    monkeypatch.setattr(sample, "render_parallel", lambda *a, **k: rendered.append(a) or real_render(*a, **k))
     again, _ = _evaluate(data, cache="cache-b", say=said.append)
     assert sum("features from the cache" in s for s in said) == 3 and not any("computed" in s for s in said)
+    assert any("ground-truth pixels from the cache" in s for s in said) and not rendered  # nothing rendered
     assert any("BatchNorm statistics from the cache" in s for s in said)  # the offline extractor's
     assert again == first
     other = parse({**{"seed": SEED, "ingest": {"sample_photos": 24, "sample_paintings": 12}},
                    "evaluate": {"batch_size": 16, "baseline_images": 16, "kid_subsets": 5, "offline_image_size": 99}})
     said.clear()
     _evaluate(data, params=other, cache="cache-b", say=said.append)  # another extractor: another key
-    assert sum("computed and cached" in s for s in said) == 3
+    assert sum("features computed and cached" in s for s in said) == 3
 
 
 def test_a_cache_file_that_does_not_read_back_is_recomputed(tmp_path):
