@@ -56,6 +56,11 @@ def photo_grid(photos: torch.Tensor, generated: torch.Tensor, px: int = 128) -> 
     return Image.fromarray(grid.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
+def _why(e: Exception) -> str:
+    """An exception as one short line (torch's messages run to many lines; some are empty)."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
+
 def _resume(trainer: Trainer, checkpoint: Path, resume_key: str, world: World, total: int,
             data_gen: torch.Generator, print_fn) -> list[dict]:
     """Load a matching checkpoint into the trainer and this rank's RNGs; returns its history."""
@@ -66,8 +71,8 @@ def _resume(trainer: Trainer, checkpoint: Path, resume_key: str, world: World, t
         if not isinstance(state, dict):
             raise TypeError(f"holds a {type(state).__name__}")
     except Exception as e:  # truncated, not a torch file, or not a checkpoint: kept for the user to judge
-        raise PipelineError(f"train: {checkpoint} does not read back as a checkpoint ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:120]}); delete it to start afresh") from None
+        raise PipelineError(f"train: {checkpoint} does not read back as a checkpoint ({_why(e)}); "
+                            f"delete it to start afresh") from None
     if state.get("fingerprint") != resume_key:
         print_fn(f"train: {checkpoint} was written for other params or data; starting afresh")
         return []
@@ -87,8 +92,8 @@ def _resume(trainer: Trainer, checkpoint: Path, resume_key: str, world: World, t
         set_rng_state(mine["rng"], trainer.device)
     except Exception as e:  # same params and data, but written by code whose networks or state differ
         raise PipelineError(f"train: {checkpoint} matches these params and data but does not load into "
-                            f"this code's training state ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                            f"finish it with the code that wrote it, or delete it to start afresh") from None
+                            f"this code's training state ({_why(e)}); finish it with the code that wrote it, "
+                            f"or delete it to start afresh") from None
     print_fn(f"train: resuming from {checkpoint} at step {trainer.step}")
     return state["history"]
 

@@ -134,6 +134,10 @@ def test_an_unfinished_checkpoint_of_another_process_count_is_a_clear_error(tmp_
 @pytest.mark.parametrize("spoil, needle", [
     (lambda path: path.write_bytes(path.read_bytes()[:1000]), "does not read back as a checkpoint"),
     (lambda path: torch.save([1, 2], path), "does not read back as a checkpoint .*holds a list"),
+    (lambda path: torch.save({**torch.load(path, weights_only=True), "ranks": []}, path),  # IndexError, no text
+     "does not load into this code's training state \\(IndexError: list index out of range\\)"),
+    (lambda path: torch.save({k: v for k, v in torch.load(path, weights_only=True).items() if k != "trainer"}, path),
+     "does not load into this code's training state \\(KeyError: 'trainer'\\)"),
     (lambda path: torch.save(_with_wider_first_conv(torch.load(path, weights_only=True)), path),
      "matches these params and data but does not load into this code's training state"),
 ])
@@ -144,6 +148,12 @@ def test_a_checkpoint_that_does_not_load_is_a_clear_error_and_kept(tmp_path, mon
     with pytest.raises(PipelineError, match=needle):
         train_stage.train(P, *_data(), ckpt, "key", print_fn=lambda *_: None)
     assert ckpt.read_bytes() == before
+
+
+def test_an_exception_is_one_short_line_even_without_a_message():
+    assert train_stage._why(RuntimeError("first\nsecond")) == "RuntimeError: first"
+    assert train_stage._why(AssertionError()) == "AssertionError: "
+    assert len(train_stage._why(ValueError("x" * 500))) == len("ValueError: ") + 120
 
 
 def _with_wider_first_conv(state):
