@@ -58,8 +58,8 @@ def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return default_store()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{main_repo() / uri.removeprefix('sqlite:///')}"
+    if uri.startswith("sqlite:///"):  # an absolute path (sqlite:////srv/x.db) stays as it is
+        return f"sqlite:///{under_main_repo(uri.removeprefix('sqlite:///'))}"
     return uri
 
 
