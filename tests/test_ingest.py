@@ -1,4 +1,6 @@
 import struct
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -54,9 +56,6 @@ def test_corrupt_tfrecord_is_named(tmp_path, damage, needle):
 def test_equal_examples_make_equal_files_in_every_process(tmp_path):
     # protobuf orders an Example's features differently from process to process unless asked
     # not to; the sample's data/raw then changed bytes (and DVC hash) on every ingest
-    import subprocess
-    import sys
-
     code = ("import sys; from pipeline import tfrecords; "
             "tfrecords.write(sys.argv[1], [tfrecords.Example(f'n{i}', bytes(range(i, i + 50)), 'photo') for i in range(4)])")
     paths = [tmp_path / f"{k}.tfrec" for k in range(5)]

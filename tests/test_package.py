@@ -1,4 +1,6 @@
 import hashlib
+import os
+import shutil
 import zipfile
 
 import numpy as np
@@ -26,9 +28,6 @@ def test_good_folder_becomes_a_flat_zip(tmp_path):
 
 
 def test_the_same_images_make_the_same_zip_whenever_they_were_written(tmp_path):
-    import os
-    import shutil
-
     first = check_images(_jpegs(tmp_path / "a", 6), 5, 10)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     for k, path in enumerate(sorted((tmp_path / "b").iterdir())):

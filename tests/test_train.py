@@ -134,7 +134,7 @@ def test_an_unfinished_checkpoint_of_another_process_count_is_a_clear_error(tmp_
 @pytest.mark.parametrize("spoil, needle", [
     (lambda path: path.write_bytes(path.read_bytes()[:1000]), "does not read back as a checkpoint"),
     (lambda path: torch.save([1, 2], path), "does not read back as a checkpoint .*holds a list"),
-    (lambda path: torch.save({**torch.load(path, weights_only=True), "ranks": []}, path),  # IndexError, no text
+    (lambda path: torch.save({**torch.load(path, weights_only=True), "ranks": []}, path),  # an IndexError from the loader
      "does not load into this code's training state \\(IndexError: list index out of range\\)"),
     (lambda path: torch.save({k: v for k, v in torch.load(path, weights_only=True).items() if k != "trainer"}, path),
      "does not load into this code's training state \\(KeyError: 'trainer'\\)"),
