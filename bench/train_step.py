@@ -57,7 +57,7 @@ from pipeline.generate import generate  # noqa: E402
 from pipeline.networks import ResizeConv2d, to_model_input  # noqa: E402
 from pipeline.package import check_images, write_zip  # noqa: E402
 from pipeline.params import Params, parse, read_yaml  # noqa: E402
-from pipeline.runtime import autocast_dtype, place  # noqa: E402
+from pipeline.runtime import autocast, autocast_dtype, place  # noqa: E402
 
 
 def recipe(name: str, device: torch.device) -> Params:
@@ -165,8 +165,10 @@ def synthetic_photos(folder: Path, count: int) -> tuple[Path, Path]:
 
 
 def reference_generate(shards_dir: Path, manifest_path: Path, generator_path: Path, out: Path,
-                       device: torch.device, batch_size: int, quality: int) -> int:
-    """The generate stage as it was before it was made faster: the same images, made sequentially."""
+                       device: torch.device, precision: str, batch_size: int, quality: int) -> int:
+    """The generate stage as it was before it was made faster: the same images, made sequentially
+    (under the same autocast as the stage, so that the rows compare the implementations)."""
+    ctx = autocast(device, autocast_dtype(precision, device))
     net, config = generator_file.load(generator_path, device)
     direct_resize(net)
     manifest = shards.read_manifest(manifest_path)
@@ -182,7 +184,8 @@ def reference_generate(shards_dir: Path, manifest_path: Path, generator_path: Pa
                     x = F.interpolate(part.permute(0, 3, 1, 2).float(), size=(config["image_size"],) * 2,
                                       mode="bilinear", antialias=True, align_corners=False)
                     small.append(x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous())
-                y = net(to_model_input(torch.cat(small), device)).float()
+                with ctx():
+                    y = net(to_model_input(torch.cat(small), device)).float()
                 if config["image_size"] != 256:
                     y = F.interpolate(y, size=(256, 256), mode="bicubic", align_corners=False)
                 pixels = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
@@ -206,7 +209,8 @@ def generation_rows(p: Params, device: torch.device, count: int, work: Path) -> 
         sync(device)
         start = time.perf_counter()
         if run:
-            run(shards_dir, manifest, generator_path, out, device, p.generate.batch_size, p.generate.jpeg_quality)
+            run(shards_dir, manifest, generator_path, out, device, p.precision, p.generate.batch_size,
+                p.generate.jpeg_quality)
         else:
             generate(shards_dir, manifest, generator_path, out, device.type, p.precision, p.generate.batch_size,
                      p.generate.jpeg_quality)

@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+from pipeline.runtime import cpu_has_bf16
+
 
 def test_gpu_check_imports_no_mlflow_dvc_or_tfrecord(repo_root):
     code = ("import runpy, sys; sys.argv = ['train_step.py', '--help']\n"
@@ -24,7 +26,8 @@ def test_gpu_check_runs_and_prints_table_last(repo_root, tmp_path):
     table = lines[start + 1:]
     train = {line[:44].strip(): line[44:].split() for line in table[:6]}
     assert list(train)[0].startswith("reference") and float(train[list(train)[0]][1]) == 1.0  # ratio to itself
-    assert list(train)[1].startswith("pipeline (fp32, batch 8")
+    auto = "bf16" if cpu_has_bf16() else "fp32"  # precision: auto, as this machine's CPU decides it
+    assert list(train)[1].startswith(f"pipeline ({auto}, batch 8")
     assert {"fp32", "fp32+channels_last", "bf16", "bf16+channels_last"} <= set(train)
     assert all(float(r[0]) > 0 for r in train.values())  # every mode trained
     assert table[6].startswith("generate + package, 20 images")

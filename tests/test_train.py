@@ -4,6 +4,7 @@ import pytest
 import torch
 from tqdm import tqdm
 
+from pipeline import runtime
 from pipeline import train as train_stage
 from pipeline.cyclegan import NonFiniteLoss, Trainer, build_nets
 from pipeline.errors import PipelineError
@@ -208,3 +209,25 @@ def test_loss_meter_names_the_first_non_finite_step_and_loss():
     with pytest.raises(NonFiniteLoss, match="loss_a is not finite at step 2"):
         meter.check()
     assert isinstance(NonFiniteLoss("x"), PipelineError)
+
+
+CPUINFO = """processor\t: {n}
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx avx2 fma {extra}
+bugs\t\t: sysret_ss_attrs spectre_v1 {bug}
+"""
+
+
+@pytest.mark.parametrize("extra, bug, bf16", [("", "", False), ("avx512f avx512_bf16", "", True),
+                                              ("amx_tile amx_bf16", "", True), ("avx512f", "avx512_bf16", False)])
+def test_auto_precision_uses_bf16_on_the_cpu_only_where_its_flags_list_bf16_instructions(
+        tmp_path, monkeypatch, extra, bug, bf16):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("\n".join(CPUINFO.format(n=n, extra=extra, bug=bug) for n in range(2)))
+    assert runtime.cpu_has_bf16(cpuinfo) is bf16
+    assert runtime.cpu_has_bf16(tmp_path / "missing") is False  # no /proc (another OS): fp32
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: bf16)
+    cpu = torch.device("cpu")
+    assert runtime.autocast_dtype("auto", cpu) == (torch.bfloat16 if bf16 else None)
+    assert runtime.autocast_dtype("fp32", cpu) is None and runtime.autocast_dtype("bf16", cpu) == torch.bfloat16
