@@ -32,7 +32,9 @@ def test_gpu_check_runs_and_prints_table_last(repo_root, tmp_path):
     assert all(float(r[0]) > 0 for r in train.values())  # every mode trained
     assert table[6].startswith("generate + package, 20 images")
     assert table[7].startswith("reference generate") and table[8].startswith("pipeline generate")
-    assert float(table[9].split()[-1]) < 1.0  # the same images, up to JPEG rounding
+    # the same images, up to JPEG rounding, and in bf16 its rounding of the network's output (about
+    # one level: 0.999 measured over 7,028 images; a wrong resize or colour is tens of levels)
+    assert float(table[9].split()[-1]) < (2.0 if auto == "bf16" else 1.0)
     assert table[10].startswith("evaluate stage, default recipe, 24 photos")
     first, cached = table[11].split(), table[12].split()
     assert table[11].startswith("first (features cache empty)") and table[12].startswith("cached")
