@@ -2,7 +2,9 @@
 import subprocess
 import sys
 
-from pipeline.runtime import cpu_has_bf16
+import torch
+
+from pipeline.runtime import autocast_dtype
 
 
 def test_gpu_check_imports_no_mlflow_dvc_or_tfrecord(repo_root):
@@ -26,7 +28,7 @@ def test_gpu_check_runs_and_prints_table_last(repo_root, tmp_path):
     table = lines[start + 1:]
     train = {line[:44].strip(): line[44:].split() for line in table[:6]}
     assert list(train)[0].startswith("reference") and float(train[list(train)[0]][1]) == 1.0  # ratio to itself
-    auto = "bf16" if cpu_has_bf16() else "fp32"  # precision: auto, as this machine's CPU decides it
+    auto = "bf16" if autocast_dtype("auto", torch.device("cpu")) else "fp32"  # as the stages decide it here
     assert list(train)[1].startswith(f"pipeline ({auto}, batch 8")
     assert {"fp32", "fp32+channels_last", "bf16", "bf16+channels_last"} <= set(train)
     assert all(float(r[0]) > 0 for r in train.values())  # every mode trained
