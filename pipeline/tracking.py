@@ -287,12 +287,10 @@ def log_generator_model(generator_path: Path, shards: Path, manifest: Path) -> N
         code.mkdir()
         for source in Path(__file__).parent.glob("*.py"):
             shutil.copy2(source, code / source.name)
-        with warnings.catch_warnings():  # MLflow's advice to type-hint predict: the signature is given
-            warnings.filterwarnings("ignore", message=".*type hints", category=UserWarning)
-            mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=served_model.__file__,
-                                    artifacts={"generator": str(generator_path)}, code_paths=[str(code)],
-                                    signature=served_model.signature(), input_example=example,
-                                    pip_requirements=requirements)
+        mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=served_model.__file__,
+                                artifacts={"generator": str(generator_path)}, code_paths=[str(code)],
+                                signature=served_model.signature(), input_example=example,
+                                pip_requirements=requirements)
 
 
 def log_file(path: Path, stage: str) -> None:

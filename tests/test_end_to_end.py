@@ -72,6 +72,15 @@ def test_every_file_the_stages_write_is_declared_in_dvc_yaml(reproduced):
     assert written and not undeclared
 
 
+def test_dvc_plots_show_draws_the_three_plots_and_git_ignores_its_page(reproduced):
+    root, env, _ = reproduced
+    dvc(root, env, "plots", "show")
+    page = (root / "dvc_plots" / "index.html").read_text()
+    assert all(name in page for name in ("training losses", "grid.png", "memorization.png"))
+    untracked = run(["git", "status", "--porcelain", "--untracked-files=all"], root, env).stdout
+    assert "dvc_plots" not in untracked, untracked
+
+
 def test_real_dvc_lock_is_read_as_holding_after_a_repro(reproduced, monkeypatch):
     # the lock format DVC itself writes (hashes, folded commands, dotted params) reads as holding
     from pipeline.stage_results import held_results

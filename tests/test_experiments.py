@@ -3,6 +3,7 @@ params): queued sweeps with two workers, the row spanning the pipeline with its 
 model, the model loaded and served, a remote tracking server, and an unreachable one."""
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -21,8 +22,16 @@ WAIT = 180  # seconds a server gets to come up
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory, repo_root):
     root, env = make_repo(tmp_path_factory.mktemp("exps"), repo_root, TINY)
-    dvc(root, env, "repro")
+    done = dvc(root, env, "repro")
+    (root.parent / "repro.out").write_text(done.stdout + done.stderr)  # beside the repository, not in it
     return root, env
+
+
+def readme_command(start: str) -> list[str]:
+    """The README's command line that begins with `start`, split as the shell would, without its comment."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (line,) = [line for line in readme.splitlines() if line.startswith(start)]
+    return shlex.split(line, comments=True)
 
 
 def free_port() -> int:
@@ -180,6 +189,13 @@ def test_logged_model_loads_back_and_translates(reproduced):
         model.predict(batch.astype(np.float32))  # the signature or the model refuses it, by name
 
 
+def test_logging_the_model_prints_no_warning_of_mlflow_about_predicts_type_hints(reproduced):
+    root, _ = reproduced
+    out = (root.parent / "repro.out").read_text()
+    assert "train: logged to" in out  # the stage that logs the model printed here
+    assert "Add type hints" not in out, out[-3000:]
+
+
 def test_served_model_answers_a_rest_request(reproduced, tmp_path):
     root, env = reproduced
     run_id, _ = the_row(root)
@@ -223,6 +239,10 @@ def test_two_queued_experiments_on_two_workers_make_two_complete_rows(reproduced
         assert row["models"] == ["photo2monet"] and row["datasets"][0]["name"] == "embedded-sample"
     shown = dvc(root, env, "exp", "show", "--only-changed", "--csv").stdout
     assert "lambda_cycle" in shown and "fid_vs_ground_truth" in shown
+    narrow = readme_command("dvc exp show --drop")  # the README's narrow table, as written there
+    table = [line.split(",") for line in dvc(root, env, *narrow[1:], "--csv").stdout.splitlines()]
+    assert table[0] == ["Experiment", "fid_vs_ground_truth", "mifid", "lambda_cycle"]
+    assert sorted(row[-1] for row in table[1:] if row[0] in names) == ["3", "5"]
     diff = dvc(root, env, "plots", "diff", *sorted(names), "--json").stdout
     assert "loss_cycle" in diff
 
