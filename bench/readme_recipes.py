@@ -1,6 +1,6 @@
-"""The README's recipes, read from the README itself: each `dvc exp run -n NAME -S key=value ...`
-command there, as the param overrides it sets. The bench and the tests run exactly what a user
-copies, so they follow the README when it changes."""
+"""The README's commands, read from the README itself: every command of its bash blocks, and each
+recipe (`dvc exp run -n NAME -S key=value ...`) as the param overrides it sets. The bench and the
+tests run exactly what a user copies, so they follow the README when it changes."""
 from __future__ import annotations
 
 import copy
@@ -13,15 +13,24 @@ from pipeline import yaml12
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def commands(readme: Path = README) -> list[list[str]]:
+    """Every command of the README's bash blocks (continued lines joined), split as the shell
+    would, comments dropped."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", readme.read_text(), flags=re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            if words := shlex.split(command, comments=True):
+                found.append(words)
+    return found
+
+
 def recipes(readme: Path = README) -> dict[str, list[str]]:
     """{name: ["key=value", ...]} for every `dvc exp run -n NAME` command in the README's code blocks."""
     found = {}
-    for block in re.findall(r"```bash\n(.*?)```", readme.read_text(), flags=re.S):
-        for command in block.replace("\\\n", " ").splitlines():
-            words = shlex.split(command, comments=True)
-            if words[:3] == ["dvc", "exp", "run"] and "-n" in words:
-                name = words[words.index("-n") + 1]
-                found[name] = [words[i + 1] for i, w in enumerate(words) if w == "-S"]
+    for words in commands(readme):
+        if words[:3] == ["dvc", "exp", "run"] and "-n" in words:
+            name = words[words.index("-n") + 1]
+            found[name] = [words[i + 1] for i, w in enumerate(words) if w == "-S"]
     return found
 
 

@@ -3,7 +3,6 @@ params): queued sweeps with two workers, the row spanning the pipeline with its 
 model, the model loaded and served, a remote tracking server, and an unreachable one."""
 import json
 import os
-import shlex
 import socket
 import subprocess
 import sys
@@ -16,6 +15,9 @@ import pytest
 import torch
 from workspace import TINY, assert_complete, dvc, make_repo, new_rows, rows, run
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import readme_recipes  # noqa: E402
+
 WAIT = 180  # seconds a server gets to come up
 
 
@@ -25,13 +27,6 @@ def reproduced(tmp_path_factory, repo_root):
     done = dvc(root, env, "repro")
     (root.parent / "repro.out").write_text(done.stdout + done.stderr)  # beside the repository, not in it
     return root, env
-
-
-def readme_command(start: str) -> list[str]:
-    """The README's command line that begins with `start`, split as the shell would, without its comment."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    (line,) = [line for line in readme.splitlines() if line.startswith(start)]
-    return shlex.split(line, comments=True)
 
 
 def free_port() -> int:
@@ -239,7 +234,8 @@ def test_two_queued_experiments_on_two_workers_make_two_complete_rows(reproduced
         assert row["models"] == ["photo2monet"] and row["datasets"][0]["name"] == "embedded-sample"
     shown = dvc(root, env, "exp", "show", "--only-changed", "--csv").stdout
     assert "lambda_cycle" in shown and "fid_vs_ground_truth" in shown
-    narrow = readme_command("dvc exp show --drop")  # the README's narrow table, as written there
+    # the README's narrow table, as written there
+    (narrow,) = [c for c in readme_recipes.commands() if c[:4] == ["dvc", "exp", "show", "--drop"]]
     table = [line.split(",") for line in dvc(root, env, *narrow[1:], "--csv").stdout.splitlines()]
     assert table[0] == ["Experiment", "fid_vs_ground_truth", "mifid", "lambda_cycle"]
     assert sorted(row[-1] for row in table[1:] if row[0] in names) == ["3", "5"]
