@@ -1,20 +1,16 @@
 """The competition path without a GPU: the README's own commands through DVC on the CPU, at 256 px
 with the full-size networks, and those networks held against the CycleGAN paper's architecture."""
 import json
-import sys
 import zipfile
-from pathlib import Path
 
 import pytest
+import readme_recipes
 import torch
 from PIL import Image
 from workspace import dvc, make_repo, new_rows, rows
 
 from pipeline.features import offline_extractor
 from pipeline.networks import define_discriminator, define_generator
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import readme_recipes  # noqa: E402
 
 # what a CPU test must change, and nothing else: the device, compile, a few dozen sample images
 # instead of Kaggle's, a few steps, the package's minimum count, and (no internet) a weights file
