@@ -67,10 +67,16 @@ def main() -> None:
     dvc(repo, env, "exp", "run", "--queue", "-S", "lambda_cycle=4,6")
 
     def queued() -> None:
-        dvc(repo, {**env, "OMP_NUM_THREADS": str(args.threads)} if args.threads else env, "queue", "start", "-j", "2")
+        # the workers' output to a file, not to a pipe of ours: a worker that outlives its queue
+        # (DVC's do, now and then) would hold the pipe open, and subprocess.run would wait forever
+        with open(work / "queue.log", "ab") as log:
+            subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo, check=True,
+                           env={**env, "OMP_NUM_THREADS": str(args.threads)} if args.threads else env,
+                           stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         while True:
             status = dvc(repo, env, "queue", "status")
-            if "Queued" not in status and "Running" not in status:
+            finished = status.count("Success") + status.count("Failed")
+            if finished >= 2 and "Queued" not in status and "Running" not in status:
                 break
             time.sleep(2)
         if status.count("Success") != 2:

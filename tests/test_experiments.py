@@ -12,11 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import readme_recipes
 import torch
-from workspace import TINY, assert_complete, dvc, make_repo, new_rows, rows, run
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import readme_recipes  # noqa: E402
+from workspace import TINY, assert_complete, dvc, make_repo, new_rows, rows, run, start_queue
 
 WAIT = 180  # seconds a server gets to come up
 
@@ -216,14 +214,15 @@ def test_two_queued_experiments_on_two_workers_make_two_complete_rows(reproduced
     root, env = reproduced
     before = rows(root)
     dvc(root, env, "exp", "run", "--queue", "-S", "lambda_cycle=3,5")
-    dvc(root, {**env, "OMP_NUM_THREADS": "1"}, "queue", "start", "-j", "2")  # as the README: a core each
+    start_queue(root, {**env, "OMP_NUM_THREADS": "1"}, 2, root.parent / "queue.log")  # as the README: a core each
     deadline = time.time() + 900
     while time.time() < deadline:
         status = dvc(root, env, "queue", "status").stdout
-        if "Queued" not in status and "Running" not in status:
+        finished = status.count("Success") + status.count("Failed")  # both, not just none waiting
+        if finished >= 2 and "Queued" not in status and "Running" not in status:
             break
         time.sleep(5)
-    dvc(root, env, "queue", "stop", check=False)
+    dvc(root, env, "queue", "stop", check=False, timeout=300)
     assert status.count("Success") == 2, status + dvc(root, env, "queue", "logs", "-e", "", check=False).stdout
     new = new_rows(root, before)
     assert sorted(r["params"]["lambda_cycle"] for r in new) == ["3.0", "5.0"]

@@ -30,8 +30,18 @@ def run(cmd, cwd, env, check=True, timeout=None):
     return res
 
 
-def dvc(root, env, *args, check=True):
-    return run([sys.executable, "-m", "dvc", *args], root, env, check=check)
+def dvc(root, env, *args, check=True, timeout=None):
+    return run([sys.executable, "-m", "dvc", *args], root, env, check=check, timeout=timeout)
+
+
+def start_queue(root: Path, env: dict, jobs: int, log: Path) -> None:
+    """`dvc queue start -j jobs`, returning once the workers are spawned, as it does in a terminal.
+    Their output goes to `log`, never to a pipe of ours: the workers inherit it, and one that
+    outlives its queue (seen: a DVC worker that logged "shutting down due to empty queue" and never
+    exited) would keep `subprocess.run` waiting for the pipe to close, forever."""
+    with open(log, "ab") as out:
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=root, env=env,
+                       stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=True, timeout=300)
 
 
 def merge(base: dict, over: dict) -> dict:
