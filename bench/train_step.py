@@ -300,6 +300,8 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="the pipeline row without torch.compile")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the train stage sets it (for every row, the reference too)
     name = args.recipe or ("competition" if device.type == "cuda" else "default")
     p = recipe(name, device)
     steps = args.steps or (30 if device.type == "cuda" else 5)

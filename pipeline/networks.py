@@ -43,6 +43,15 @@ def upsample2x(in_ch: int, out_ch: int, how: str, kernel: int, bias: bool = True
     raise ValueError(f"unknown upsampling {how!r}")
 
 
+def replicate_pad1(x: torch.Tensor) -> torch.Tensor:
+    """F.pad(x, (1, 1, 1, 1), mode="replicate") from slices and concatenation. Its backward is then
+    slicing and sums that torch.compile generates itself; aten's replication_pad2d_backward, which it
+    would call instead, returns a memory layout that Inductor does not predict (torch 2.14: an
+    AssertionError "expected size 32==32, stride 1==1024" at the first compiled training step)."""
+    x = torch.cat([x[:, :, :1], x, x[:, :, -1:]], dim=2)
+    return torch.cat([x[..., :1], x, x[..., -1:]], dim=3)
+
+
 class ResizeConv2d(nn.Conv2d):
     """A 3×3 convolution over the input upsampled 2× (nearest) and reflection-padded by 1,
     computed at the input's resolution; its weights are an ordinary 3×3 Conv2d's.
@@ -72,7 +81,7 @@ class ResizeConv2d(nn.Conv2d):
         out = self.out_channels
         phases = torch.einsum("apk,oikl,bql->aboipq", self.taps, self.weight, self.taps).reshape(4 * out, -1, 2, 2)
         bias = None if self.bias is None else self.bias.repeat(4)
-        y = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), phases, bias).view(n, 2, 2, out, h + 1, w + 1)
+        y = F.conv2d(replicate_pad1(x), phases, bias).view(n, 2, 2, out, h + 1, w + 1)
         # phase (a, b) of output pixel (i, j) is y[:, a, b] at (i + a, j + b)
         rows = [torch.stack([y[:, a, 0, :, a:a + h, :w], y[:, a, 1, :, a:a + h, 1:]], dim=-1) for a in (0, 1)]
         return torch.stack(rows, dim=3).reshape(n, out, 2 * h, 2 * w)
