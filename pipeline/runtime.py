@@ -67,9 +67,11 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 
 def place(net: nn.Module, device: torch.device, channels_last: bool = False, compiled: bool = False) -> nn.Module:
     """`net` on `device` in its memory format, wrapped by torch.compile when asked. The compiled
-    wrapper shares the parameters; `uncompiled()` gives back the module to save."""
+    wrapper shares the parameters; `uncompiled()` gives back the module to save. Static shapes:
+    the training step calls each network with a few fixed batch sizes (one and two batches at
+    once), each of which gets its own graph, rather than one graph for any batch size."""
     net = net.to(device, memory_format=memory_format(channels_last))
-    return torch.compile(net) if compiled else net
+    return torch.compile(net, dynamic=False) if compiled else net
 
 
 def local(net: nn.Module) -> nn.Module:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.cyclegan import ImagePool, Trainer, build_nets
+from pipeline.cyclegan import ImagePool, Trainer, build_nets, together
 from pipeline.networks import GANLoss, ResizeConv2d, define_discriminator, define_generator, to_model_input, to_uint8
 from pipeline.params import parse
 
@@ -91,3 +91,20 @@ def test_resize_upsampling_trains_under_torch_compile():
     compiled = torch.autograd.grad(torch.compile(net)(x).square().sum(), [x, net.weight])
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("net", [define_generator("resnet", 32, 8, 2, "resize"), define_generator("unet", 32, 8, 0),
+                                 define_discriminator(8)], ids=["resnet", "unet", "patchgan"])
+def test_networks_treat_each_image_alone(net):
+    # the training step runs two batches through a network in one call (cyclegan.together): that
+    # gives the same numbers only while no layer mixes images (instance norm, never batch norm)
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    net.train()  # where batch norm would mix the images
+    for m in net.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()  # the U-Net's dropout draws a different mask per call
+    with torch.no_grad():
+        one_call = together(net, a, b)
+        torch.testing.assert_close(one_call[0], net(a), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(one_call[1], net(b), rtol=1e-4, atol=1e-5)
