@@ -1,6 +1,7 @@
 """The GPU check: training and generation throughput of the pipeline's own code paths, each as a
 ratio against a reference measured in the same run. Needs only torch (+ pyyaml, pillow, pandas,
-numpy, tqdm): no dvc, mlflow or tfrecord, so it runs on a bare GPU machine.
+numpy, tqdm): no dvc, mlflow or tfrecord, so it runs on a bare GPU machine; the evaluate rows also
+need pytorch-fid (a 15 kB wheel: `pip install pytorch-fid==0.3.0`).
 
     python bench/train_step.py                        # CPU: the default recipe (params.yaml)
     python bench/train_step.py --recipe competition   # the README's competition command (the CUDA default)
@@ -9,15 +10,17 @@ numpy, tqdm): no dvc, mlflow or tfrecord, so it runs on a bare GPU machine.
 
 Training rows, in pairs (photo + painting) per second:
 - reference: the reference CycleGAN implementation's recipe on the same networks: fp32, eager,
-  batch 1, each batch copied from the host, `.item()` on every loss after every step, a resize
-  upsampling computed at the doubled size (nearest 2×, pad, 3×3 conv: `direct_resize`);
+  batch 1, each batch copied from the host, `.item()` on every loss after every step, each batch
+  through a network in a call of its own (`one_call_per_batch`), a resize upsampling computed at
+  the doubled size (nearest 2×, pad, 3×3 conv: `direct_resize`);
 - pipeline: the train stage's step as the recipe configures it (batch size, precision `auto`,
   channels_last, compile), images resident on the device, losses read every `log_every` steps;
 - one row per precision / memory-format mode of that step, to see what each buys.
 Generation: the generate stage's `generate()` and package's check and zip over synthetic photos,
 against the implementation they replaced (sequential JPEG encoding, F.interpolate's bicubic,
 large float temporaries, resize upsampling at the doubled size), kept below as `reference_generate`.
-Evaluation (`--evaluate N`): the evaluate stage of the default recipe (offline extractor) on the
+Evaluation (`--evaluate N`, which also needs pytorch-fid, the extractor's graph; without it the
+table says so): the evaluate stage of the default recipe (offline extractor) on the
 first N photos of the embedded sample, each run a fresh process (imports included; MLflow and DVC
 left out, which this machine may not have): first with the features cache empty, then with it
 kept; on CUDA the first run on the CPU is the reference.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import io
 import json
 import os
@@ -37,6 +41,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import readme_recipes  # noqa: E402
-from pipeline import generator_file, sample, shards  # noqa: E402
+from pipeline import cyclegan, generator_file, sample, shards  # noqa: E402
 from pipeline.cyclegan import LossMeter, Trainer, build_nets  # noqa: E402
-from pipeline.evaluate import as_jpeg  # noqa: E402
 from pipeline.generate import generate  # noqa: E402
 from pipeline.networks import ResizeConv2d, to_model_input  # noqa: E402
 from pipeline.package import check_images, write_zip  # noqa: E402
@@ -77,6 +81,11 @@ def direct_resize(net: torch.nn.Module) -> torch.nn.Module:
     return net
 
 
+def one_call_per_batch(net: torch.nn.Module, *batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The reference implementation's way where the train step calls `cyclegan.together`."""
+    return tuple(net(b) for b in batches)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -96,6 +105,15 @@ def pairs_per_second(p: Params, device: torch.device, dtype, reference: bool, st
     meter = LossMeter(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    with mock.patch.object(cyclegan, "together", one_call_per_batch if reference else cyclegan.together):
+        seconds = timed_steps(trainer, data, gen, meter, t.log_every, reference, steps, warmup, device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"pairs_s": t.batch_size / seconds, "peak_gib": peak}
+
+
+def timed_steps(trainer: Trainer, data: torch.Tensor, gen: torch.Generator, meter: LossMeter, log_every: int,
+                reference: bool, steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per training step, over `steps` steps after `warmup`."""
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
@@ -105,14 +123,12 @@ def pairs_per_second(p: Params, device: torch.device, dtype, reference: bool, st
             losses = {k: v.item() for k, v in losses.items()}
         else:
             meter.add(i + 1, losses)
-            if (i + 1) % t.log_every == 0:
+            if (i + 1) % log_every == 0:
                 meter.check()
     if not reference:
         meter.check()
     sync(device)
-    seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"pairs_s": t.batch_size / seconds, "peak_gib": peak}
+    return (time.perf_counter() - start) / steps
 
 
 def training_rows(p: Params, device: torch.device, steps: int, rounds: int, compile_ok: bool) -> list[tuple[str, dict]]:
@@ -228,6 +244,7 @@ def generation_rows(p: Params, device: torch.device, count: int, work: Path) -> 
 def sample_data(folder: Path, seed: int, photos: int, paintings: int) -> tuple[Path, Path]:
     """Shards and manifest of the embedded sample as ingest makes them (rendered, then through a
     JPEG of quality 95 as its TFRecords hold them), without the tfrecord package."""
+    from pipeline.evaluate import as_jpeg  # needs pytorch-fid (evaluation_rows checks)
     rows = []
     with ThreadPoolExecutor(os.cpu_count()) as pool:  # Pillow releases the GIL while it codes
         for domain, count, index in (("monet", paintings, sample.monet_index), ("photo", photos, sample.photo_index)):
@@ -253,6 +270,8 @@ out.write_text(json.dumps(result))
 
 
 def evaluation_rows(device: torch.device, count: int, work: Path, log: Path) -> list[tuple[str, dict]]:
+    if importlib.util.find_spec("pytorch_fid") is None:  # the extractor's graph is pytorch-fid's
+        return [("evaluate stage", {"error": "not run: needs pytorch-fid (pip install pytorch-fid==0.3.0)"})]
     raw = read_yaml(ROOT / "params.yaml")
     p = parse(raw)
     shards_dir, manifest = sample_data(work, p.seed, count, p.ingest.sample_paintings)

@@ -1,4 +1,5 @@
-"""The GPU check must run where only torch (+ pyyaml, pillow, pandas) is installed."""
+"""The GPU check must run where only torch (+ pyyaml, pillow, pandas) is installed; its evaluate
+rows also need pytorch-fid, and say so where it is missing."""
 import subprocess
 import sys
 
@@ -7,14 +8,21 @@ import torch
 from pipeline.runtime import autocast_dtype
 
 
-def test_gpu_check_imports_no_mlflow_dvc_or_tfrecord(repo_root):
+def test_gpu_check_imports_no_mlflow_dvc_tfrecord_or_pytorch_fid(repo_root):
     code = ("import runpy, sys; sys.argv = ['train_step.py', '--help']\n"
             "try:\n    runpy.run_path('bench/train_step.py', run_name='__main__')\n"
             "except SystemExit:\n    pass\n"
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'dvc', 'tfrecord'))\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'dvc', 'tfrecord', 'pytorch_fid'))\n"
             "print('LOADED', bad)")
     res = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
     assert "LOADED []" in res.stdout, res.stdout[-2000:]
+
+
+def test_gpu_check_says_its_evaluate_rows_need_pytorch_fid(monkeypatch, tmp_path):
+    import train_step
+    monkeypatch.setitem(sys.modules, "pytorch_fid", None)  # as on a GPU machine without it
+    rows = train_step.evaluation_rows(torch.device("cpu"), 8, tmp_path, tmp_path / "evaluate.log")
+    assert rows == [("evaluate stage", {"error": "not run: needs pytorch-fid (pip install pytorch-fid==0.3.0)"})]
 
 
 def test_gpu_check_runs_and_prints_table_last(repo_root, tmp_path):
