@@ -169,6 +169,18 @@ def test_a_damaged_generated_image_is_named(tmp_path, damage, needle):
         list(stage.read_jpegs(tmp_path, ["b", "a"], 1))
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_generated_images_come_in_the_order_of_their_names(tmp_path, threads):
+    names = [f"img{i}" for i in range(11)]
+    for i, name in enumerate(names):
+        Image.new("RGB", (256, 256), (i * 20, 0, 0)).save(tmp_path / f"{name}.jpg", quality=95)
+    order = names[::-1]
+    batches = list(stage.read_jpegs(tmp_path, order, 2, threads))
+    assert [len(b) for b in batches] == [2, 2, 2, 2, 2, 1]
+    reds = torch.cat(batches)[:, 128, 128, 0].tolist()
+    assert [round(r / 20) for r in reds] == [names.index(n) for n in order]
+
+
 def test_photos_of_another_seed_are_refused():
     names = [sample.sample_name(SEED, "photo", i) for i in range(4)]
     stage.check_sample_names(names, SEED)
