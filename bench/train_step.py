@@ -41,8 +41,8 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
