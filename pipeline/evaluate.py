@@ -133,7 +133,7 @@ def evaluate(p: Params, shards_dir: Path, manifest_path: Path, images: Path, cac
     real = cache.get("paintings", images_key(paintings), lambda: features(paintings, "paintings"))
     # on the CPU the network takes every core; beside a GPU the host's cores are free to decode
     # (one thread decoded 850 images/s on an H200 machine: over a quarter of the stage)
-    decoders = 1 if device.type == "cpu" else max(1, os.cpu_count() or 1)
+    decoders = 1 if device.type == "cpu" else os.cpu_count() or 1
     generated = features(read_jpegs(images, names, e.batch_size, decoders), "generated")
     result = {**mifid(generated, real), **kid(generated, real, e.kid_subsets, e.kid_subset_size),
               "extractor": extractor.id, "generated_images": len(generated), "paintings": len(real)}
