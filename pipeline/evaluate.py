@@ -18,11 +18,9 @@ The reference images' features are cached (`--features-cache`, under the main re
 from __future__ import annotations
 
 import argparse
-import collections
 import hashlib
 import io
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -33,7 +31,7 @@ from PIL import Image
 from pipeline import memorization, sample, shards, tracking
 from pipeline.errors import DataError, cli
 from pipeline.feature_cache import FeatureCache, images_key
-from pipeline.features import Extractor, extract, load_extractor
+from pipeline.features import Extractor, extract, load_extractor, ordered_map
 from pipeline.files import main_repo, write_json
 from pipeline.metrics import fid, kid, mifid, nearest_real
 from pipeline.params import Params, load
@@ -64,14 +62,7 @@ def read_jpegs(folder: Path, names: list[str], batch_size: int, threads: int = 1
             batch.append(pixels)
         return torch.from_numpy(np.stack(batch))
 
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        ahead: collections.deque[Future] = collections.deque()
-        for k in range(0, len(names), batch_size):
-            ahead.append(pool.submit(decode, names[k:k + batch_size]))
-            if len(ahead) > threads:
-                yield ahead.popleft().result()
-        while ahead:
-            yield ahead.popleft().result()
+    yield from ordered_map(decode, (names[k:k + batch_size] for k in range(0, len(names), batch_size)), threads)
 
 
 def first_photos(shards_dir: Path, manifest, count: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import hashlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -254,13 +254,22 @@ def _in_order(forward: Callable[[torch.Tensor], np.ndarray], batches: Iterable[t
         return
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(cores) as pool:
-            running: collections.deque[Future] = collections.deque()
-            for batch in batches:
-                running.append(pool.submit(forward, batch))
-                if len(running) > cores:  # at most one batch waits beside those running
-                    yield running.popleft().result()
-            while running:
-                yield running.popleft().result()
+        yield from ordered_map(forward, batches, cores)
     finally:
         torch.set_num_threads(cores)
+
+
+T, R = TypeVar("T"), TypeVar("R")
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
+    """fn(item) for each item, in order, computed by `threads` threads; at most one item waits
+    beside those running, so what is in flight stays bounded."""
+    with ThreadPoolExecutor(threads) as pool:
+        running: collections.deque[Future] = collections.deque()
+        for item in items:
+            running.append(pool.submit(fn, item))
+            if len(running) > threads:
+                yield running.popleft().result()
+        while running:
+            yield running.popleft().result()
