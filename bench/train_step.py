@@ -15,7 +15,9 @@ Training rows, in pairs (photo + painting) per second:
   the doubled size (nearest 2×, pad, 3×3 conv: `direct_resize`);
 - pipeline: the train stage's step as the recipe configures it (batch size, precision `auto`,
   channels_last, compile), images resident on the device, losses read every `log_every` steps;
-- one row per precision / memory-format mode of that step, to see what each buys.
+- one row per precision / memory-format mode of that step, to see what each buys; where the recipe
+  compiles, also compiled without channels_last, and on CUDA compiled with CUDA graphs
+  (`mode="reduce-overhead"`, which the train stage does not use): candidates for the GPU recipe.
 Generation: the generate stage's `generate()` and package's check and zip over synthetic photos,
 against the implementation they replaced (sequential JPEG encoding, F.interpolate's bicubic,
 large float temporaries, resize upsampling at the doubled size), kept below as `reference_generate`.
@@ -52,6 +54,7 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+NAME = 50  # width of the table's first column
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import readme_recipes  # noqa: E402
@@ -91,12 +94,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def pairs_per_second(p: Params, device: torch.device, dtype, reference: bool, steps: int, warmup: int) -> dict:
-    """Time `steps` training steps (after `warmup`); the reference reads every loss every step."""
+def pairs_per_second(p: Params, device: torch.device, dtype, reference: bool, steps: int, warmup: int,
+                     graphs: bool = False) -> dict:
+    """Time `steps` training steps (after `warmup`); the reference reads every loss every step.
+    `graphs`: compiled with CUDA graphs instead of the train stage's default mode."""
     t = p.train
     torch.manual_seed(0)
-    nets = build_nets(p).map(lambda m: place(direct_resize(m) if reference else m, device, t.channels_last,
-                                             t.compile))
+    if graphs:
+        nets = build_nets(p).map(lambda m: torch.compile(place(m, device, t.channels_last), dynamic=False,
+                                                         mode="reduce-overhead"))
+    else:
+        nets = build_nets(p).map(lambda m: place(direct_resize(m) if reference else m, device, t.channels_last,
+                                                 t.compile))
     trainer = Trainer(nets, p, device, dtype)
     data = torch.randint(0, 256, (64, p.image_size, p.image_size, 3), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
@@ -106,18 +115,20 @@ def pairs_per_second(p: Params, device: torch.device, dtype, reference: bool, st
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with mock.patch.object(cyclegan, "together", one_call_per_batch if reference else cyclegan.together):
-        seconds = timed_steps(trainer, data, gen, meter, t.log_every, reference, steps, warmup, device)
+        seconds = timed_steps(trainer, data, gen, meter, t.log_every, reference, steps, warmup, device, graphs)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return {"pairs_s": t.batch_size / seconds, "peak_gib": peak}
 
 
 def timed_steps(trainer: Trainer, data: torch.Tensor, gen: torch.Generator, meter: LossMeter, log_every: int,
-                reference: bool, steps: int, warmup: int, device: torch.device) -> float:
+                reference: bool, steps: int, warmup: int, device: torch.device, graphs: bool = False) -> float:
     """Seconds per training step, over `steps` steps after `warmup`."""
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
             start = time.perf_counter()
+        if graphs:  # a new step: the graphs may reuse the memory of the last step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         losses = trainer.train_on(data, data, gen)
         if reference:
             losses = {k: v.item() for k, v in losses.items()}
@@ -143,18 +154,23 @@ def training_rows(p: Params, device: torch.device, steps: int, rounds: int, comp
     pipeline_name = (f"pipeline ({'bf16' if auto else 'fp32'}, batch {p.train.batch_size}"
                      f"{', channels_last' if p.train.channels_last else ''}"
                      f"{', compile' if pipeline_p.train.compile else ''})")
-    runs = [("reference (fp32, batch 1, .item())", ref_p, fp32, True, rounds),
-            (pipeline_name, pipeline_p, auto, False, rounds),
-            ("fp32", plain, fp32, False, 1), ("fp32+channels_last", cl, fp32, False, 1),
-            ("bf16", plain, bf16, False, 1), ("bf16+channels_last", cl, bf16, False, 1)]
+    runs = [("reference (fp32, batch 1, .item())", ref_p, fp32, True, rounds, False),
+            (pipeline_name, pipeline_p, auto, False, rounds, False),
+            ("fp32", plain, fp32, False, 1, False), ("fp32+channels_last", cl, fp32, False, 1, False),
+            ("bf16", plain, bf16, False, 1, False), ("bf16+channels_last", cl, bf16, False, 1, False)]
+    if pipeline_p.train.compile:  # what the recipe's compiled step might do better
+        compiled = dataclasses.replace(plain, train=dataclasses.replace(plain.train, compile=True))
+        runs.append(("bf16+compile", compiled, bf16, False, 1, False))
+        if device.type == "cuda":
+            runs.append(("bf16+channels_last+compile, CUDA graphs", pipeline_p, bf16, False, 1, True))
     results: dict[str, list[dict]] = {name: [] for name, *_ in runs}
     for round_ in range(rounds):
-        for name, params, dtype, reference, repeats in runs:
+        for name, params, dtype, reference, repeats, graphs in runs:
             if round_ >= repeats:
                 continue
             warmup = 5 if params.train.compile else 2
             try:
-                r = pairs_per_second(params, device, dtype, reference, steps, warmup)
+                r = pairs_per_second(params, device, dtype, reference, steps, warmup, graphs)
             except Exception as e:  # a mode that fails on this machine is reported, not hidden
                 r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"}
             print(name, r, flush=True)
@@ -335,10 +351,10 @@ def main() -> None:
     print(header, flush=True)
     train = training_rows(p, device, steps, args.rounds, compile_ok=not args.no_compile)
     ref = train[0][1].get("pairs_s")
-    lines = [header, f"{'training step':<44} {'pairs/s':>9} {'x ref':>7} {'peak GiB':>9}"]
+    lines = [header, f"{'training step':<{NAME}} {'pairs/s':>9} {'x ref':>7} {'peak GiB':>9}"]
     for row_name, r in train:
-        lines.append(f"{row_name:<44} {r['error']}" if "error" in r else
-                     f"{row_name:<44} {r['pairs_s']:>9.2f} {r['pairs_s'] / ref:>7.2f} {r['peak_gib']:>9.2f}")
+        lines.append(f"{row_name:<{NAME}} {r['error']}" if "error" in r else
+                     f"{row_name:<{NAME}} {r['pairs_s']:>9.2f} {r['pairs_s'] / ref:>7.2f} {r['peak_gib']:>9.2f}")
     if count:
         work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
         try:
@@ -346,10 +362,10 @@ def main() -> None:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         ref_s = gen[0][1]["seconds"]
-        lines.append(f"{f'generate + package, {count} images':<44} {'seconds':>9} {'x ref':>7} {'generate':>9}")
+        lines.append(f"{f'generate + package, {count} images':<{NAME}} {'seconds':>9} {'x ref':>7} {'generate':>9}")
         for row_name, r in gen[:2]:
-            lines.append(f"{row_name:<44} {r['seconds']:>9.1f} {ref_s / r['seconds']:>7.2f} {r['generate_s']:>9.1f}")
-        lines.append(f"{gen[2][0]:<44} {gen[2][1]['levels']:>9.3f}")
+            lines.append(f"{row_name:<{NAME}} {r['seconds']:>9.1f} {ref_s / r['seconds']:>7.2f} {r['generate_s']:>9.1f}")
+        lines.append(f"{gen[2][0]:<{NAME}} {gen[2][1]['levels']:>9.3f}")
     if evaluate_count:
         work = Path(tempfile.mkdtemp(prefix="bench-evaluate-"))
         try:
@@ -357,11 +373,11 @@ def main() -> None:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         ref_s = ev[0][1].get("seconds")
-        lines.append(f"{f'evaluate stage, default recipe, {evaluate_count} photos':<44} {'seconds':>9} {'/ ref':>7} "
+        lines.append(f"{f'evaluate stage, default recipe, {evaluate_count} photos':<{NAME}} {'seconds':>9} {'/ ref':>7} "
                      f"{'fid/gt':>9}")
         for row_name, r in ev:
-            lines.append(f"{row_name:<44} {r['error']}" if "error" in r else
-                         f"{row_name:<44} {r['seconds']:>9.1f} {r['seconds'] / ref_s if ref_s else float('nan'):>7.2f} "
+            lines.append(f"{row_name:<{NAME}} {r['error']}" if "error" in r else
+                         f"{row_name:<{NAME}} {r['seconds']:>9.1f} {r['seconds'] / ref_s if ref_s else float('nan'):>7.2f} "
                          f"{r['fid_vs_ground_truth']:>9.3f}")
     (out / "train_step.txt").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))

@@ -3,6 +3,7 @@ rows also need pytorch-fid, and say so where it is missing."""
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from pipeline.runtime import autocast_dtype
@@ -34,7 +35,8 @@ def test_gpu_check_runs_and_prints_table_last(repo_root, tmp_path):
     lines = res.stdout.strip().splitlines()
     start = max(i for i, line in enumerate(lines) if line.startswith("training step"))
     table = lines[start + 1:]
-    train = {line[:44].strip(): line[44:].split() for line in table[:6]}
+    import train_step
+    train = {line[:train_step.NAME].strip(): line[train_step.NAME:].split() for line in table[:6]}
     assert list(train)[0].startswith("reference") and float(train[list(train)[0]][1]) == 1.0  # ratio to itself
     auto = "bf16" if autocast_dtype("auto", torch.device("cpu")) else "fp32"  # as the stages decide it here
     assert list(train)[1].startswith(f"pipeline ({auto}, batch 8")
@@ -52,6 +54,33 @@ def test_gpu_check_runs_and_prints_table_last(repo_root, tmp_path):
     assert first[-1] == cached[-1]  # the cached features score the same images alike
     assert "features from the cache" in (tmp_path / "evaluate.log").read_text()
     assert (tmp_path / "train_step.txt").read_text().splitlines()[-1] == lines[-1]
+
+
+@pytest.mark.parametrize("device, compile_ok, extra", [
+    ("cpu", True, ["bf16+compile"]),
+    ("cuda", True, ["bf16+compile", "bf16+channels_last+compile, CUDA graphs"]),
+    ("cuda", False, []),  # --no-compile
+])
+def test_gpu_check_measures_the_compiled_variants_where_the_recipe_compiles(device, compile_ok, extra, monkeypatch):
+    """The rows are the modes they are named after (what was asked of each is recorded, not run)."""
+    import train_step
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    asked = {}
+
+    def record(p, device, dtype, reference, steps, warmup, graphs):
+        asked.setdefault((p.train.compile, p.train.channels_last, dtype, reference, graphs), 0)
+        return {"pairs_s": 1.0, "peak_gib": 0.0}
+
+    monkeypatch.setattr(train_step, "pairs_per_second", record)
+    p = train_step.recipe("competition", torch.device(device))
+    assert p.train.compile and p.train.channels_last  # the README's command, as the GPU check runs it
+    names = [name for name, _ in train_step.training_rows(p, torch.device(device), 1, 1, compile_ok)]
+    assert names[2:6] == ["fp32", "fp32+channels_last", "bf16", "bf16+channels_last"]
+    assert names[6:] == extra
+    bf16 = torch.bfloat16
+    assert ((True, False, bf16, False, False) in asked) == ("bf16+compile" in extra)
+    assert ((True, True, bf16, False, True) in asked) == (len(extra) == 2)
+    assert (compile_ok, True, bf16, False, False) in asked  # the pipeline row: the recipe itself
 
 
 def test_recipe_ceiling_is_the_image_through_the_generator_size(repo_root):
