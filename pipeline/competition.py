@@ -17,8 +17,10 @@ downloaded into a temp folder there and renamed into place only when complete an
 from __future__ import annotations
 
 import contextlib
+import io
 import shutil
 import stat
+import sys
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -167,15 +169,24 @@ def copy_local(source: Path, raw: Path) -> dict[str, str]:
 
 
 def kaggle_api():
-    """An authenticated KaggleApi. Imported here: `import kaggle` itself tries to authenticate."""
-    from kaggle.api.kaggle_api_extended import KaggleApi
-
-    api = KaggleApi()
+    """An authenticated KaggleApi. Imported here: `import kaggle` itself tries to authenticate.
+    Both print a page of sign-up help when no credentials are found (twice, the import's and
+    ours), which the one error line below replaces; what they print otherwise is passed on."""
+    help_text = io.StringIO()
     try:
-        api.authenticate()
+        with contextlib.redirect_stdout(help_text), contextlib.redirect_stderr(help_text):
+            from kaggle.api.kaggle_api_extended import KaggleApi
+
+            api = KaggleApi()
+            api.authenticate()
     except SystemExit:  # the package exits when it finds no credentials
         raise PipelineError("ingest.source=kaggle: no Kaggle credentials found; set KAGGLE_API_TOKEN "
                             "or KAGGLE_USERNAME/KAGGLE_KEY, or save ~/.kaggle/kaggle.json") from None
+    except Exception as e:  # a token is checked online: no network, or a token Kaggle does not know
+        status = _http_status(e)
+        why = f"Kaggle refused the credentials (HTTP {status})" if status in (401, 403) else f"{type(e).__name__}: {e}"
+        raise PipelineError(f"ingest.source=kaggle: signing in to Kaggle failed: {why}") from None
+    print(help_text.getvalue(), end="", file=sys.stderr)  # what it says when it signs in (a warning, say)
     return api
 
 

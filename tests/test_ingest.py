@@ -304,20 +304,62 @@ class _Forbidden(Exception):
     status = 403
 
 
+class _Unauthorized(Exception):
+    status_code = 401
+
+
 def test_kaggle_rules_not_accepted(tmp_path):
     with pytest.raises(PipelineError, match="HTTP 403.*accept the rules"):
         _run(tmp_path, "kaggle", api_factory=lambda: _FakeApi(error=_Forbidden("Forbidden")))
     assert not (tmp_path / "data/raw").exists()
 
 
-def test_kaggle_missing_credentials(tmp_path, monkeypatch):
-    # the real client: with no credentials anywhere it raises SystemExit, which we turn into one line
+def _no_kaggle_credentials(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "nokaggle"))
     for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
         monkeypatch.delenv(var, raising=False)
+
+
+def test_kaggle_missing_credentials(tmp_path, monkeypatch, capsys):
+    # the real client: with no credentials anywhere it raises SystemExit, which we turn into one line
+    _no_kaggle_credentials(tmp_path, monkeypatch)
     with pytest.raises(PipelineError, match="no Kaggle credentials"):
         _run(tmp_path, "kaggle")
+    out = capsys.readouterr()
+    assert out.out == out.err == ""  # not the client's page of sign-up help beside the line
+
+
+@pytest.mark.parametrize("error, needle", [
+    (ConnectionError("Failed to resolve 'api.kaggle.com'"), "signing in to Kaggle failed: ConnectionError: Failed"),
+    (_Unauthorized("Unauthorized"), "signing in to Kaggle failed: Kaggle refused the credentials \\(HTTP 401\\)"),
+])
+def test_kaggle_sign_in_that_fails_online_is_one_line(error, needle, tmp_path, monkeypatch):
+    """A token is checked with Kaggle when the client signs in: no network, or a wrong token."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    def refuse(self):
+        raise error
+
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "not-a-token")
+    monkeypatch.setattr(KaggleApi, "authenticate", refuse)
+    with pytest.raises(PipelineError, match=needle):
+        _run(tmp_path, "kaggle")
+    assert not list((tmp_path / "data").iterdir())  # nothing written, no temp folder left
+
+
+def test_kaggle_missing_credentials_is_one_line_from_the_stage(tmp_path, monkeypatch, repo_root):
+    """The stage as DVC runs it, the `kaggle` package imported fresh (its import authenticates too)."""
+    _no_kaggle_credentials(tmp_path, monkeypatch)
+    (tmp_path / "params.yaml").write_text("ingest:\n  source: kaggle\n")
+    monkeypatch.setenv("PYTHONPATH", str(repo_root))
+    res = subprocess.run([sys.executable, "-m", "pipeline.ingest", "--raw", "raw", "--shards", "shards",
+                          "--manifest", "manifest.csv", "--download-cache", "cache"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stdout == "" and res.stderr.startswith("error: ingest.source=kaggle: no Kaggle credentials")
+    assert len(res.stderr.splitlines()) == 1, res.stderr
+    assert not [n for n in ("raw", "shards", "manifest.csv", "cache") if (tmp_path / n).exists()]
 
 
 def test_sample_round_trip_in_the_kaggle_schema(tmp_path):
