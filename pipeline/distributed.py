@@ -9,6 +9,7 @@ so the weights stay identical on every rank, and rank 0 alone writes outputs.
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -46,6 +47,7 @@ def current() -> World:
 def launch(processes: int, module: str, argv: list[str]) -> None:
     """Run `python -m module argv` in `processes` workers on this machine with torch.distributed.run;
     a failed or killed worker stops them all and raises one PipelineError."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -59,6 +61,11 @@ def launch(processes: int, module: str, argv: list[str]) -> None:
         rank, failure = e.get_first_failure()
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         raise PipelineError(f"{module}: worker {rank} of {processes} failed ({how}); every worker was "
+                            f"stopped") from None
+    except SignalException as e:  # the launcher itself was signalled; it stopped the workers
+        if e.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None  # Ctrl-C: said in one line by the stage, as without DDP
+        raise PipelineError(f"{module}: stopped by {signal.Signals(e.sigval).name}; every worker was "
                             f"stopped") from None
 
 

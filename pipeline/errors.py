@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 
 class PipelineError(Exception):
@@ -19,7 +20,7 @@ class FeatureError(PipelineError):
 
 def cli(main):
     """Run a stage's main(): a PipelineError becomes `error: <message>` on stderr and exit 2,
-    never a traceback (bugs still get their traceback)."""
+    never a traceback (bugs still get their traceback); Ctrl-C one line too, and exit 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -28,5 +29,11 @@ def cli(main):
         except PipelineError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:  # every output is written to a temp name and renamed when whole
+            stage = Path(sys.argv[0]).stem or "stage"
+            resume = ": it resumes from its last finished epoch" if stage == "train" else ""
+            print(f"error: {stage}: interrupted; no output was left half-written (run it again{resume})",
+                  file=sys.stderr)
+            sys.exit(130)  # 128 + SIGINT, as a shell reports it
 
     return wrapper

@@ -189,6 +189,10 @@ def main(argv=None) -> None:
     device = distributed.start(world, pick_device(p.device))
     try:
         run(p, args, world, device)
+    except KeyboardInterrupt:
+        if world.size > 1:  # Ctrl-C reaches every worker: the launcher says it once for all of them
+            sys.exit(130)
+        raise
     except Exception as e:
         if distributed.peer_lost(e, world):  # one line here; the launcher names the process that died
             raise PipelineError(f"train: process {world.rank} lost contact with the others "

@@ -1,6 +1,7 @@
 """Training in two processes on the CPU (gloo), as the train stage starts them under DVC and as a
 plain torchrun does; and a killed worker that must fail the stage at once, not hang it."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -90,3 +91,25 @@ def test_a_killed_worker_fails_the_stage_with_a_clear_error(repo):
     assert stage.returncode != 0
     assert "error: pipeline.train: worker 1 of 2 failed (signal SIGKILL); every worker was stopped" in out + err
     assert not survivor.is_running() or survivor.status() == psutil.STATUS_ZOMBIE
+
+
+def test_ctrl_c_stops_every_worker_and_says_so_once(repo):
+    """A terminal's Ctrl-C signals the whole process group: the launcher and every worker."""
+    root, env = repo
+    set_params(root, {"train": {**TINY["train"], "steps_per_epoch": 100_000}})
+    stage = subprocess.Popen([sys.executable, "-m", "pipeline.train", *TRAIN_ARGS], cwd=root, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        workers = [_worker(0), _worker(1)]
+        time.sleep(5)
+        os.killpg(stage.pid, signal.SIGINT)
+        out, err = stage.communicate(timeout=120)
+    finally:
+        if stage.poll() is None:
+            os.killpg(stage.pid, signal.SIGKILL)
+    assert stage.returncode == 130
+    assert "Traceback" not in out + err, err[-3000:]
+    said = [line for line in (out + err).splitlines() if line.startswith("error:")]
+    assert said == ["error: train: interrupted; no output was left half-written "
+                    "(run it again: it resumes from its last finished epoch)"]
+    assert all(not w.is_running() or w.status() == psutil.STATUS_ZOMBIE for w in workers)
