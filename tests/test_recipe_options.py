@@ -258,3 +258,29 @@ def test_a_resize_generator_saved_in_the_earlier_layout_loads_and_computes_the_s
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(net(x), before(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name, field, expected", [
+    ("transpose", "upsample", "transpose"),
+    ("diffaugment", "diffaugment", "color,translation,cutout"),
+    ("ema", "ema", 0.999),
+])
+def test_readme_recipe_option_commands_set_their_option_as_dvc_applies_them(name, field, expected, tmp_path,
+                                                                             repo_root):
+    """Each `dvc exp run -n NAME -S ...` of the README's recipe options, through DVC's own `-S`
+    parser (which reads a bare comma as a sweep), sets the option it names and nothing else."""
+    import shutil
+
+    import readme_recipes
+    from dvc.utils.hydra import apply_overrides
+
+    from pipeline.params import load
+    params = tmp_path / "params.yaml"
+    shutil.copy(repo_root / "params.yaml", params)
+    apply_overrides(params, readme_recipes.recipes()[name])
+    p, default = load(params), load(repo_root / "params.yaml")
+    assert getattr(p.train, field) == expected != getattr(default.train, field)
+    assert dataclasses.replace(p, train=dataclasses.replace(p.train, **{field: getattr(default.train, field)})) \
+        == default
+    if field == "diffaugment":
+        assert p.train.diffaugment_policy == ("color", "translation", "cutout")
