@@ -140,9 +140,11 @@ class Params:
     package: Package = field(default_factory=Package)
 
     def check(self) -> None:
-        # the U-Net halves the size 8 times and the ResNet generator twice
+        # the ResNet generator halves the size twice, the U-Net down to 1×1
         _require(32 <= self.image_size <= 256 and self.image_size % 32 == 0, "image_size",
                  "must be a multiple of 32 between 32 and 256")
+        _require(self.train.generator != "unet" or self.image_size & (self.image_size - 1) == 0, "image_size",
+                 f"is {self.image_size}; the unet generator halves it down to 1×1, so it must be 32, 64, 128 or 256")
         _require(self.lambda_cycle >= 0, "lambda_cycle", "must be >= 0")
         _require(self.lambda_identity >= 0, "lambda_identity", "must be >= 0")
         _choice(self.device, "device", ("auto", "cpu", "cuda"))

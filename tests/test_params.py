@@ -30,6 +30,7 @@ def test_every_field_appears_in_params_yaml(repo_root):
     ({"train": {"compile": 1}}, "'train.compile' must be bool"),
     ({"train": {"generator": "vit"}}, "'train.generator' is 'vit'"),
     ({"image_size": 100}, "'image_size' must be a multiple of 32"),
+    ({"image_size": 96, "train": {"generator": "unet"}}, "'image_size' is 96; the unet generator halves it"),
     ({"train": 3}, "'train' must be a mapping"),
     ({"package": {"min_images": 10, "max_images": 5}}, "package.min_images"),
     ({"ingest": {"sample_photos": 7029}}, "'ingest.sample_photos' must be in [1, 7028]"),
@@ -56,3 +57,22 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("train: [\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load(bad)
+
+
+@pytest.mark.parametrize("generator", ["resnet", "unet"])
+def test_every_image_size_the_params_accept_goes_through_the_generator(generator):
+    """A size the params take must not fail later, in training, as a shape mismatch."""
+    import torch
+
+    from pipeline import generator_file
+    accepted = []
+    for size in range(8, 257, 8):
+        try:
+            p = parse({"image_size": size, "train": {"generator": generator, "gen_filters": 2}})
+        except ParamsError:
+            continue
+        accepted.append(size)
+        net = generator_file.build(generator_file.config_of(p))
+        with torch.no_grad():
+            assert net(torch.zeros(1, 3, size, size)).shape == (1, 3, size, size), size
+    assert accepted == ([32, 64, 128, 256] if generator == "unet" else list(range(32, 257, 32)))
