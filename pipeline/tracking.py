@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 import warnings
 from pathlib import Path
@@ -63,6 +64,14 @@ def tracking_uri() -> str:
     return uri
 
 
+def _without_password(uri: str) -> str:
+    """`uri` fit for an error message: postgresql://user:secret@host/db -> postgresql://user:***@host/db."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
 def check_store() -> None:
     """Fail fast, before a stage does any work, when MLFLOW_TRACKING_URI names a server that does
     not answer (MLflow itself would retry for minutes, and only after training)."""
@@ -73,8 +82,8 @@ def check_store() -> None:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_SECONDS) as answer:
             answer.read()
     except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts and refused connections are OSErrors
-        reason = getattr(e, "reason", None) or e
-        raise PipelineError(f"tracking: no MLflow server answers at MLFLOW_TRACKING_URI={uri} ({reason}); "
+        reason, shown = getattr(e, "reason", None) or e, _without_password(uri)
+        raise PipelineError(f"tracking: no MLflow server answers at MLFLOW_TRACKING_URI={shown} ({reason}); "
                             f"start it, correct the address, or unset it to log into {default_store()}") from None
 
 
@@ -153,7 +162,13 @@ def _experiment_id(mlflow) -> str:
     own_store = tracking_uri() == default_store()
     mlflow.set_tracking_uri(tracking_uri())
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
-    exp = mlflow.get_experiment_by_name(name)
+    try:  # the first call that opens the store: what fails here is the store, as the user named it
+        exp = mlflow.get_experiment_by_name(name)
+    except Exception as e:  # e.g. a file store (MLflow 3 refuses them), a database without its driver
+        said = " ".join(str(e).split())  # MLflow's own advice (how to migrate or opt out), on one line
+        shown = _without_password(tracking_uri())
+        raise PipelineError(f"tracking: MLflow cannot use MLFLOW_TRACKING_URI={shown} (unset, the pipeline "
+                            f"logs into {default_store()}): {type(e).__name__}: {said}") from None
     if exp is not None:
         return exp.experiment_id
     # artifacts beside the db, not under the cwd (which may be a temp experiment folder)

@@ -26,7 +26,8 @@ def test_a_pipeline_error_is_one_line_and_exit_2(monkeypatch, capsys):
 @pytest.mark.parametrize("name, hint", [("train", ": it resumes from its last finished epoch"), ("evaluate", "")])
 def test_ctrl_c_is_one_line_and_exit_130(name, hint, monkeypatch, capsys):
     assert _stage(KeyboardInterrupt(), monkeypatch, name) == 130
-    assert capsys.readouterr().err == f"error: {name}: interrupted; no output was left half-written (run it again{hint})\n"
+    said = capsys.readouterr().err
+    assert said == f"error: {name}: interrupted; no output was left half-written (run it again{hint})\n"
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):

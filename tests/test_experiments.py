@@ -16,6 +16,8 @@ import readme_recipes
 import torch
 from workspace import TINY, assert_complete, dvc, make_repo, new_rows, rows, run, start_queue
 
+from pipeline.errors import PipelineError
+
 WAIT = 180  # seconds a server gets to come up
 
 
@@ -281,3 +283,41 @@ def test_an_unreachable_tracking_server_stops_train_before_any_step(reproduced, 
     lines = res.stderr.strip().splitlines()
     assert lines[-1].startswith("error: tracking: no MLflow server answers at") and f":{port}" in lines[-1]
     assert not checkpoint.exists() and not list(tmp_path.iterdir())
+
+
+def test_a_store_mlflow_will_not_open_stops_train_before_any_step(reproduced, tmp_path):
+    """A file store (`./mlruns`, what many MLflow users have), which MLflow 3 refuses unless
+    MLFLOW_ALLOW_FILE_STORE is set: one line with MLflow's advice, not its traceback."""
+    root, env = reproduced
+    env = {k: v for k, v in env.items() if k != "MLFLOW_ALLOW_FILE_STORE"}
+    checkpoint = tmp_path / "checkpoint.pt"
+    res = run([sys.executable, "-m", "pipeline.train", "--shards", "data/shards", "--manifest", "data/manifest.csv",
+               "--generator", str(tmp_path / "g.pt"), "--reverse-generator", str(tmp_path / "r.pt"),
+               "--checkpoint", str(checkpoint), "--metrics", str(tmp_path / "m.json"), "--curve",
+               str(tmp_path / "c.csv"), "--grid", str(tmp_path / "grid.png")], root,
+              {**env, "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri()}, check=False, timeout=120)
+    if res.returncode == 0:
+        pytest.skip("this MLflow still opens file stores")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    (line,) = res.stderr.strip().splitlines()[-1:]
+    assert line.startswith(f"error: tracking: MLflow cannot use MLFLOW_TRACKING_URI={(tmp_path / 'mlruns').as_uri()}")
+    assert "MLFLOW_ALLOW_FILE_STORE" in line  # MLflow's own way out, kept
+    assert not checkpoint.exists() and not (tmp_path / "g.pt").exists()
+
+
+def test_a_store_that_fails_to_open_is_one_line_without_its_password(monkeypatch):
+    import mlflow
+
+    from pipeline import tracking
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://me:s3cret@db.example/mlflow")
+
+    def refuse(name):
+        raise ModuleNotFoundError("No module named 'psycopg'")
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", refuse)
+    with pytest.raises(PipelineError) as e:
+        tracking._experiment_id(mlflow)
+    said = str(e.value)
+    assert said.startswith("tracking: MLflow cannot use MLFLOW_TRACKING_URI=postgresql://me:***@db.example/mlflow")
+    assert said.endswith("ModuleNotFoundError: No module named 'psycopg'")
+    assert "s3cret" not in said and "\n" not in said
