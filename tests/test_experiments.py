@@ -270,15 +270,19 @@ def test_a_remote_tracking_server_receives_the_run(reproduced, tmp_path):
         stop(server)
 
 
+def _train_alone(root: Path, env: dict, out: Path) -> subprocess.CompletedProcess:
+    """The train stage of `root` with its outputs in `out` (the repository's own left as they are)."""
+    return run([sys.executable, "-m", "pipeline.train", "--shards", "data/shards", "--manifest", "data/manifest.csv",
+                "--generator", str(out / "g.pt"), "--reverse-generator", str(out / "r.pt"),
+                "--checkpoint", str(out / "checkpoint.pt"), "--metrics", str(out / "m.json"), "--curve",
+                str(out / "c.csv"), "--grid", str(out / "grid.png")], root, env, check=False, timeout=120)
+
+
 def test_an_unreachable_tracking_server_stops_train_before_any_step(reproduced, tmp_path):
     root, env = reproduced
     port = free_port()  # nothing listens there
     checkpoint = tmp_path / "checkpoint.pt"
-    res = run([sys.executable, "-m", "pipeline.train", "--shards", "data/shards", "--manifest", "data/manifest.csv",
-               "--generator", str(tmp_path / "g.pt"), "--reverse-generator", str(tmp_path / "r.pt"),
-               "--checkpoint", str(checkpoint), "--metrics", str(tmp_path / "m.json"), "--curve",
-               str(tmp_path / "c.csv"), "--grid", str(tmp_path / "grid.png")], root,
-              {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}, check=False, timeout=120)
+    res = _train_alone(root, {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}, tmp_path)
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()
     assert lines[-1].startswith("error: tracking: no MLflow server answers at") and f":{port}" in lines[-1]
@@ -291,11 +295,7 @@ def test_a_store_mlflow_will_not_open_stops_train_before_any_step(reproduced, tm
     root, env = reproduced
     env = {k: v for k, v in env.items() if k != "MLFLOW_ALLOW_FILE_STORE"}
     checkpoint = tmp_path / "checkpoint.pt"
-    res = run([sys.executable, "-m", "pipeline.train", "--shards", "data/shards", "--manifest", "data/manifest.csv",
-               "--generator", str(tmp_path / "g.pt"), "--reverse-generator", str(tmp_path / "r.pt"),
-               "--checkpoint", str(checkpoint), "--metrics", str(tmp_path / "m.json"), "--curve",
-               str(tmp_path / "c.csv"), "--grid", str(tmp_path / "grid.png")], root,
-              {**env, "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri()}, check=False, timeout=120)
+    res = _train_alone(root, {**env, "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri()}, tmp_path)
     if res.returncode == 0:
         pytest.skip("this MLflow still opens file stores")
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
