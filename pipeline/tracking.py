@@ -210,8 +210,8 @@ def finish_training(params: Params, generator_path: Path) -> None:
 
 def open_run(params: Params, generator_path: Path, stage: str, shards: Path, manifest: Path):
     """`evaluate`, `package`: the row of this execution, found by its key, else a new one with
-    every param, the data set, the generator as a model, and the results of the other stages that
-    still hold."""
+    every param, the data set, the generator as a model; either way with the results of the other
+    stages that still hold and are not in it yet."""
     mlflow = _mlflow()
     with _serialized():
         exp_id = _experiment_id(mlflow)
@@ -219,7 +219,11 @@ def open_run(params: Params, generator_path: Path, stage: str, shards: Path, man
         found = mlflow.search_runs([exp_id], filter_string=f"tags.pipeline_key = '{key}'", max_results=1,
                                    output_format="list")
         if found:
-            return _active(mlflow.start_run(run_id=found[0].info.run_id))
+            # a stage DVC skipped after train made the row is not in it: in a fresh clone, say,
+            # generate reproduces the locked JPEGs and DVC skips evaluate (its metrics are in git)
+            run = mlflow.start_run(run_id=found[0].info.run_id)
+            _copy_held_results(stage, logged=found[0].data.metrics)
+            return _active(run)
         run = _new_run(mlflow, exp_id, params, manifest, {"pipeline_key": key})
         log_generator_model(generator_path, shards, manifest)
         _copy_held_results(stage)
@@ -241,8 +245,13 @@ def _active(run):
         mlflow.end_run()
 
 
-def _copy_held_results(stage: str) -> None:
+def _copy_held_results(stage: str, logged=()) -> None:
+    """Log the results of every other stage that still holds, but not one whose metrics are among
+    `logged` (the row's metric names: a metrics file `evaluate.json` logs `evaluate.*`)."""
     for other, files in held_results(stage).items():
+        prefixes = tuple(f"{path.stem}." for path in files if path.suffix == ".json")
+        if prefixes and any(name.startswith(prefixes) for name in logged):
+            continue
         for path in files:
             log_file(path, other)
 

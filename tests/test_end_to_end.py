@@ -3,6 +3,7 @@
 Each test stands alone (`pytest -k NAME`): the `reproduced` fixture runs the first `dvc repro`
 once per module, and a test that changes the workspace counts the MLflow rows it adds itself."""
 import json
+import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -124,6 +125,24 @@ def test_retraining_to_the_same_weights_skips_the_rest_and_still_makes_a_complet
     assert (root / "models/photo2monet.pt").read_bytes() == generator
     new = new_rows(root, before)
     assert len(new) == 1 and new[0]["params"]["train.grid_size"] == "3"
+    assert_complete(new[0], root / "metrics")
+
+
+def test_a_fresh_clones_first_repro_makes_a_complete_row_when_evaluate_is_skipped(reproduced):
+    # A fresh clone has the committed metrics (git) but none of the data, models or JPEGs: every
+    # stage but evaluate reruns, and reproduces the locked bytes, so DVC skips evaluate. package,
+    # which reruns (no zip), finds train's row and must fill in evaluate's results.
+    root, env, _ = reproduced
+    before = rows(root)
+    for path in ("data/raw", "data/shards", "data/manifest.csv", "models/photo2monet.pt", "models/monet2photo.pt",
+                 "models/checkpoint.pt", "data/generated", "data/images.zip"):
+        shutil.rmtree(root / path) if (root / path).is_dir() else (root / path).unlink()
+    shutil.rmtree(root / ".dvc/cache")  # nor a DVC cache to check them out from
+    res = dvc(root, env, "repro")
+    assert all(f"Running stage '{s}'" in res.stdout for s in ("ingest", "train", "generate", "package")), res.stdout
+    assert "Running stage 'evaluate'" not in res.stdout
+    new = new_rows(root, before)
+    assert len(new) == 1
     assert_complete(new[0], root / "metrics")
 
 
