@@ -8,7 +8,9 @@ the folders refuse it); links, names that climb out of the target and names give
 the whole archive; and sizes are capped. The competition's
 TFRecords are about 190 MB in all (its zip is 386 MB with the JPEG copies) and none is above
 about 10 MB, so a file above MAX_FILE (25× that) or a total above MAX_TOTAL (10×) is not this
-competition's data, whatever its names say. The same caps hold for a folder.
+competition's data, whatever its names say. The same caps hold for a folder. A member that
+zipfile cannot extract (encrypted, or compressed in a way it does not know) is refused from the
+listing too; one whose bytes turn out damaged while extracting is one error naming it.
 
 Kaggle's archive is downloaded once into a cache shared by every experiment (`--download-cache`),
 so changing an ingest param or re-running after a failure does not download again; it is
@@ -72,6 +74,21 @@ def _member_name(info: zipfile.ZipInfo) -> str:
     return info.filename.replace("\\", "/")
 
 
+# what Python's zipfile decompresses; others (Windows' Deflate64 for big files, Zstandard) it cannot
+READABLE = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+METHODS = {9: "Deflate64", 93: "Zstandard", 95: "xz", 98: "PPMd", 99: "AES encryption"}
+
+
+def _unreadable(info: zipfile.ZipInfo) -> str | None:
+    """Why zipfile cannot extract a member the listing otherwise accepts, or None."""
+    if info.flag_bits & 0x1:
+        return "is encrypted (a password-protected archive)"
+    if info.compress_type not in READABLE:
+        method = METHODS.get(info.compress_type, f"compression method {info.compress_type}")
+        return f"is compressed with {method}, which Python's zipfile cannot read"
+    return None
+
+
 def _hostile(info: zipfile.ZipInfo, name: str) -> str | None:
     """Why a member (`name`: see _member_name) must not be in a data archive at all, or None."""
     if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
@@ -107,6 +124,10 @@ def open_checked(source: Path) -> Iterator[tuple[zipfile.ZipFile, list[tuple[zip
                 if not any(name.startswith(f"{folder}/") for _, name in taken):
                     raise DataError(f"{source}: no {folder}/*.tfrec inside (is this the {COMPETITION} zip?)")
             check_sizes(source, {info.filename: info.file_size for info, _ in taken})
+            for info, _ in taken:
+                if why := _unreadable(info):
+                    raise DataError(f"{source}: member '{info.filename}' {why}; extract the archive with "
+                                    f"another tool and give its folder as ingest.source")
             if root:
                 print(f"ingest: {source}: taking the TFRecords under '{root}/'")
             yield zf, taken
@@ -122,8 +143,21 @@ def from_zip(source: Path, raw: Path) -> dict[str, str]:
             target = raw / name
             target.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(info) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+                while chunk := _read_member(src, source, info):
+                    dst.write(chunk)
     return {name: f"{source}: {info.filename}" for info, name in taken}
+
+
+def _read_member(src, source: Path, info: zipfile.ZipInfo) -> bytes:
+    """The next MiB of a member being extracted. Whatever reading it raises means damaged bytes
+    (a bad CRC, or the decompressor's own error: zlib.error, LZMAError, OSError for bzip2,
+    EOFError); a failing write to the target is not caught here."""
+    try:
+        return src.read(1 << 20)
+    except Exception as e:
+        kind = type(e).__name__ if type(e).__name__ != "error" else "zlib.error"  # zlib's class is `error`
+        raise DataError(f"{source}: member '{info.filename}' is damaged ({kind}: {e}); "
+                        f"get a fresh copy of the archive") from None
 
 
 def _folder_root(source: Path) -> Path:

@@ -130,7 +130,11 @@ def ingest(p: Params, raw: Path, shards_dir: Path, manifest_path: Path, download
             counts = {"monet": p.ingest.sample_paintings, "photo": p.ingest.sample_photos}
             write_sample(tmp_raw, p.seed, counts, workers=os.cpu_count() or 1)
         elif source == "kaggle":
-            origins = competition.from_zip(competition.download(download_cache, api_factory), tmp_raw)
+            archive = competition.download(download_cache, api_factory)
+            try:
+                origins = competition.from_zip(archive, tmp_raw)
+            except DataError as e:  # checked from its listing when cached: its bytes are damaged
+                raise DataError(f"{e} (the cached download: delete it to download again)") from None
         else:
             origins = competition.copy_local(under_main_repo(source), tmp_raw)
         with atomic_dir(shards_dir) as tmp_shards:

@@ -111,6 +111,57 @@ def test_other_members_are_skipped_unread(tmp_path, good, monkeypatch):
     assert len(manifest) == 2 and sorted(opened) == sorted(good)
 
 
+def _patch_headers(archive, method: int | None = None, encrypted: bool = False):
+    """Rewrite every member's compression method and/or set its encrypted flag, in its local header
+    and its central directory entry (zipfile writes neither Deflate64 nor encrypted members)."""
+    data = bytearray(archive.read_bytes())
+    end = data.rfind(b"PK\5\6")
+    headers = [(info.header_offset, 6) for info in zipfile.ZipFile(archive).infolist()]  # local: flags at +6
+    at = struct.unpack("<I", data[end + 16:end + 20])[0]  # the central directory: flags at +8
+    while (at := data.find(b"PK\1\2", at)) != -1:
+        headers.append((at, 8))
+        at += 4
+    for at, flags in headers:
+        if encrypted:
+            data[at + flags:at + flags + 2] = struct.pack("<H", struct.unpack("<H", data[at + flags:at + flags + 2])[0] | 1)
+        if method is not None:
+            data[at + flags + 2:at + flags + 4] = struct.pack("<H", method)
+    archive.write_bytes(bytes(data))
+    return archive
+
+
+@pytest.mark.parametrize("method, encrypted, why", [
+    (9, False, "is compressed with Deflate64, which Python's zipfile cannot read"),  # Windows, big files
+    (93, False, "is compressed with Zstandard, which Python's zipfile cannot read"),
+    (None, True, r"is encrypted \(a password-protected archive\)"),
+])
+def test_members_zipfile_cannot_extract_are_refused_from_the_listing(tmp_path, good, monkeypatch, method,
+                                                                      encrypted, why):
+    archive = _patch_headers(_zip(tmp_path / "other.zip", good), method, encrypted)
+    opened = []
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, *a, **k: opened.append(a) or 1 / 0)
+    _refused(tmp_path, archive, f"member 'monet_tfrec/monet00-1.tfrec' {why}; extract the archive with another "
+                                f"tool and give its folder as ingest.source")
+    assert not opened
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_a_damaged_member_is_one_line_naming_it(tmp_path, good, method):
+    # bytes changed inside the compressed data: a bad CRC, or the decompressor's own error
+    # (zlib.error, OSError, LZMAError), never a traceback
+    archive = tmp_path / "damaged.zip"
+    with zipfile.ZipFile(archive, "w", method) as zf:
+        for name, data in good.items():
+            zf.writestr(name, data)
+    info = zipfile.ZipFile(archive).getinfo("photo_tfrec/photo00-1.tfrec")
+    data = bytearray(archive.read_bytes())
+    middle = info.header_offset + 30 + len(info.filename.encode()) + info.compress_size // 2
+    data[middle:middle + 16] = bytes(range(16))
+    archive.write_bytes(bytes(data))
+    _refused(tmp_path, archive, r"member 'photo_tfrec/photo00-1.tfrec' is damaged \(\w[\w.]*: .+\); get a "
+                                r"fresh copy of the archive$")
+
+
 def _folder(root, members: dict[str, bytes]):
     for name, data in members.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
 import struct
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -298,6 +299,23 @@ def test_interrupted_download_never_looks_complete(tmp_path, monkeypatch):
     assert not list(cache.iterdir())
     assert len(_run(tmp_path, "kaggle", api_factory=lambda: _FakeApi(zpath))) == 7
     assert _FakeApi.downloads == 2  # the bad one, then the good one: nothing half-done was reused
+
+
+def test_a_damaged_cached_download_says_how_to_download_again(tmp_path, monkeypatch):
+    # the listing was checked before it was cached; a damaged byte inside a member shows only now
+    monkeypatch.setattr(_FakeApi, "downloads", 0)
+    zpath = _competition_zip(tmp_path)
+    _run(tmp_path / "k", "kaggle", api_factory=lambda: _FakeApi(zpath))
+    cached = tmp_path / "k/cache/gan-getting-started.zip"
+    info = zipfile.ZipFile(cached).infolist()[0]
+    data = bytearray(cached.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + 100] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    shutil.rmtree(tmp_path / "k/data")
+    with pytest.raises(DataError, match=rf"^{cached}: member '{info.filename}' is damaged .*; get a fresh copy of the "
+                                        rf"archive \(the cached download: delete it to download again\)$"):
+        _run(tmp_path / "k", "kaggle", api_factory=lambda: _FakeApi(zpath))
+    assert _FakeApi.downloads == 1 and not any((tmp_path / "k/data").iterdir())  # nothing written
 
 
 class _Forbidden(Exception):
