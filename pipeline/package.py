@@ -30,7 +30,8 @@ def check_images(folder: Path, min_images: int, max_images: int) -> list[Path]:
     if others:
         raise DataError(f"{folder}: '{others[0]}' is not a .jpg file (the zip must hold JPEGs only, flat)")
     if not min_images <= len(entries) <= max_images:
-        raise DataError(f"{folder}: {len(entries)} images; the submission needs {min_images}–{max_images}")
+        raise DataError(f"{folder}: {len(entries)} images; the submission needs {min_images}–{max_images} "
+                        f"(package.min_images and package.max_images; lower them to package another image set)")
     lower = [e.name.lower() for e in entries]
     if len(set(lower)) != len(lower):
         raise DataError(f"{folder}: file names differ only in case; names must be unique")

@@ -41,7 +41,8 @@ def test_the_same_images_make_the_same_zip_whenever_they_were_written(tmp_path):
 
 
 def test_too_few_images_refused(tmp_path):
-    with pytest.raises(DataError, match="3 images; the submission needs 5–10"):
+    with pytest.raises(DataError, match=r"3 images; the submission needs 5–10 \(package.min_images and "
+                                        r"package.max_images; lower them"):
         check_images(_jpegs(tmp_path / "gen", 3), 5, 10)
 
 
