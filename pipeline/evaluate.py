@@ -191,10 +191,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     p = load(args.params)
     tracking.check_store()  # an unreachable MLflow server stops the stage before the work
-    result, description = evaluate(p, args.shards, args.manifest, args.images, main_repo() / args.features_cache,
-                                   args.memorization)
-    # numbers to 7 significant digits and short ids only: `dvc exp show` stays readable
-    write_json(args.out, {k: float(f"{v:.7g}") if isinstance(v, float) else v for k, v in result.items()})
+    with tracking.failure_marks_row(p, args.generator):
+        result, description = evaluate(p, args.shards, args.manifest, args.images,
+                                       main_repo() / args.features_cache, args.memorization)
+        # numbers to 7 significant digits and short ids only: `dvc exp show` stays readable
+        write_json(args.out, {k: float(f"{v:.7g}") if isinstance(v, float) else v for k, v in result.items()})
 
     with tracking.open_run(p, args.generator, "evaluate", args.shards, args.manifest):
         tracking.log_metrics_file(args.out)

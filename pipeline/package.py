@@ -77,10 +77,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     p = load(args.params)
     tracking.check_store()  # an unreachable MLflow server stops the stage before the work
-    images = check_images(args.images, p.package.min_images, p.package.max_images)
-    digest = write_zip(images, args.out)
-    summary = {"images": len(images), "zip_mb": round(args.out.stat().st_size / 2**20, 2)}  # numbers only
-    write_json(args.metrics, summary)
+    with tracking.failure_marks_row(p, args.generator):
+        images = check_images(args.images, p.package.min_images, p.package.max_images)
+        digest = write_zip(images, args.out)
+        summary = {"images": len(images), "zip_mb": round(args.out.stat().st_size / 2**20, 2)}  # numbers only
+        write_json(args.metrics, summary)
 
     with tracking.open_run(p, args.generator, "package", args.shards, args.manifest):
         tracking.log_metrics_file(args.metrics)

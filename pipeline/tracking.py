@@ -231,6 +231,33 @@ def open_run(params: Params, generator_path: Path, stage: str, shards: Path, man
 
 
 @contextlib.contextmanager
+def failure_marks_row(params: Params, generator_path: Path):
+    """`evaluate`, `package`: around their work, done before they open the row. If it fails (or
+    ^C), the row of this execution, when train made one, is marked FAILED (KILLED) as a failing
+    training marks it; none is made for it (no empty rows)."""
+    try:
+        yield
+    except BaseException as e:
+        uri = tracking_uri()
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+            raise  # no store, so no row (opening it would create one)
+        try:
+            mlflow = _mlflow()
+            with _serialized():
+                mlflow.set_tracking_uri(uri)
+                exp = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+                key = run_key(params, generator_path)
+                found = exp and mlflow.search_runs([exp.experiment_id], filter_string=f"tags.pipeline_key = '{key}'",
+                                                   max_results=1, output_format="list")
+                if found:
+                    status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+                    mlflow.MlflowClient().set_terminated(found[0].info.run_id, status)
+        except Exception:  # the stage's own error is the line to show, not a second one about the store
+            pass
+        raise
+
+
+@contextlib.contextmanager
 def _active(run):
     """The run as a context, ended under the store's lock: FINISHED, or FAILED (KILLED on ^C)
     when the stage raised, so a broken execution is visible as such in the UI."""

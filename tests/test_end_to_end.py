@@ -207,3 +207,27 @@ def test_bad_param_is_one_line_and_nonzero(repo):
     assert res.returncode == 2
     assert res.stderr.startswith("error: params: unknown key 'train.epochz'")
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_an_evaluate_or_package_that_fails_marks_the_row_failed(reproduced):
+    # train made this execution's row; a later stage that refuses its input marks it FAILED, as a
+    # failing training does, instead of leaving it FINISHED without that stage's numbers
+    root, env, _ = reproduced
+    before = rows(root)
+    set_params(root, {"lambda_cycle": 3.0, "evaluate": {"extractor": "fid-inception", "weights": "missing.pth",
+                                                        "download": False}})
+    res = dvc(root, env, "repro", check=False)
+    assert res.returncode != 0 and "Running stage 'train'" in res.stdout and "missing.pth" in res.stderr
+    failed = new_rows(root, before)
+    assert len(failed) == 1 and failed[0]["status"] == "FAILED" and "train.loss_cycle" in failed[0]["metrics"]
+    assert not any(k.startswith("evaluate.") for k in failed[0]["metrics"])
+    # evaluate works again (a new row: other params); package wants more images than there are
+    between = rows(root)
+    set_params(root, {"evaluate": {"extractor": "offline", "weights": "", "download": True},
+                      "package": {"min_images": 30}})
+    res = dvc(root, env, "repro", check=False)
+    assert res.returncode != 0 and "24 images; the submission needs 30–" in res.stderr
+    again = new_rows(root, between)
+    assert len(again) == 1 and again[0]["status"] == "FAILED" and "evaluate.fid" in again[0]["metrics"]
+    assert not any(k.startswith("package.") for k in again[0]["metrics"])
+    set_params(root, {"lambda_cycle": 10.0, "package": {"min_images": 20}})
