@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import generator_file, shards
+from pipeline import generator_file, shards, tracking
 from pipeline.errors import cli
 from pipeline.files import atomic_dir
 from pipeline.params import load
@@ -78,9 +78,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="folder for the generated JPEGs")
     args = ap.parse_args(argv)
     p = load(args.params)
+    tracking.check_store()  # an unreachable MLflow server stops the stage before the work
     count = generate(args.shards, args.manifest, args.generator, args.out, p.device, p.precision,
                      p.generate.batch_size, p.generate.jpeg_quality)
     print(f"generate: {count} JPEGs ({OUTPUT_SIZE}×{OUTPUT_SIZE}) -> {args.out}")
+    # the same JPEGs as before (a param that does not change them): DVC skips both stages that log
+    tracking.complete_row_if_rest_holds(p, args.generator, "generate", ("evaluate", "package"), args.shards,
+                                        args.manifest)
 
 
 if __name__ == "__main__":

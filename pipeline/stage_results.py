@@ -6,12 +6,13 @@ new row and fills it from `train` (before it) and `package` (after it, which DVC
 A stage's results hold when DVC would not rerun it: dvc.lock still matches its command, deps,
 params and outputs in dvc.yaml, params.yaml and on disk. A dep made by another stage holds when
 that stage's results hold and the recorded hashes agree; one made by the stage running now is
-hashed afresh (its lock entry is not written until it ends). Whatever cannot be confirmed this way
-(say, a folder written by the running stage) counts as not holding, so nothing stale is copied.
+hashed afresh (its lock entry is not written until it ends; a folder as DVC hashes one). Whatever
+cannot be confirmed this way counts as not holding, so nothing stale is copied.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from pipeline.params import read_yaml
@@ -35,7 +36,12 @@ def _paths(stage: dict, kinds: tuple[str, ...]) -> list[str]:
 
 
 def _md5(path: Path) -> str | None:
-    """DVC's hash of a file (plain md5 of its bytes); None for a folder or a missing file."""
+    """DVC's hash of a file (plain md5 of its bytes) or of a folder (md5 of the JSON list of its
+    files' relative paths and hashes, sorted by path, plus '.dir'); None when missing."""
+    if path.is_dir():
+        files = sorted(f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file())
+        listing = [{"md5": _md5(path / name), "relpath": name} for name in files]
+        return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
     if not path.is_file():
         return None
     h = hashlib.md5()

@@ -7,7 +7,9 @@ the losses, the grid and the generator as an MLflow model. `evaluate` and `packa
 by that key and add to it; a killed training resumes its row. When only some stages rerun (say
 `evaluate.*` changed), the key differs, so the first of them makes a new row and copies into it
 what the stages DVC skips left on disk, where their results still hold (`stage_results`), so
-every row is complete. Stages that DVC skips log nothing: no empty rows.
+every row is complete; a stage that finds its row fills in what it lacks the same way, and
+`generate`, which has nothing of its own to log, does so when DVC will skip both stages after it.
+Stages that DVC skips log nothing: no empty rows.
 
 The store is `sqlite:///<main repo>/mlflow.db` unless MLFLOW_TRACKING_URI is set; the main repo is
 DVC_ROOT (DVC points it at the parent repo inside `dvc exp run --temp`/queued runs), so temp and
@@ -209,9 +211,9 @@ def finish_training(params: Params, generator_path: Path) -> None:
 
 
 def open_run(params: Params, generator_path: Path, stage: str, shards: Path, manifest: Path):
-    """`evaluate`, `package`: the row of this execution, found by its key, else a new one with
-    every param, the data set, the generator as a model; either way with the results of the other
-    stages that still hold and are not in it yet."""
+    """`evaluate`, `package` (and `generate`, below): the row of this execution, found by its key,
+    else a new one with every param, the data set, the generator as a model; either way with the
+    results of the other stages that still hold and are not in it yet."""
     mlflow = _mlflow()
     with _serialized():
         exp_id = _experiment_id(mlflow)
@@ -228,6 +230,18 @@ def open_run(params: Params, generator_path: Path, stage: str, shards: Path, man
         log_generator_model(generator_path, shards, manifest)
         _copy_held_results(stage)
         return _active(run)
+
+
+def complete_row_if_rest_holds(params: Params, generator_path: Path, stage: str, later: tuple[str, ...],
+                               shards: Path, manifest: Path) -> None:
+    """`generate`, which logs nothing of its own, with its outputs on disk: when they are the
+    locked ones and so every stage in `later` still holds, DVC skips them all (`dvc exp run -S
+    generate.batch_size=32` makes the same JPEGs), and none of them would log this execution;
+    `stage` then fills in its row, or makes it, as they would have."""
+    if set(later) <= held_results(stage).keys():
+        with open_run(params, generator_path, stage, shards, manifest):
+            pass
+        print(report(stage))
 
 
 @contextlib.contextmanager

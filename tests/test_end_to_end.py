@@ -88,6 +88,8 @@ def test_real_dvc_lock_is_read_as_holding_after_a_repro(reproduced, monkeypatch)
 
     root, _, _ = reproduced
     assert list(held_results("evaluate", root)) == ["ingest", "train", "generate", "package"]
+    # generate running: its fresh JPEG folder hashed as DVC hashes a folder matches evaluate's lock
+    assert list(held_results("generate", root)) == ["ingest", "train", "evaluate", "package"]
 
 
 def test_second_repro_does_nothing_and_logs_nothing(reproduced):
@@ -144,6 +146,21 @@ def test_a_fresh_clones_first_repro_makes_a_complete_row_when_evaluate_is_skippe
     new = new_rows(root, before)
     assert len(new) == 1
     assert_complete(new[0], root / "metrics")
+
+
+def test_a_generate_param_that_leaves_the_jpegs_alone_still_makes_a_complete_row(reproduced):
+    # another generate batch size: the same JPEGs, so DVC skips evaluate and package, and generate
+    # is the one stage that runs; it makes the experiment's row from what the others left
+    root, env, _ = reproduced
+    before = rows(root)
+    set_params(root, {"generate": {"batch_size": 5}})
+    res = dvc(root, env, "repro")
+    assert "Running stage 'generate'" in res.stdout
+    assert not any(f"Running stage '{s}'" in res.stdout for s in ("train", "evaluate", "package")), res.stdout
+    new = new_rows(root, before)
+    assert len(new) == 1 and new[0]["params"]["generate.batch_size"] == "5"
+    assert_complete(new[0], root / "metrics")
+    set_params(root, {"generate": {"batch_size": 16}})
 
 
 def test_package_only_reruns_make_complete_rows_with_distinct_names(reproduced):
