@@ -16,7 +16,7 @@ from pipeline import competition, sample
 from pipeline.competition import TFREC_DIRS
 from pipeline.errors import DataError, cli
 from pipeline.files import atomic_dir, atomic_path, main_repo, under_main_repo
-from pipeline.params import Params, load
+from pipeline.params import MIN_IMAGES, Params, load
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -86,6 +86,16 @@ def check_unique(group: pd.DataFrame, where) -> None:
                         f"ignore case (macOS, Windows)")
 
 
+def check_counts(manifest: pd.DataFrame, source: str) -> None:
+    """At least MIN_IMAGES photos and paintings: evaluate's FID and KID need a covariance of each."""
+    counts = manifest["domain"].value_counts()
+    for domain, folder in TFREC_DIRS.items():
+        if counts.get(domain, 0) < MIN_IMAGES:
+            raise DataError(f"ingest.source {source}: {folder} holds {counts.get(domain, 0)} image(s); the "
+                            f"pipeline needs at least {MIN_IMAGES} photos and {MIN_IMAGES} paintings (FID "
+                            f"compares the covariances of two sets)")
+
+
 def read_raw(raw: Path, shards_dir: Path, shard_size: int,
              origins: dict[str, str] | None = None) -> pd.DataFrame:
     """Verify, decode and check every record; write shards; return the manifest. Errors name each
@@ -139,6 +149,7 @@ def ingest(p: Params, raw: Path, shards_dir: Path, manifest_path: Path, download
             origins = competition.copy_local(under_main_repo(source), tmp_raw)
         with atomic_dir(shards_dir) as tmp_shards:
             manifest = read_raw(tmp_raw, tmp_shards, p.ingest.shard_size, origins)
+            check_counts(manifest, source)
             manifest["tfrecord"] = manifest["tfrecord"].map(lambda t: f"{raw.name}/{t}")
     with atomic_path(manifest_path) as tmp:
         manifest.to_csv(tmp, index=False)

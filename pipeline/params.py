@@ -18,6 +18,9 @@ class ParamsError(PipelineError, ValueError):
     """A params.yaml problem; its message names the key and what is wrong."""
 
 
+MIN_IMAGES = 2  # of each domain: FID and KID compare two sets' covariances, which need two images
+
+
 @dataclass(frozen=True)
 class Ingest:
     source: str = "sample"
@@ -27,10 +30,10 @@ class Ingest:
 
     def check(self) -> None:
         _require(bool(self.source), "ingest.source", "must not be empty")
-        _require(0 < self.sample_photos <= PHOTO_COUNT, "ingest.sample_photos",
-                 f"must be in [1, {PHOTO_COUNT}] (the photos the embedded sample can render)")
-        _require(0 < self.sample_paintings <= MONET_COUNT, "ingest.sample_paintings",
-                 f"must be in [1, {MONET_COUNT}] (the paintings the embedded sample can render)")
+        _require(MIN_IMAGES <= self.sample_photos <= PHOTO_COUNT, "ingest.sample_photos",
+                 f"must be in [{MIN_IMAGES}, {PHOTO_COUNT}] (the photos the embedded sample can render)")
+        _require(MIN_IMAGES <= self.sample_paintings <= MONET_COUNT, "ingest.sample_paintings",
+                 f"must be in [{MIN_IMAGES}, {MONET_COUNT}] (the paintings the embedded sample can render)")
         _require(self.shard_size > 0, "ingest.shard_size", "must be > 0")
 
 

@@ -181,7 +181,8 @@ def test_duplicate_names_rejected(tmp_path):
 
 def _with_photo_names(folder, names):
     examples = [tfrecords.Example(name, tfrecords.encode_jpeg(_image(i)), "photo") for i, name in enumerate(names)]
-    tfrecords.write(folder / "monet_tfrec/m.tfrec", [tfrecords.Example("m", tfrecords.encode_jpeg(_image(1)), "monet")])
+    paintings = [tfrecords.Example(f"m{i}", tfrecords.encode_jpeg(_image(i)), "monet") for i in range(2)]
+    tfrecords.write(folder / "monet_tfrec/m.tfrec", paintings)
     tfrecords.write(folder / "photo_tfrec/p.tfrec", examples)
     return folder
 
@@ -228,6 +229,16 @@ def test_a_relative_source_is_under_the_main_repository(tmp_path, monkeypatch, d
     with pytest.raises(PipelineError, match=f"ingest.source: {repo / 'gone.zip'} does not exist"):
         ingest.ingest(parse({"ingest": {"source": "gone.zip"}}), Path("data/raw"), Path("data/shards"),
                       Path("data/manifest.csv"), tmp_path / "cache")
+
+
+@pytest.mark.parametrize("n_monet, n_photo, folder", [(1, 4, "monet_tfrec"), (3, 1, "photo_tfrec")])
+def test_a_set_too_small_to_score_is_refused_at_ingest(tmp_path, n_monet, n_photo, folder):
+    # one photo trained and generated, then evaluate failed on a covariance of one row (a traceback)
+    comp = _write_competition(tmp_path / "comp", n_monet=n_monet, n_photo=n_photo)
+    with pytest.raises(DataError, match=rf"ingest.source {comp}: {folder} holds 1 image\(s\); the pipeline needs "
+                                        rf"at least 2 photos and 2 paintings"):
+        _run(tmp_path, comp)
+    assert not (tmp_path / "data/shards").exists() and not (tmp_path / "data/manifest.csv").exists()
 
 
 def test_missing_source_and_wrong_folder(tmp_path):

@@ -33,8 +33,9 @@ def test_every_field_appears_in_params_yaml(repo_root):
     ({"image_size": 96, "train": {"generator": "unet"}}, "'image_size' is 96; the unet generator halves it"),
     ({"train": 3}, "'train' must be a mapping"),
     ({"package": {"min_images": 10, "max_images": 5}}, "package.min_images"),
-    ({"ingest": {"sample_photos": 7029}}, "'ingest.sample_photos' must be in [1, 7028]"),
-    ({"ingest": {"sample_paintings": 301}}, "'ingest.sample_paintings' must be in [1, 300]"),
+    ({"ingest": {"sample_photos": 7029}}, "'ingest.sample_photos' must be in [2, 7028]"),
+    ({"ingest": {"sample_paintings": 301}}, "'ingest.sample_paintings' must be in [2, 300]"),
+    ({"ingest": {"sample_paintings": 1}}, "'ingest.sample_paintings' must be in [2, 300]"),
 ])
 def test_bad_params_are_one_clear_error(raw, needle):
     with pytest.raises(ParamsError) as e:
