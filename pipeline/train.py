@@ -5,7 +5,7 @@
         --checkpoint models/checkpoint.pt --metrics metrics/train.json \\
         --curve metrics/train_curve.csv --grid metrics/grid.png
 
-Resumes from --checkpoint when it was written for the same params and data. With
+Resumes from --checkpoint when it was written for the same params, data and training code. With
 `train.processes: N` > 1 it starts N DDP workers of itself (torch.distributed.run); or run it
 under torchrun yourself:
 
@@ -40,11 +40,21 @@ TRAIN_KEYS = ("seed", "image_size", "lambda_cycle", "lambda_identity", "precisio
 NOT_TRAINING = ("train.processes", "train.log_every", "train.grid_size")  # change no weight (processes: checked apart)
 
 
-def fingerprint(p: Params, manifest_path: Path) -> str:
-    """What a checkpoint must match to be resumed: the training params and the data."""
+# The code that decides the weights: every module this stage runs but the MLflow ones (tracking,
+# stage_results, served_model; tests/test_layout.py keeps the list whole). DVC reruns train when
+# any module changes; a finished checkpoint of other training code must not stand in for a new run.
+WEIGHTS_CODE = ("train", "cyclegan", "networks", "diffaugment", "distributed", "runtime", "generator_file",
+                "shards", "sample", "params", "yaml12", "files", "errors")
+CODE_DIR = Path(__file__).parent
+
+
+def fingerprint(p: Params, manifest_path: Path, code_dir: Path = CODE_DIR) -> str:
+    """What a checkpoint must match to be resumed: the training params, the data and the code."""
     relevant = {k: v for k, v in flatten(p).items() if k.startswith(TRAIN_KEYS) and k not in NOT_TRAINING}
     h = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
     h.update(manifest_path.read_bytes())
+    for module in WEIGHTS_CODE:
+        h.update((code_dir / f"{module}.py").read_bytes())
     return h.hexdigest()
 
 
@@ -74,7 +84,7 @@ def _resume(trainer: Trainer, checkpoint: Path, resume_key: str, world: World, t
         raise PipelineError(f"train: {checkpoint} does not read back as a checkpoint ({_why(e)}); "
                             f"delete it to start afresh") from None
     if state.get("fingerprint") != resume_key:
-        print_fn(f"train: {checkpoint} was written for other params or data; starting afresh")
+        print_fn(f"train: {checkpoint} was written for other params, data or training code; starting afresh")
         return []
     if state.get("processes", 1) != world.size:
         if state["trainer"]["step"] < total:  # an unfinished run resumes only as it was split

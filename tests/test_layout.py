@@ -67,3 +67,13 @@ def test_every_output_a_stage_declares_is_passed_to_it_by_path(dvc_stages, stage
     declared = [next(iter(e)) if isinstance(e, dict) else e for k in ("outs", "metrics", "plots") for e in s.get(k, [])]
     cmd = s["cmd"].split()
     assert declared and all(path in cmd for path in declared), [p for p in declared if p not in cmd]
+
+
+def test_the_train_fingerprint_hashes_every_module_train_runs_but_the_mlflow_ones(repo_root):
+    # a module train starts importing is in the checkpoint's fingerprint unless it is added here
+    from pipeline.train import WEIGHTS_CODE
+
+    mlflow_only = {"pipeline.tracking", "pipeline.stage_results", "pipeline.served_model"}
+    runs = _closure(repo_root, "pipeline.train")
+    assert mlflow_only <= runs
+    assert {f"pipeline.{m}" for m in WEIGHTS_CODE} == runs - mlflow_only

@@ -1,4 +1,5 @@
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -64,6 +65,23 @@ def test_fingerprint_follows_training_params_and_data(tmp_path):
     assert train_stage.fingerprint(other_generate, m) == base  # not a training param
     m.write_text("b\n")
     assert train_stage.fingerprint(P, m) != base
+
+
+def test_fingerprint_follows_the_training_code_but_not_the_mlflow_code(tmp_path):
+    # DVC reruns train when its code changes: a finished checkpoint of the old training code must
+    # not be "resumed" as the new run (it was: 0 steps, the old weights saved as the new ones)
+    m = tmp_path / "manifest.csv"
+    m.write_text("a\n")
+    code = tmp_path / "pipeline"
+    shutil.copytree(train_stage.CODE_DIR, code, ignore=shutil.ignore_patterns("__pycache__"))
+    base = train_stage.fingerprint(P, m, code)
+    assert base == train_stage.fingerprint(P, m)
+    with open(code / "tracking.py", "a") as f:
+        f.write("# logging changed\n")
+    assert train_stage.fingerprint(P, m, code) == base
+    with open(code / "cyclegan.py", "a") as f:
+        f.write("# the loss changed\n")
+    assert train_stage.fingerprint(P, m, code) != base
 
 
 def test_learning_rate_is_constant_then_linear_to_zero_at_the_end():
