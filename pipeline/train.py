@@ -220,13 +220,11 @@ def run(p: Params, args: argparse.Namespace, world: World, device: torch.device)
 
     # rank 0 opens the MLflow row before the first step, so its duration includes training
     with tracking.start_training(p, args.shards, args.manifest) if world.main else contextlib.nullcontext():
-        started = time.perf_counter()
         trainer, history = train(p, photos, monets, args.checkpoint, fingerprint(p, args.manifest), say, world, device)
-        seconds = time.perf_counter() - started
         if not world.main:  # rank 0 alone writes outputs and logs
             return
         grid_photos = photos[: p.train.grid_size]
-        save_outputs(p, args, trainer, history, grid_photos, seconds, len(photos), len(monets), world.size)
+        save_outputs(p, args, trainer, history, grid_photos, len(photos), len(monets), world.size)
 
         tracking.finish_training(p, args.generator)
         tracking.log_curve(args.curve, "train")
@@ -235,11 +233,18 @@ def run(p: Params, args: argparse.Namespace, world: World, device: torch.device)
         tracking.log_tags({"train.device_description": trainer.describe()})
         tracking.log_generator_model(args.generator, args.shards, args.manifest)
     print(tracking.report("train"))
-    print(f"train: {trainer.step} steps in {seconds:.0f} s -> {args.generator}, {args.reverse_generator}")
+    print(f"train: {trainer.step} steps in {training_seconds(history):.0f} s -> {args.generator}, "
+          f"{args.reverse_generator}")
+
+
+def training_seconds(history: list[dict]) -> float:
+    """The time the model took to train: its epochs', those before a resume included (a resumed
+    finished run trains 0 s in the run that saves it)."""
+    return sum(epoch["seconds"] for epoch in history)
 
 
 def save_outputs(p: Params, args: argparse.Namespace, trainer: Trainer, history: list[dict], grid_photos: torch.Tensor,
-                 seconds: float, photos: int, paintings: int, processes: int) -> None:
+                 photos: int, paintings: int, processes: int) -> None:
     """The generators, the grid, the loss curve and the metrics, each written atomically."""
     config = generator_file.config_of(p)
     photo2monet, monet2photo = trainer.generators()  # the weight averages when train.ema is on
@@ -252,7 +257,7 @@ def save_outputs(p: Params, args: argparse.Namespace, trainer: Trainer, history:
     with atomic_path(args.curve) as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
     final = {k: v for k, v in history[-1].items() if k.startswith("loss_")}
-    write_json(args.metrics, {**final, "steps": trainer.step, "seconds": round(seconds, 1),
+    write_json(args.metrics, {**final, "steps": trainer.step, "seconds": round(training_seconds(history), 1),
                               "photos": photos, "paintings": paintings, "processes": processes,
                               "device": trainer.device.type, "precision": "bf16" if trainer.dtype else "fp32"})
 

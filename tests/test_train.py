@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import shutil
 
 import pytest
@@ -46,6 +47,23 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
         other = resumed.nets.modules()[name].state_dict()
         for k, v in net.state_dict().items():
             assert torch.allclose(v, other[k], atol=1e-6), (name, k)
+
+
+def test_a_resumed_trainings_seconds_count_the_epochs_before_the_kill(tmp_path, monkeypatch):
+    # train.json's `seconds` is the model's training time: a finished checkpoint resumed by a rerun
+    # (a logging change) trains 0 s, and `dvc exp show` said 0.1 s for a model that took 92 s
+    import argparse
+
+    checkpoint = _interrupted(tmp_path, monkeypatch, at_call=4)  # epoch 1 of 3 kept
+    before = torch.load(checkpoint, weights_only=True)["history"]
+    photos, monets = _data()
+    trainer, history = train_stage.train(P, photos, monets, checkpoint, "key", print_fn=lambda *_: None)
+    assert history[0] == before[0] and len(history) == 3
+    args = argparse.Namespace(**{k: tmp_path / f"{k}.out" for k in ("generator", "reverse_generator", "grid",
+                                                                      "curve", "metrics")})
+    train_stage.save_outputs(P, args, trainer, history, photos[:2], 6, 4, 1)
+    seconds = json.loads(args.metrics.read_text())["seconds"]
+    assert seconds == round(sum(h["seconds"] for h in history), 1)  # epoch 1's, from before the kill, too
 
 
 def test_checkpoint_for_other_params_is_not_resumed(tmp_path):
