@@ -79,8 +79,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     p = load(args.params)
     tracking.check_store()  # an unreachable MLflow server stops the stage before the work
-    count = generate(args.shards, args.manifest, args.generator, args.out, p.device, p.precision,
-                     p.generate.batch_size, p.generate.jpeg_quality)
+    with tracking.failure_marks_row(p, args.generator):
+        count = generate(args.shards, args.manifest, args.generator, args.out, p.device, p.precision,
+                         p.generate.batch_size, p.generate.jpeg_quality)
     print(f"generate: {count} JPEGs ({OUTPUT_SIZE}×{OUTPUT_SIZE}) -> {args.out}")
     # the same JPEGs as before (a param that does not change them): DVC skips both stages that log
     tracking.complete_row_if_rest_holds(p, args.generator, "generate", ("evaluate", "package"), args.shards,

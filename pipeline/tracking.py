@@ -246,9 +246,9 @@ def complete_row_if_rest_holds(params: Params, generator_path: Path, stage: str,
 
 @contextlib.contextmanager
 def failure_marks_row(params: Params, generator_path: Path):
-    """`evaluate`, `package`: around their work, done before they open the row. If it fails (or
-    ^C), the row of this execution, when train made one, is marked FAILED (KILLED) as a failing
-    training marks it; none is made for it (no empty rows)."""
+    """`generate`, `evaluate`, `package`: around their work, done before any row is open. If it
+    fails (or ^C), the row of this execution, when train made one, is marked FAILED (KILLED) as a
+    failing training marks it; none is made for it (no empty rows)."""
     try:
         yield
     except BaseException as e:

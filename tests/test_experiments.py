@@ -167,6 +167,33 @@ def test_a_training_run_again_resumes_its_row_until_it_finishes(tmp_path, monkey
     assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"] * 3
 
 
+def test_a_failure_after_training_marks_the_row_and_makes_none(tmp_path, monkeypatch):
+    # generate, evaluate and package work before they open the row: a failure there marks training's
+    from pipeline import tracking
+    from pipeline.errors import DataError
+    from pipeline.params import parse
+    from pipeline.shards import MANIFEST_COLUMNS
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    p, generator = parse({"train": {"lr": 1e-5}}), tmp_path / "g.pt"
+    with pytest.raises(DataError), tracking.failure_marks_row(p, generator):
+        raise DataError("no store yet")
+    assert not (tmp_path / "mlflow.db").exists()  # nothing made to mark nothing
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(",".join(MANIFEST_COLUMNS) + "\nphoto,a,photo-000.pt,0,x.tfrec,0\nmonet,b,monet-000.pt,0,y.tfrec,0\n")
+    generator.write_bytes(b"weights")
+    with tracking.start_training(p, tmp_path, manifest):
+        tracking.finish_training(p, generator)
+    for error, status in ((DataError("bad input"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
+        with pytest.raises(type(error)), tracking.failure_marks_row(p, generator):
+            raise error
+        assert [r["status"] for r in rows(tmp_path).values()] == [status]
+    with pytest.raises(DataError), tracking.failure_marks_row(parse({"train": {"lr": 2e-5}}), generator):
+        raise DataError("another execution, no row")
+    assert [r["status"] for r in rows(tmp_path).values()] == ["KILLED"]  # untouched, and no new row
+
+
 def test_logged_model_loads_back_and_translates(reproduced):
     import mlflow
 
