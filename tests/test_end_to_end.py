@@ -100,18 +100,25 @@ def test_second_repro_does_nothing_and_logs_nothing(reproduced):
     assert rows(root) == before
 
 
+def _only_stage_reruns(root, env, over: dict, stage: str) -> dict:
+    """Set `over` in params.yaml and `dvc repro`: `stage` alone runs, and makes one complete row."""
+    before = rows(root)
+    set_params(root, over)
+    res = dvc(root, env, "repro")
+    assert f"Running stage '{stage}'" in res.stdout
+    assert not any(f"Running stage '{s}'" in res.stdout for s in STAGES if s != stage), res.stdout
+    new = new_rows(root, before)
+    assert len(new) == 1
+    assert_complete(new[0], root / "metrics")
+    return new[0]
+
+
 def test_evaluate_only_rerun_makes_a_complete_row(reproduced):
     # DVC reruns evaluate alone: its new row gets train's and the unchanged package's results too
     root, env, _ = reproduced
-    before = rows(root)
-    set_params(root, {"evaluate": {"batch_size": 8}})
-    res = dvc(root, env, "repro")
-    assert "Running stage 'evaluate'" in res.stdout
-    assert not any(f"Running stage '{s}'" in res.stdout for s in ("ingest", "train", "generate", "package"))
-    new = new_rows(root, before)
-    assert len(new) == 1 and new[0]["params"]["evaluate.batch_size"] == "8"
-    assert_complete(new[0], root / "metrics")
-    assert "train.loss_cycle" in new[0]["metrics"]  # the training curve is copied too
+    row = _only_stage_reruns(root, env, {"evaluate": {"batch_size": 8}}, "evaluate")
+    assert row["params"]["evaluate.batch_size"] == "8"
+    assert "train.loss_cycle" in row["metrics"]  # the training curve is copied too
 
 
 def test_retraining_to_the_same_weights_skips_the_rest_and_still_makes_a_complete_row(reproduced):
@@ -152,14 +159,8 @@ def test_a_generate_param_that_leaves_the_jpegs_alone_still_makes_a_complete_row
     # another generate batch size: the same JPEGs, so DVC skips evaluate and package, and generate
     # is the one stage that runs; it makes the experiment's row from what the others left
     root, env, _ = reproduced
-    before = rows(root)
-    set_params(root, {"generate": {"batch_size": 5}})
-    res = dvc(root, env, "repro")
-    assert "Running stage 'generate'" in res.stdout
-    assert not any(f"Running stage '{s}'" in res.stdout for s in ("train", "evaluate", "package")), res.stdout
-    new = new_rows(root, before)
-    assert len(new) == 1 and new[0]["params"]["generate.batch_size"] == "5"
-    assert_complete(new[0], root / "metrics")
+    row = _only_stage_reruns(root, env, {"generate": {"batch_size": 5}}, "generate")
+    assert row["params"]["generate.batch_size"] == "5"
     set_params(root, {"generate": {"batch_size": 16}})
 
 
