@@ -199,6 +199,12 @@ def copy_local(source: Path, raw: Path) -> dict[str, str]:
     if not source.exists():
         raise PipelineError(f"ingest.source: {source} does not exist (expected 'sample', 'kaggle', "
                             f"or the competition zip / folder)")
+    part = "a TFRecord file" if source.suffix == ".tfrec" and source.is_file() else (
+        "a folder of TFRecords" if source.is_dir() and any(source.glob("*.tfrec")) else None)
+    if part:  # one of the two folders (or a file in it) given for the folder that holds both
+        raise DataError(f"{source}: {part}; ingest.source takes the competition zip or the folder that "
+                        f"holds {TFREC_DIRS['monet']}/ and {TFREC_DIRS['photo']}/ (here perhaps "
+                        f"{source.parent if source.is_dir() else source.parent.parent})")
     return (from_folder if source.is_dir() else from_zip)(source, raw)
 
 

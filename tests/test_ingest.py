@@ -241,6 +241,16 @@ def test_a_set_too_small_to_score_is_refused_at_ingest(tmp_path, n_monet, n_phot
     assert not (tmp_path / "data/shards").exists() and not (tmp_path / "data/manifest.csv").exists()
 
 
+@pytest.mark.parametrize("given", ["photo_tfrec", "photo_tfrec/photo00-4.tfrec"])
+def test_one_tfrecord_folder_or_file_names_the_folder_to_give(tmp_path, given):
+    # a folder of TFRecords read "<it>/monet_tfrec: no .tfrec files"; a file read "not a readable zip"
+    comp = _write_competition(tmp_path / "comp")
+    kind = "a TFRecord file" if given.endswith(".tfrec") else "a folder of TFRecords"
+    with pytest.raises(DataError, match=rf"^{comp / given}: {kind}; ingest.source takes the competition zip or the "
+                                        rf"folder that holds monet_tfrec/ and photo_tfrec/ \(here perhaps {comp}\)$"):
+        _run(tmp_path, comp / given)
+
+
 def test_missing_source_and_wrong_folder(tmp_path):
     with pytest.raises(PipelineError, match="does not exist"):
         _run(tmp_path, tmp_path / "nowhere")
