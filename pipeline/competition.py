@@ -23,6 +23,7 @@ import io
 import shutil
 import stat
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -132,6 +133,9 @@ def open_checked(source: Path) -> Iterator[tuple[zipfile.ZipFile, list[tuple[zip
                 print(f"ingest: {source}: taking the TFRecords under '{root}/'")
             yield zf, taken
     except zipfile.BadZipFile as e:
+        if tarfile.is_tarfile(source):  # .tar.gz and the like: Python reads them, but ingest takes zips
+            raise DataError(f"{source}: a tar archive, not a zip; extract it and give the folder as "
+                            f"ingest.source") from None
         raise DataError(f"{source}: not a readable zip ({e})") from None
 
 

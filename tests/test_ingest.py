@@ -1,7 +1,8 @@
-import struct
 import shutil
+import struct
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -249,6 +250,14 @@ def test_one_tfrecord_folder_or_file_names_the_folder_to_give(tmp_path, given):
     with pytest.raises(DataError, match=rf"^{comp / given}: {kind}; ingest.source takes the competition zip or the "
                                         rf"folder that holds monet_tfrec/ and photo_tfrec/ \(here perhaps {comp}\)$"):
         _run(tmp_path, comp / given)
+
+
+def test_a_tar_archive_is_named_as_one(tmp_path):
+    comp = _write_competition(tmp_path / "comp")
+    with tarfile.open(tmp_path / "comp.tar.gz", "w:gz") as tar:
+        tar.add(comp, "gan-getting-started")
+    with pytest.raises(DataError, match=r"comp.tar.gz: a tar archive, not a zip; extract it and give the folder"):
+        _run(tmp_path / "run", tmp_path / "comp.tar.gz")
 
 
 def test_missing_source_and_wrong_folder(tmp_path):
