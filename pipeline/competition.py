@@ -203,8 +203,9 @@ def copy_local(source: Path, raw: Path) -> dict[str, str]:
     if not source.exists():
         raise PipelineError(f"ingest.source: {source} does not exist (expected 'sample', 'kaggle', "
                             f"or the competition zip / folder)")
+    holds_both = source.is_dir() and any((source / folder).is_dir() for folder in TFREC_DIRS.values())
     part = "a TFRecord file" if source.suffix == ".tfrec" and source.is_file() else (
-        "a folder of TFRecords" if source.is_dir() and any(source.glob("*.tfrec")) else None)
+        "a folder of TFRecords" if source.is_dir() and not holds_both and any(source.glob("*.tfrec")) else None)
     if part:  # one of the two folders (or a file in it) given for the folder that holds both
         raise DataError(f"{source}: {part}; ingest.source takes the competition zip or the folder that "
                         f"holds {TFREC_DIRS['monet']}/ and {TFREC_DIRS['photo']}/ (here perhaps "

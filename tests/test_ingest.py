@@ -250,6 +250,8 @@ def test_one_tfrecord_folder_or_file_names_the_folder_to_give(tmp_path, given):
     with pytest.raises(DataError, match=rf"^{comp / given}: {kind}; ingest.source takes the competition zip or the "
                                         rf"folder that holds monet_tfrec/ and photo_tfrec/ \(here perhaps {comp}\)$"):
         _run(tmp_path, comp / given)
+    shutil.copy(comp / "photo_tfrec/photo00-4.tfrec", comp / "stray.tfrec")  # beside the two folders: fine
+    assert len(_run(tmp_path / "whole", comp)) == 7
 
 
 def test_a_tar_archive_is_named_as_one(tmp_path):
