@@ -194,13 +194,13 @@ def test_a_failure_after_training_marks_the_row_and_makes_none(tmp_path, monkeyp
     assert [r["status"] for r in rows(tmp_path).values()] == ["KILLED"]  # untouched, and no new row
 
 
-def test_logged_model_loads_back_and_translates(reproduced):
+def test_logged_model_loads_back_and_translates(reproduced, tmp_path):
     import mlflow
 
     root, _ = reproduced
     run_id, _ = the_row(root)
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/photo2monet")
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/photo2monet", dst_path=str(tmp_path))  # not a new /tmp dir
     batch = photos(root, 3)
     out = model.predict(batch)
     assert out.dtype == np.uint8 and out.shape == (3, 256, 256, 3)

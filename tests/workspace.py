@@ -68,7 +68,8 @@ def make_repo(dst: Path, repo_root: Path, params: dict | None = None) -> tuple[P
         set_params(dst, params)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
-               TORCH_HOME=str(dst / ".torch"), PYTHONPATH=str(dst))
+               TORCH_HOME=str(dst / ".torch"), PYTHONPATH=str(dst),
+               DVC_NO_ANALYTICS="1")  # DVC's usage report, unsendable here, left a file in /tmp per command
     run(["git", "init", "-q"], dst, env)
     if not (dst / ".dvc").exists():
         dvc(dst, env, "init", "-q")
