@@ -1,5 +1,5 @@
 """The competition's TFRecords from a local zip or folder, or from Kaggle, into `raw`
-(monet_tfrec/*.tfrec and photo_tfrec/*.tfrec).
+(monet_tfrec/*.tfrec and photo_tfrec/*.tfrec; TensorFlow's *.tfrecord names are taken too).
 
 An archive is checked from its listing before a byte is extracted, because a hostile one can fill
 the disk or memory or write outside the target: only the two TFRecord folders are taken, at the
@@ -36,6 +36,19 @@ COMPETITION = "gan-getting-started"
 TFREC_DIRS = {"monet": "monet_tfrec", "photo": "photo_tfrec"}
 MAX_FILE = 256 << 20
 MAX_TOTAL = 2 << 30
+# Kaggle names its files *.tfrec; TensorFlow's own writers and tutorials use the longer names
+TFREC_SUFFIXES = (".tfrec", ".tfrecord", ".tfrecords")
+
+
+def is_tfrecord(file_name: str) -> bool:
+    """A TFRecord by its name; macOS's resource-fork copies ('._<file>', which its Finder leaves
+    on USB disks and network shares, and its zips under __MACOSX/) are not data."""
+    return file_name.endswith(TFREC_SUFFIXES) and not file_name.startswith("._")
+
+
+def tfrecord_files(folder: Path) -> list[Path]:
+    """The TFRecord files in `folder`, sorted (no devices, fifos)."""
+    return sorted(f for f in folder.glob("*") if is_tfrecord(f.name) and f.is_file())
 
 
 def _mib(n: int) -> str:
@@ -57,11 +70,11 @@ def check_sizes(where: Path, sizes: dict[str, int]) -> None:
 def _tfrecord(name: str) -> tuple[str, str] | None:
     """(the folder it sits in, 'monet_tfrec/<file>.tfrec') for a competition TFRecord at any depth
     (a zip of the extracted folder holds them one level down), or None. macOS's resource-fork
-    copies (__MACOSX/..., ._<file>) are not data. `name` uses '/' (see _member_name)."""
+    copies (__MACOSX/...) are not data. `name` uses '/' (see _member_name)."""
     parts = PurePosixPath(name).parts
-    if len(parts) < 2 or parts[-2] not in TFREC_DIRS.values() or not parts[-1].endswith(".tfrec"):
+    if len(parts) < 2 or parts[-2] not in TFREC_DIRS.values() or not is_tfrecord(parts[-1]):
         return None
-    if parts[0] == "__MACOSX" or parts[-1].startswith("._"):
+    if parts[0] == "__MACOSX":
         return None
     return "/".join(parts[:-2]), "/".join(parts[-2:])
 
@@ -186,7 +199,7 @@ def from_folder(source: Path, raw: Path) -> dict[str, str]:
     source = _folder_root(source)
     files = {}
     for folder in TFREC_DIRS.values():
-        found = [f for f in sorted((source / folder).glob("*.tfrec")) if f.is_file()]  # no devices, fifos
+        found = tfrecord_files(source / folder)
         if not found:
             raise DataError(f"{source / folder}: no .tfrec files (is this the {COMPETITION} folder?)")
         files.update({f"{folder}/{f.name}": f for f in found})
@@ -204,8 +217,8 @@ def copy_local(source: Path, raw: Path) -> dict[str, str]:
         raise PipelineError(f"ingest.source: {source} does not exist (expected 'sample', 'kaggle', "
                             f"or the competition zip / folder)")
     holds_both = source.is_dir() and any((source / folder).is_dir() for folder in TFREC_DIRS.values())
-    part = "a TFRecord file" if source.suffix == ".tfrec" and source.is_file() else (
-        "a folder of TFRecords" if source.is_dir() and not holds_both and any(source.glob("*.tfrec")) else None)
+    part = "a TFRecord file" if is_tfrecord(source.name) and source.is_file() else (
+        "a folder of TFRecords" if source.is_dir() and not holds_both and tfrecord_files(source) else None)
     if part:  # one of the two folders (or a file in it) given for the folder that holds both
         raise DataError(f"{source}: {part}; ingest.source takes the competition zip or the folder that "
                         f"holds {TFREC_DIRS['monet']}/ and {TFREC_DIRS['photo']}/ (here perhaps "

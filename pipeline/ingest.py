@@ -110,7 +110,7 @@ def read_raw(raw: Path, shards_dir: Path, shard_size: int,
 
     manifest = []
     for domain, folder in TFREC_DIRS.items():
-        files = sorted((raw / folder).glob("*.tfrec"))
+        files = competition.tfrecord_files(raw / folder)
         if not files:
             raise DataError(f"{raw / folder}: no .tfrec files")
 

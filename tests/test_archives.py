@@ -188,6 +188,25 @@ def test_the_data_one_folder_down_is_taken(tmp_path, good):
     assert sorted(_ingest(tmp_path / "b", comp)["tfrecord"]) == sorted(manifest["tfrecord"])
 
 
+def test_macos_litter_in_a_folder_is_not_data(tmp_path, good):
+    # Finder leaves '._<file>' resource forks and .DS_Store on USB disks and network shares
+    litter = {f"{name.rsplit('/', 1)[0]}/._{name.rsplit('/', 1)[1]}": b"\0\5\26\7" + bytes(78) for name in good}
+    comp = _folder(tmp_path / "comp", {**good, **litter, "monet_tfrec/.DS_Store": b"\0\0\0\1Bud1"})
+    manifest = _ingest(tmp_path / "a", comp)
+    assert sorted(set(manifest["tfrecord"])) == sorted(f"raw/{name}" for name in good)
+    # and the same litter in a zip of the folder's contents
+    assert sorted(_ingest(tmp_path / "z", _zip(tmp_path / "litter.zip", {**good, **litter}))["tfrecord"]) \
+        == sorted(manifest["tfrecord"])
+
+
+@pytest.mark.parametrize("suffix", [".tfrecord", ".tfrecords"])
+def test_tensorflows_longer_names_are_tfrecords_too(tmp_path, good, suffix):
+    renamed = {name.replace(".tfrec", suffix): data for name, data in good.items()}
+    for source in (_folder(tmp_path / "comp", renamed), _zip(tmp_path / "renamed.zip", renamed)):
+        manifest = _ingest(tmp_path / f"out-{source.name}", source)
+        assert sorted(set(manifest["tfrecord"])) == sorted(f"raw/{name}" for name in renamed)
+
+
 def test_two_copies_of_the_data_are_refused(tmp_path, good):
     twice = {**good, **{f"copy/{name}": data for name, data in good.items()}}
     _refused(tmp_path, _zip(tmp_path / "twice.zip", twice),
