@@ -57,6 +57,16 @@ def write(path: str | Path, examples: Iterable[Example]) -> int:
     return count
 
 
+def _not_plain(start: bytes) -> str:
+    """Why a file is no TFRecord from its first byte: corrupt, or compressed as TensorFlow can
+    (TFRecordOptions GZIP or ZLIB), which the competition's are not."""
+    if start[:2] == b"\x1f\x8b":
+        return "a gzip-compressed file, as TensorFlow's GZIP option writes, or a corrupt one; decompress it first"
+    if start[0] == 0x78 and int.from_bytes(start[:2], "big") % 31 == 0:
+        return "a zlib-compressed file, as TensorFlow's ZLIB option writes, or a corrupt one; decompress it first"
+    return "corrupt file"
+
+
 def verify(path: str | Path, label: str | None = None) -> int:
     """Check framing and both masked CRC32Cs of every record, one record in memory at a time;
     returns the record count. A length the rest of the file cannot hold, or above MAX_RECORD,
@@ -72,7 +82,8 @@ def verify(path: str | Path, label: str | None = None) -> int:
                 raise DataError(f"{where}: truncated record header")
             (length,) = struct.unpack("<Q", header[:8])
             if header[8:] != TFRecordWriter.masked_crc(header[:8]):
-                raise DataError(f"{where}: length checksum mismatch (corrupt file)")
+                why = _not_plain(header) if pos == 0 else "corrupt file"
+                raise DataError(f"{where}: length checksum mismatch ({why})")
             if length + 4 > size - pos - 12:
                 raise DataError(f"{where}: truncated (needs {length} bytes of data, the file has "
                                 f"{max(size - pos - 16, 0)} left)")

@@ -44,7 +44,10 @@ def test_tfrecord_round_trip_and_schema(tmp_path):
 @pytest.mark.parametrize("damage, needle", [
     (lambda b: b[:-7], "truncated"),
     (lambda b: b[:40] + bytes([b[40] ^ 0xFF]) + b[41:], "data checksum mismatch"),
-    (lambda b: bytes([b[0] ^ 0x01]) + b[1:], "length checksum mismatch"),
+    (lambda b: bytes([b[0] ^ 0x01]) + b[1:], r"length checksum mismatch \(corrupt file\)"),
+    # TensorFlow's compressed TFRecords (TFRecordOptions): not the competition's, and said so
+    (lambda b: __import__("gzip").compress(b), "length checksum mismatch .a gzip-compressed file.*decompress it"),
+    (lambda b: __import__("zlib").compress(b), "length checksum mismatch .a zlib-compressed file.*decompress it"),
 ])
 def test_corrupt_tfrecord_is_named(tmp_path, damage, needle):
     path = tmp_path / "x.tfrec"
