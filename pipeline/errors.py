@@ -1,6 +1,7 @@
 """User-facing errors and the one place that turns them into a single line and an exit code."""
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from pathlib import Path
@@ -18,6 +19,10 @@ class FeatureError(PipelineError):
     """The feature extractor's weights or inputs are missing, corrupt or of the wrong kind."""
 
 
+def _stage() -> str:
+    return Path(sys.argv[0]).stem or "stage"
+
+
 def cli(main):
     """Run a stage's main(): a PipelineError becomes `error: <message>` on stderr and exit 2,
     never a traceback (bugs still get their traceback); Ctrl-C one line too, and exit 130."""
@@ -29,8 +34,18 @@ def cli(main):
         except PipelineError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # a full disk is no bug: say where, once. shutil names the source first and the target
+            # second; the target was a temp name, gone by now, so name the folder that is left
+            target = e.filename2 or e.filename
+            where = next((f" in {d}" for d in Path(target).parents if d.exists()), "") if target else ""
+            print(f"error: {_stage()}: {e.strerror}{where}; free some space and run it again (no output "
+                  f"was left half-written)", file=sys.stderr)
+            sys.exit(2)
         except KeyboardInterrupt:  # every output is written to a temp name and renamed when whole
-            stage = Path(sys.argv[0]).stem or "stage"
+            stage = _stage()
             resume = ": it resumes from its last finished epoch" if stage == "train" else ""
             print(f"error: {stage}: interrupted; no output was left half-written (run it again{resume})",
                   file=sys.stderr)

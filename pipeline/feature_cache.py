@@ -5,13 +5,14 @@ options), written atomically; a file that does not read back is recomputed, neve
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from pipeline.files import atomic_path
+from pipeline.files import write_bytes
 
 
 def images_key(images: torch.Tensor) -> str:
@@ -39,7 +40,8 @@ class FeatureCache:
             except (OSError, ValueError) as e:
                 self.say(f"evaluate: {path} does not read back ({type(e).__name__}); computing it again")
         array = compute()
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
+        buffer = io.BytesIO()  # into memory first: numpy's writer says a full disk without its errno
+        np.save(buffer, array, allow_pickle=False)
+        write_bytes(path, buffer.getbuffer())
         self.say(f"evaluate: {label} {what} computed and cached ({path})")
         return array

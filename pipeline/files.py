@@ -2,12 +2,25 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+
+@contextlib.contextmanager
+def _full_disk_names(path: Path) -> Iterator[None]:
+    """A write that fails for want of space says so without a file name (the name is on open, not
+    on write); give it the output's, which errors.cli prints."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) and not e.filename:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
 
 
 @contextlib.contextmanager
@@ -19,7 +32,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
+        with _full_disk_names(path):
+            yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -37,11 +51,17 @@ def write_json(path: str | Path, obj: object) -> None:
 def save_torch(obj: object, path: str | Path) -> None:
     """torch.save, atomically and byte-for-byte reproducible: given a path, torch names the archive
     inside after the file (here a random temp name), so equal tensors would give different bytes
-    and DVC would rerun every stage downstream; given an open file it writes the same bytes."""
+    and DVC would rerun every stage downstream; given a file object it writes the same bytes. It
+    writes into memory first: torch's writer turns a full disk into an opaque RuntimeError
+    ('unexpected pos'), a plain write says ENOSPC (errors.cli makes that one line)."""
+    import io
+
     import torch  # here: the stages that never save tensors (package) should not pay for importing it
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
 
 
 @contextlib.contextmanager
@@ -54,7 +74,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with _full_disk_names(path):
+            yield tmp
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():

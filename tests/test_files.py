@@ -1,6 +1,14 @@
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
+from pipeline import files
+from pipeline.feature_cache import FeatureCache
 from pipeline.files import atomic_dir, atomic_path, save_torch, write_json
 
 
@@ -38,3 +46,46 @@ def test_save_torch_writes_the_same_bytes_whatever_the_temp_name(tmp_path):
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b" / "other.pt").read_bytes()
     assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["w"], obj["w"])
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.pt", "b", "other.pt"]  # no temp files left
+
+
+# A full disk, for real: every temp file the writers make is a link to /dev/full, whose writes fail
+# with ENOSPC in the kernel, whichever library writes (torch, numpy, pathlib)
+@pytest.fixture
+def full_disk(monkeypatch, tmp_path):
+    if not os.access("/dev/full", os.W_OK):
+        pytest.skip("no writable /dev/full on this system: the full-disk path is not exercised")
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        fd, name = real_mkstemp(*args, **kwargs)
+        os.close(fd)
+        os.unlink(name)
+        os.symlink("/dev/full", name)
+        return os.open(name, os.O_WRONLY), name
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
+    return tmp_path
+
+
+@pytest.mark.parametrize("write", [
+    lambda path: save_torch({"w": torch.ones(1000)}, path),
+    lambda path: write_json(path, {"v": 1}),
+    lambda path: FeatureCache(path.parent, "offline").get("x", "k", lambda: np.ones((10, 4))),
+])
+def test_a_full_disk_is_enospc_naming_the_output(full_disk, write):
+    target = full_disk / "out" / "thing"
+    with pytest.raises(OSError) as e:
+        write(target)
+    assert e.value.errno == errno.ENOSPC and Path(e.value.filename).parent == target.parent
+    assert list(target.parent.iterdir()) == []  # no temp file (nor link) left
+
+
+def test_a_full_disk_inside_a_folder_being_filled_names_the_folder(tmp_path):
+    if not os.access("/dev/full", os.W_OK):
+        pytest.skip("no writable /dev/full on this system: the full-disk path is not exercised")
+    with pytest.raises(OSError) as e:
+        with atomic_dir(tmp_path / "gen") as tmp:
+            (tmp / "a.jpg").symlink_to("/dev/full")
+            (tmp / "a.jpg").write_bytes(b"jpeg")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "gen")
+    assert list(tmp_path.iterdir()) == []
