@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import shutil
@@ -54,8 +55,6 @@ def save_torch(obj: object, path: str | Path) -> None:
     and DVC would rerun every stage downstream; given a file object it writes the same bytes. It
     writes into memory first: torch's writer turns a full disk into an opaque RuntimeError
     ('unexpected pos'), a plain write says ENOSPC (errors.cli makes that one line)."""
-    import io
-
     import torch  # here: the stages that never save tensors (package) should not pay for importing it
 
     buffer = io.BytesIO()
