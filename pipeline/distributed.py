@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -51,22 +52,25 @@ def launch(processes: int, module: str, argv: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={processes}", "--max_restarts=0",
-                                         "--module", module, *argv])
     # each worker's share of the cores (torchrun would set 1 and warn); `start` sets torch's too
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    try:
-        run(args)
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-        raise PipelineError(f"{module}: worker {rank} of {processes} failed ({how}); every worker was "
-                            f"stopped") from None
-    except SignalException as e:  # the launcher itself was signalled; it stopped the workers
-        if e.sigval == signal.SIGINT:
-            raise KeyboardInterrupt from None  # Ctrl-C: said in one line by the stage, as without DDP
-        raise PipelineError(f"{module}: stopped by {signal.Signals(e.sigval).name}; every worker was "
-                            f"stopped") from None
+    # the launcher keeps its workers' error reports in a log folder, by default a new /tmp/torchelastic_*
+    # that every run leaves behind: here one that goes when the run ends (the reports are read by then)
+    with tempfile.TemporaryDirectory(prefix="torchelastic_") as logs:
+        args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={processes}", "--max_restarts=0",
+                                             f"--log-dir={logs}", "--module", module, *argv])
+        try:
+            run(args)
+        except ChildFailedError as e:
+            rank, failure = e.get_first_failure()
+            how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+            raise PipelineError(f"{module}: worker {rank} of {processes} failed ({how}); every worker was "
+                                f"stopped") from None
+        except SignalException as e:  # the launcher itself was signalled; it stopped the workers
+            if e.sigval == signal.SIGINT:
+                raise KeyboardInterrupt from None  # Ctrl-C: said in one line by the stage, as without DDP
+            raise PipelineError(f"{module}: stopped by {signal.Signals(e.sigval).name}; every worker was "
+                                f"stopped") from None
 
 
 def start(world: World, device: torch.device) -> torch.device:

@@ -33,8 +33,9 @@ def repo(tmp_path_factory, repo_root):
     return root, env
 
 
-def test_two_processes_through_dvc(repo):
+def test_two_processes_through_dvc(repo, tmp_path):
     root, env = repo
+    env = {**env, "TMPDIR": str(tmp_path)}
     set_params(root, {"train": TINY["train"]})
     before = rows(root)
     res = dvc(root, env, "repro")
@@ -50,6 +51,7 @@ def test_two_processes_through_dvc(repo):
     (row,) = new_rows(root, before)  # one row, from rank 0 alone
     assert row["status"] == "FINISHED" and row["params"]["train.processes"] == "2"
     assert row["metrics"]["train.processes"] == 2 and "evaluate.fid" in row["metrics"]
+    assert not list(tmp_path.glob("torchelastic_*"))  # the launcher's log folder goes with its run
 
 
 def test_plain_torchrun_works_too(repo):
@@ -75,8 +77,9 @@ def _worker(rank: int, timeout: float = 120) -> psutil.Process:
     raise AssertionError(f"no worker of rank {rank} appeared")
 
 
-def test_a_killed_worker_fails_the_stage_with_a_clear_error(repo):
+def test_a_killed_worker_fails_the_stage_with_a_clear_error(repo, tmp_path):
     root, env = repo
+    env = {**env, "TMPDIR": str(tmp_path)}
     set_params(root, {"train": {**TINY["train"], "steps_per_epoch": 100_000}})  # hours, unless stopped
     stage = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=root, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -91,6 +94,7 @@ def test_a_killed_worker_fails_the_stage_with_a_clear_error(repo):
     assert stage.returncode != 0
     assert "error: pipeline.train: worker 1 of 2 failed (signal SIGKILL); every worker was stopped" in out + err
     assert not survivor.is_running() or survivor.status() == psutil.STATUS_ZOMBIE
+    assert not list(tmp_path.glob("torchelastic_*"))  # the failure was read from it before it went
 
 
 def test_ctrl_c_stops_every_worker_and_says_so_once(repo):
