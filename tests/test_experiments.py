@@ -222,7 +222,8 @@ def test_served_model_answers_a_rest_request(reproduced, tmp_path):
     root, env = reproduced
     run_id, _ = the_row(root)
     port = free_port()
-    served_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    # TMPDIR: MLflow downloads the model into a temp folder it leaves behind; here, the test's own
+    served_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "TMPDIR": str(tmp_path)}
     log = tmp_path / "serve.log"
     proc = start([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/photo2monet",
                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], tmp_path, served_env, log)
