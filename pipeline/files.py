@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import io
 import json
 import os
@@ -24,12 +25,40 @@ def _full_disk_names(path: Path) -> Iterator[None]:
         raise
 
 
+def _alive(pid: int) -> bool:
+    if os.name != "posix":  # elsewhere os.kill(pid, 0) would end the process: assume it lives
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _temp_beside(path: Path) -> str:
+    """The prefix of a temp name beside `path` (hidden, with the writer's pid), after removing the
+    temp files and folders that earlier writers of `path` left when they were killed outright
+    (kill -9, the OOM killer: no `finally` runs), which would pile up: ingest's are 1.5 GB. Only
+    those whose process is gone; a live writer's (a queue worker's feature cache) stays."""
+    beside = f".{path.name}."
+    for stale in path.parent.glob(f"{glob.escape(beside)}*.tmp"):
+        pid = stale.name[len(beside):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+    return f"{beside}{os.getpid()}-"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it replaces `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_beside(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -71,7 +100,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     run never leaves a folder that looks complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_beside(path), suffix=".tmp", dir=path.parent))
     try:
         with _full_disk_names(path):
             yield tmp

@@ -1,5 +1,8 @@
 import errno
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -89,3 +92,33 @@ def test_a_full_disk_inside_a_folder_being_filled_names_the_folder(tmp_path):
             (tmp / "a.jpg").write_bytes(b"jpeg")
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "gen")
     assert list(tmp_path.iterdir()) == []
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from pipeline.files import atomic_dir, atomic_path
+with atomic_dir(sys.argv[1]) as tmp, atomic_path(sys.argv[2]) as tmp_file:
+    (tmp / "a.jpg").write_bytes(b"half")
+    tmp_file.write_bytes(b"half")
+    os.kill(os.getpid(), signal.SIGKILL)  # no `finally` runs: what kill -9 or the OOM killer leave
+"""
+
+
+def test_what_a_writer_killed_outright_left_is_removed_by_the_next(tmp_path, repo_root):
+    folder, file = tmp_path / "out" / "shards", tmp_path / "out" / "checkpoint.pt"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(folder), str(file)], cwd=repo_root)
+    assert killed.returncode == -signal.SIGKILL
+    left = sorted(p.name for p in folder.parent.iterdir())
+    assert len(left) == 2 and all(name.endswith(".tmp") for name in left)
+    # a live writer's temp (another queue worker's, of the same shared file) is not touched
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        busy = folder.parent / f".checkpoint.pt.{live.pid}-x.tmp"
+        busy.write_bytes(b"in progress")
+        with atomic_dir(folder) as tmp:
+            (tmp / "b.jpg").write_bytes(b"whole")
+        save_torch({"step": 1}, file)
+        assert sorted(p.name for p in folder.parent.iterdir()) == sorted(["shards", "checkpoint.pt", busy.name])
+    finally:
+        live.kill()
+        live.wait()
