@@ -178,11 +178,36 @@ def _experiment_id(mlflow) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
+def _row_by_key(mlflow, exp_id: str, key: str):
+    """The row tagged with this execution's `pipeline_key` (see run_key), or None."""
+    found = mlflow.search_runs([exp_id], filter_string=f"tags.pipeline_key = '{key}'", max_results=1,
+                               output_format="list")
+    return found[0] if found else None
+
+
+def _failed_as(e: BaseException) -> str:
+    """The status of a row whose stage raised `e`: KILLED on ^C, else FAILED."""
+    return "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+
+
+@contextlib.contextmanager
+def _failing_ends(mlflow):
+    """Around the logging that fills a row just started or resumed, before the stage's own context
+    (_active) holds it: an error there ends the row FAILED, not left for MLflow to close FINISHED
+    when the process exits."""
+    try:
+        yield
+    except BaseException as e:
+        mlflow.end_run(_failed_as(e))
+        raise
+
+
 def _new_run(mlflow, exp_id: str, params: Params, manifest: Path, tags: dict[str, str]):
     run = mlflow.start_run(experiment_id=exp_id, run_name=run_name(),
                            tags={**tags, "dvc_exp_name": os.environ.get("DVC_EXP_NAME") or "workspace"})
-    mlflow.log_params(flatten(params))
-    log_dataset(params, manifest)
+    with _failing_ends(mlflow):
+        mlflow.log_params(flatten(params))
+        log_dataset(params, manifest)
     return run
 
 
@@ -218,17 +243,18 @@ def open_run(params: Params, generator_path: Path, stage: str, shards: Path, man
     with _serialized():
         exp_id = _experiment_id(mlflow)
         key = run_key(params, generator_path)
-        found = mlflow.search_runs([exp_id], filter_string=f"tags.pipeline_key = '{key}'", max_results=1,
-                                   output_format="list")
+        found = _row_by_key(mlflow, exp_id, key)
         if found:
             # a stage DVC skipped after train made the row is not in it: in a fresh clone, say,
             # generate reproduces the locked JPEGs and DVC skips evaluate (its metrics are in git)
-            run = mlflow.start_run(run_id=found[0].info.run_id)
-            _copy_held_results(stage, logged=found[0].data.metrics)
+            run = mlflow.start_run(run_id=found.info.run_id)
+            with _failing_ends(mlflow):
+                _copy_held_results(stage, logged=found.data.metrics)
             return _active(run)
         run = _new_run(mlflow, exp_id, params, manifest, {"pipeline_key": key})
-        log_generator_model(generator_path, shards, manifest)
-        _copy_held_results(stage)
+        with _failing_ends(mlflow):
+            log_generator_model(generator_path, shards, manifest)
+            _copy_held_results(stage)
         return _active(run)
 
 
@@ -260,12 +286,9 @@ def failure_marks_row(params: Params, generator_path: Path):
             with _serialized():
                 mlflow.set_tracking_uri(uri)
                 exp = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
-                key = run_key(params, generator_path)
-                found = exp and mlflow.search_runs([exp.experiment_id], filter_string=f"tags.pipeline_key = '{key}'",
-                                                   max_results=1, output_format="list")
+                found = exp and _row_by_key(mlflow, exp.experiment_id, run_key(params, generator_path))
                 if found:
-                    status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-                    mlflow.MlflowClient().set_terminated(found[0].info.run_id, status)
+                    mlflow.MlflowClient().set_terminated(found.info.run_id, _failed_as(e))
         except Exception:  # the stage's own error is the line to show, not a second one about the store
             pass
         raise
@@ -280,7 +303,7 @@ def _active(run):
         yield run
     except BaseException as e:
         with _serialized():
-            mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            mlflow.end_run(_failed_as(e))
         raise
     with _serialized():
         mlflow.end_run()
@@ -352,8 +375,12 @@ def log_generator_model(generator_path: Path, shards: Path, manifest: Path) -> N
         code.mkdir()
         for source in Path(__file__).parent.glob("*.py"):
             shutil.copy2(source, code / source.name)
+        # a copy: with DVC's `cache.type: symlink` the file is a link into .dvc/cache, which MLflow
+        # refuses as "outside the artifact directory"
+        generator = Path(tmp) / generator_path.name
+        shutil.copyfile(generator_path, generator)
         mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=served_model.__file__,
-                                artifacts={"generator": str(generator_path)}, code_paths=[str(code)],
+                                artifacts={"generator": str(generator)}, code_paths=[str(code)],
                                 signature=served_model.signature(), input_example=example,
                                 pip_requirements=requirements)
 

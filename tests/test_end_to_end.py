@@ -121,6 +121,21 @@ def test_evaluate_only_rerun_makes_a_complete_row(reproduced):
     assert "train.loss_cycle" in row["metrics"]  # the training curve is copied too
 
 
+def test_dvc_symlink_cache_still_makes_complete_rows(reproduced):
+    # `cache.type: symlink` (for big data) makes every output a link into .dvc/cache; MLflow refused
+    # the generator as a model artifact ("outside the artifact directory"), and the row stayed FINISHED
+    root, env, _ = reproduced
+    dvc(root, env, "config", "--local", "cache.type", "symlink")
+    dvc(root, env, "checkout", "--relink")
+    try:
+        assert (root / "models/photo2monet.pt").is_symlink()
+        row = _only_stage_reruns(root, env, {"evaluate": {"batch_size": 4}}, "evaluate")
+        assert row["params"]["evaluate.batch_size"] == "4"
+    finally:
+        dvc(root, env, "config", "--local", "--unset", "cache.type")
+        dvc(root, env, "checkout", "--relink")
+
+
 def test_retraining_to_the_same_weights_skips_the_rest_and_still_makes_a_complete_row(reproduced):
     # a train-only param (the grid's size) retrains; training is deterministic and the generator
     # file reproducible, so DVC skips generate/evaluate/package and train's new row is filled from them

@@ -194,6 +194,26 @@ def test_a_failure_after_training_marks_the_row_and_makes_none(tmp_path, monkeyp
     assert [r["status"] for r in rows(tmp_path).values()] == ["KILLED"]  # untouched, and no new row
 
 
+def test_a_new_row_whose_filling_fails_ends_failed(tmp_path, monkeypatch):
+    # open_run starts the row, then logs the model: an error there ended the stage with the row
+    # still open, and MLflow closed it FINISHED at exit (seen with DVC's symlink cache)
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.params import parse
+    from pipeline.shards import MANIFEST_COLUMNS
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(",".join(MANIFEST_COLUMNS) + "\nphoto,a,photo-000.pt,0,x.tfrec,0\nmonet,b,monet-000.pt,0,y.tfrec,0\n")
+    (tmp_path / "g.pt").write_bytes(b"weights")
+    with pytest.raises(Exception):  # no shard to take the model's input example from
+        tracking.open_run(parse({}), tmp_path / "g.pt", "evaluate", tmp_path / "no-shards", manifest)
+    assert mlflow.active_run() is None
+    assert [r["status"] for r in rows(tmp_path).values()] == ["FAILED"]
+
+
 def test_logged_model_loads_back_and_translates(reproduced, tmp_path):
     import mlflow
 
