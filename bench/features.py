@@ -39,7 +39,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     paintings = torch.randint(0, 256, (300, 256, 256, 3), dtype=torch.uint8, generator=g)
     images = torch.randint(0, 256, (args.images, 256, 256, 3), dtype=torch.uint8, generator=g)
-    extractor = offline_extractor(paintings, 75, CPU, args.batch_size, say=lambda s: None)
+    extractor = offline_extractor(paintings, 75, CPU, say=lambda s: None)
     model = extractor.runs.eval()
     runs = {"reference (every core on each batch)": lambda: reference_extract(model, images, args.batch_size),
             "extract (one batch per core, one thread each)": lambda: extract(extractor, images, args.batch_size, CPU,

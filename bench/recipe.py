@@ -92,7 +92,7 @@ def main() -> None:
     n = min(args.images, len(photos))
     first = evaluate.first_photos(args.data / "shards", manifest, n)
 
-    extractor = load_extractor("offline", "", False, e.offline_image_size, paintings, device, e.batch_size)
+    extractor = load_extractor("offline", "", False, e.offline_image_size, paintings, device)
     features = lambda images, what: extract(extractor, images, e.batch_size, device, desc=what)  # noqa: E731
     real = features(paintings, "paintings")
     rendered = torch.from_numpy(sample.render_parallel(p.seed, [sample.photo_index(i) for i in range(n)], "monet"))

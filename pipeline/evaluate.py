@@ -113,7 +113,7 @@ def evaluate(p: Params, shards_dir: Path, manifest_path: Path, images: Path, cac
     if on_sample:
         check_sample_names(names, p.seed)
     extractor = load_extractor(e.extractor, e.weights, e.download, e.offline_image_size, paintings, device,
-                               e.batch_size, cache=cache_dir, say=say)
+                               cache=cache_dir, say=say)
     say(f"evaluate: extractor {extractor.id}: {extractor.name}")
     # the device too: its arithmetic rounds otherwise (features agree to float rounding, not bit for bit)
     cache = FeatureCache(cache_dir, f"{extractor.key}/{device.type}", say)

@@ -45,7 +45,7 @@ def test_readme_recipe_runs_all_five_stages_at_256_px(name, generator, tmp_path,
     assert over["evaluate.extractor"] == "fid-inception"
     weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     reference = torch.randint(0, 256, (4, 80, 80, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    torch.save(offline_extractor(reference, 75, torch.device("cpu"), 4).model.inception.state_dict(), weights)
+    torch.save(offline_extractor(reference, 75, torch.device("cpu")).model.inception.state_dict(), weights)
     settings = readme + [f"{k}={v}" for k, v in CPU.items()] + [f"evaluate.weights={weights}"]
     res = dvc(root, env, "exp", "run", "-n", name, *[a for s in settings for a in ("-S", s)])
     for stage in ("ingest", "train", "generate", "evaluate", "package"):

@@ -42,7 +42,7 @@ def paintings() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def offline(paintings) -> Extractor:
-    return offline_extractor(paintings, OFFLINE_PX, CPU, batch_size=8)
+    return offline_extractor(paintings, OFFLINE_PX, CPU)
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +199,7 @@ def test_offline_is_asked_for_and_never_looks_for_weights(paintings, isolated_hu
     isolated_hub.mkdir(parents=True)
     (isolated_hub / FID_WEIGHTS_NAME).write_bytes(weights_file.read_bytes())  # there, and not used
     ext = load_extractor("offline", "", download=True, offline_image_size=OFFLINE_PX, reference=paintings,
-                         device=CPU, batch_size=4)
+                         device=CPU)
     assert ext.id == "offline" and not ext.comparable and "OFFLINE" in ext.name and "not comparable" in ext.name
     assert ext.image_size == OFFLINE_PX and f"{OFFLINE_PX} px" in ext.name and "8 paintings" in ext.name
 
@@ -223,7 +223,7 @@ def test_offline_needs_reference_and_a_usable_size(paintings):
 
 def test_offline_extractor_is_deterministic_and_finite(offline, paintings):
     rng_before = torch.random.get_rng_state()
-    again = offline_extractor(paintings, OFFLINE_PX, CPU, batch_size=8)
+    again = offline_extractor(paintings, OFFLINE_PX, CPU)
     assert torch.equal(torch.random.get_rng_state(), rng_before)   # caller's RNG untouched
     assert not any(m.training for m in again.model.modules())       # eval mode, BN included
     sd1, sd2 = offline.model.state_dict(), again.model.state_dict()
@@ -240,7 +240,7 @@ def test_offline_extractor_is_deterministic_and_finite(offline, paintings):
 def test_offline_batchnorm_statistics_are_cached_and_a_bad_file_recalibrates(offline, paintings, tmp_path,
                                                                               monkeypatch):
     said: list[str] = []
-    first = offline_extractor(paintings, OFFLINE_PX, CPU, batch_size=8, cache=tmp_path, say=said.append)
+    first = offline_extractor(paintings, OFFLINE_PX, CPU, cache=tmp_path, say=said.append)
     [stats] = tmp_path.glob("offline-batchnorm-*.pt")
     assert first.key == offline.key and not any("from the cache" in s for s in said)
     expected = extract(offline, paintings, batch_size=8, device=CPU)
@@ -251,14 +251,14 @@ def test_offline_batchnorm_statistics_are_cached_and_a_bad_file_recalibrates(off
     real_recalibrate = features_module.recalibrate_batchnorm
     monkeypatch.setattr(features_module, "recalibrate_batchnorm", lambda *a, **k: pytest.fail("recalibrated"))
     said.clear()
-    cached = offline_extractor(paintings, OFFLINE_PX, CPU, batch_size=8, cache=tmp_path, say=said.append)
+    cached = offline_extractor(paintings, OFFLINE_PX, CPU, cache=tmp_path, say=said.append)
     assert any("from the cache" in s for s in said) and cached.key == offline.key
     assert np.array_equal(extract(cached, paintings, batch_size=8, device=CPU), expected)
     assert not any(m.training for m in cached.model.modules())
 
     # other paintings are another extractor: another file, recalibrated
     monkeypatch.setattr(features_module, "recalibrate_batchnorm", real_recalibrate)
-    offline_extractor(paintings[:6], OFFLINE_PX, CPU, batch_size=8, cache=tmp_path, say=said.append)
+    offline_extractor(paintings[:6], OFFLINE_PX, CPU, cache=tmp_path, say=said.append)
     assert len(list(tmp_path.glob("offline-batchnorm-*.pt"))) == 2
 
     # a file that does not read back, or holds other statistics, is recomputed and replaced
@@ -269,7 +269,7 @@ def test_offline_batchnorm_statistics_are_cached_and_a_bad_file_recalibrates(off
         else:
             stats.write_bytes(bad)
         said.clear()
-        again = offline_extractor(paintings, OFFLINE_PX, CPU, batch_size=8, cache=tmp_path, say=said.append)
+        again = offline_extractor(paintings, OFFLINE_PX, CPU, cache=tmp_path, say=said.append)
         assert any("does not read back" in s for s in said)
         assert np.array_equal(extract(again, paintings, batch_size=8, device=CPU), expected)
         assert stats.read_bytes() == good
