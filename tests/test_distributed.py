@@ -54,8 +54,9 @@ def test_two_processes_through_dvc(repo, tmp_path):
     assert not list(tmp_path.glob("torchelastic_*"))  # the launcher's log folder goes with its run
 
 
-def test_plain_torchrun_works_too(repo):
+def test_plain_torchrun_works_too(repo, tmp_path):
     root, env = repo
+    env = {**env, "TMPDIR": str(tmp_path)}  # torchrun's own log folder, which it leaves behind
     set_params(root, {"train": {**TINY["train"], "processes": 1, "epochs": 1, "decay_from_epoch": 1}})
     res = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "pipeline.train", *TRAIN_ARGS], root, env, timeout=600)
