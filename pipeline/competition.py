@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 import stat
 import sys
@@ -238,6 +239,10 @@ def kaggle_api():
             api = KaggleApi()
             api.authenticate()
     except SystemExit:  # the package exits when it finds no credentials
+        token = _access_token_source()
+        if token:  # the client checks a token online and passes over one Kaggle does not know
+            raise PipelineError(f"ingest.source=kaggle: Kaggle did not accept the token in {token} (expired or "
+                                f"mistyped?); create a new one at https://www.kaggle.com/settings") from None
         raise PipelineError("ingest.source=kaggle: no Kaggle credentials found; set KAGGLE_API_TOKEN "
                             "or KAGGLE_USERNAME/KAGGLE_KEY, or save ~/.kaggle/kaggle.json") from None
     except Exception as e:  # a token is checked online: no network, or a token Kaggle does not know
@@ -246,6 +251,16 @@ def kaggle_api():
         raise PipelineError(f"ingest.source=kaggle: signing in to Kaggle failed: {why}") from None
     print(help_text.getvalue(), end="", file=sys.stderr)  # what it says when it signs in (a warning, say)
     return api
+
+
+def _access_token_source() -> str | None:
+    """Where an API token is set for the client to find (its own order), or None."""
+    if os.environ.get("KAGGLE_API_TOKEN"):
+        return "KAGGLE_API_TOKEN"
+    for name in ("access_token", "access_token.txt"):
+        if (Path.home() / ".kaggle" / name).is_file():
+            return f"~/.kaggle/{name}"
+    return None
 
 
 def download(cache: Path, api_factory=kaggle_api) -> Path:

@@ -383,6 +383,25 @@ def test_kaggle_missing_credentials(tmp_path, monkeypatch, capsys):
     assert out.out == out.err == ""  # not the client's page of sign-up help beside the line
 
 
+@pytest.mark.parametrize("where", ["KAGGLE_API_TOKEN", "~/.kaggle/access_token"])
+def test_a_token_kaggle_does_not_accept_is_said_so(where, tmp_path, monkeypatch, capsys):
+    # the real client checks a token online and, when Kaggle does not know it, goes on as if there
+    # were none: "no credentials found" was the line, beside a token the user had just set
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    _no_kaggle_credentials(tmp_path, monkeypatch)
+    if where == "KAGGLE_API_TOKEN":
+        monkeypatch.setenv("KAGGLE_API_TOKEN", "KGAT_expired")
+    else:
+        (tmp_path / ".kaggle").mkdir()
+        (tmp_path / ".kaggle/access_token").write_text("KGAT_expired\n")
+    monkeypatch.setattr(KaggleApi, "_introspect_token", lambda self, token: None)  # what Kaggle says of it
+    with pytest.raises(PipelineError, match=f"Kaggle did not accept the token in {where} .expired or mistyped"):
+        _run(tmp_path, "kaggle")
+    out = capsys.readouterr()
+    assert out.out == out.err == ""
+
+
 @pytest.mark.parametrize("error, needle", [
     (ConnectionError("Failed to resolve 'api.kaggle.com'"), "signing in to Kaggle failed: ConnectionError: Failed"),
     (_Unauthorized("Unauthorized"), "signing in to Kaggle failed: Kaggle refused the credentials \\(HTTP 401\\)"),
