@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -38,19 +39,20 @@ def _alive(pid: int) -> bool:
 
 
 def _temp_beside(path: Path) -> str:
-    """The prefix of a temp name beside `path` (hidden, with the writer's pid), after removing the
-    temp files and folders that earlier writers of `path` left when they were killed outright
-    (kill -9, the OOM killer: no `finally` runs), which would pile up: ingest's are 1.5 GB. Only
-    those whose process is gone; a live writer's (a queue worker's feature cache) stays."""
-    beside = f".{path.name}."
+    """The prefix of a temp name beside `path` (hidden, with the writer's pid and host), after
+    removing the temp files and folders that earlier writers of `path` on this host left when they
+    were killed outright (kill -9, the OOM killer: no `finally` runs), which would pile up: ingest's
+    are 1.5 GB. Only those whose process is gone; a live writer's (a queue worker's feature cache)
+    stays, and so does any of another host or container (its pids are not ours to check)."""
+    beside, host = f".{path.name}.", socket.gethostname()
     for stale in path.parent.glob(f"{glob.escape(beside)}*.tmp"):
-        pid = stale.name[len(beside):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        pid, _, writer_host = stale.name[len(beside):].partition("+")[0].partition("@")
+        if writer_host == host and pid.isdigit() and not _alive(int(pid)):
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
-    return f"{beside}{os.getpid()}-"
+    return f"{beside}{os.getpid()}@{host}+"
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -113,12 +114,16 @@ def test_what_a_writer_killed_outright_left_is_removed_by_the_next(tmp_path, rep
     # a live writer's temp (another queue worker's, of the same shared file) is not touched
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        busy = folder.parent / f".checkpoint.pt.{live.pid}-x.tmp"
+        busy = folder.parent / f".checkpoint.pt.{live.pid}@{socket.gethostname()}+x.tmp"
         busy.write_bytes(b"in progress")
+        # and one of another host sharing the disk (or a container): its pid means nothing here
+        elsewhere = folder.parent / ".checkpoint.pt.999999999@another-host+x.tmp"
+        elsewhere.write_bytes(b"in progress")
         with atomic_dir(folder) as tmp:
             (tmp / "b.jpg").write_bytes(b"whole")
         save_torch({"step": 1}, file)
-        assert sorted(p.name for p in folder.parent.iterdir()) == sorted(["shards", "checkpoint.pt", busy.name])
+        assert sorted(p.name for p in folder.parent.iterdir()) == sorted(["shards", "checkpoint.pt", busy.name,
+                                                                          elsewhere.name])
     finally:
         live.kill()
         live.wait()
