@@ -19,6 +19,9 @@ class FeatureError(PipelineError):
     """The feature extractor's weights or inputs are missing, corrupt or of the wrong kind."""
 
 
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota
+
+
 def _stage() -> str:
     return Path(sys.argv[0]).stem or "stage"
 
@@ -35,7 +38,7 @@ def cli(main):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if e.errno not in FULL_DISK:
                 raise
             # a full disk is no bug: say where, once. shutil names the source first and the target
             # second; the target was a temp name, gone by now, so name the folder that is left

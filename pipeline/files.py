@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import io
 import json
@@ -13,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from pipeline.errors import FULL_DISK
+
 
 @contextlib.contextmanager
 def _full_disk_names(path: Path) -> Iterator[None]:
@@ -21,7 +22,7 @@ def _full_disk_names(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT) and not e.filename:
+        if e.errno in FULL_DISK and not e.filename:
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
@@ -90,8 +91,7 @@ def save_torch(obj: object, path: str | Path) -> None:
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getbuffer())
+    write_bytes(path, buffer.getbuffer())
 
 
 @contextlib.contextmanager
