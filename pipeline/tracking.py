@@ -192,13 +192,14 @@ def _failed_as(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def _failing_ends(mlflow):
-    """Around the logging that fills a row just started or resumed, before the stage's own context
-    (_active) holds it: an error there ends the row FAILED, not left for MLflow to close FINISHED
-    when the process exits."""
+    """Around work on the active row: an error ends the row FAILED (KILLED on ^C), under the store's
+    lock, instead of leaving it for MLflow to close FINISHED when the process exits. Also around
+    the logging that fills a row just started or resumed, before _active holds it."""
     try:
         yield
     except BaseException as e:
-        mlflow.end_run(_failed_as(e))
+        with _serialized():
+            mlflow.end_run(_failed_as(e))
         raise
 
 
@@ -299,12 +300,8 @@ def _active(run):
     """The run as a context, ended under the store's lock: FINISHED, or FAILED (KILLED on ^C)
     when the stage raised, so a broken execution is visible as such in the UI."""
     mlflow = _mlflow()
-    try:
+    with _failing_ends(mlflow):
         yield run
-    except BaseException as e:
-        with _serialized():
-            mlflow.end_run(_failed_as(e))
-        raise
     with _serialized():
         mlflow.end_run()
 
