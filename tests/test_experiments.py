@@ -141,17 +141,24 @@ def test_a_relative_local_source_names_the_file_in_the_main_repository(tmp_path,
     assert name == "local/gan.zip" and str(tmp_path / "repo/gan.zip") in found.to_json()
 
 
+def _one_photo_one_painting_manifest(folder):
+    """A manifest for the rows' data set (no shards behind it)."""
+    from pipeline.shards import MANIFEST_COLUMNS
+
+    manifest = folder / "manifest.csv"
+    manifest.write_text(",".join(MANIFEST_COLUMNS) + "\nphoto,a,photo-000.pt,0,x.tfrec,0\nmonet,b,monet-000.pt,0,y.tfrec,0\n")
+    return manifest
+
+
 def test_a_training_run_again_resumes_its_row_until_it_finishes(tmp_path, monkeypatch):
     # kill -9 leaves the row RUNNING, ^C marks it KILLED: either way the next training of the same
     # params continues that row; once keyed (finish_training), the next training makes a new one
     from pipeline import tracking
     from pipeline.params import parse
-    from pipeline.shards import MANIFEST_COLUMNS
 
     monkeypatch.chdir(tmp_path)  # no dvc.lock here: no other stage's results to copy
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    manifest = tmp_path / "manifest.csv"
-    manifest.write_text(",".join(MANIFEST_COLUMNS) + "\nphoto,a,photo-000.pt,0,x.tfrec,0\nmonet,b,monet-000.pt,0,y.tfrec,0\n")
+    manifest = _one_photo_one_painting_manifest(tmp_path)
     generator = tmp_path / "g.pt"
     generator.write_bytes(b"weights")
     p = parse({"train": {"lr": 1e-5}})
@@ -172,7 +179,6 @@ def test_a_failure_after_training_marks_the_row_and_makes_none(tmp_path, monkeyp
     from pipeline import tracking
     from pipeline.errors import DataError
     from pipeline.params import parse
-    from pipeline.shards import MANIFEST_COLUMNS
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -180,8 +186,7 @@ def test_a_failure_after_training_marks_the_row_and_makes_none(tmp_path, monkeyp
     with pytest.raises(DataError), tracking.failure_marks_row(p, generator):
         raise DataError("no store yet")
     assert not (tmp_path / "mlflow.db").exists()  # nothing made to mark nothing
-    manifest = tmp_path / "manifest.csv"
-    manifest.write_text(",".join(MANIFEST_COLUMNS) + "\nphoto,a,photo-000.pt,0,x.tfrec,0\nmonet,b,monet-000.pt,0,y.tfrec,0\n")
+    manifest = _one_photo_one_painting_manifest(tmp_path)
     generator.write_bytes(b"weights")
     with tracking.start_training(p, tmp_path, manifest):
         tracking.finish_training(p, generator)
@@ -201,12 +206,10 @@ def test_a_new_row_whose_filling_fails_ends_failed(tmp_path, monkeypatch):
 
     from pipeline import tracking
     from pipeline.params import parse
-    from pipeline.shards import MANIFEST_COLUMNS
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    manifest = tmp_path / "manifest.csv"
-    manifest.write_text(",".join(MANIFEST_COLUMNS) + "\nphoto,a,photo-000.pt,0,x.tfrec,0\nmonet,b,monet-000.pt,0,y.tfrec,0\n")
+    manifest = _one_photo_one_painting_manifest(tmp_path)
     (tmp_path / "g.pt").write_bytes(b"weights")
     with pytest.raises(Exception):  # no shard to take the model's input example from
         tracking.open_run(parse({}), tmp_path / "g.pt", "evaluate", tmp_path / "no-shards", manifest)
