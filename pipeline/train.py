@@ -2,12 +2,12 @@
 
     python -m pipeline.train --shards data/shards --manifest data/manifest.csv \\
         --generator models/photo2monet.pt --reverse-generator models/monet2photo.pt \\
-        --checkpoint models/checkpoint.pt --metrics metrics/train.json \\
+        --checkpoint .cache/train/checkpoint.pt --metrics metrics/train.json \\
         --curve metrics/train_curve.csv --grid metrics/grid.png
 
-Resumes from --checkpoint when it was written for the same params, data and training code. With
-`train.processes: N` > 1 it starts N DDP workers of itself (torch.distributed.run); or run it
-under torchrun yourself:
+Resumes from --checkpoint when it was written for the same params, data and training code; that
+file is not a DVC output (dvc.yaml says why). With `train.processes: N` > 1 it starts N DDP
+workers of itself (torch.distributed.run); or run it under torchrun yourself:
 
     torchrun --standalone --nproc_per_node=8 -m pipeline.train --shards data/shards ...
 """
@@ -182,7 +182,7 @@ def main(argv=None) -> None:
     ap.add_argument("--manifest", type=Path, required=True)
     ap.add_argument("--generator", type=Path, required=True, help="the photo→Monet generator to write")
     ap.add_argument("--reverse-generator", type=Path, required=True, help="the Monet→photo generator to write")
-    ap.add_argument("--checkpoint", type=Path, required=True, help="resumable training state")
+    ap.add_argument("--checkpoint", type=Path, required=True, help="resumable training state (not a DVC output)")
     ap.add_argument("--metrics", type=Path, required=True)
     ap.add_argument("--curve", type=Path, required=True, help="per-epoch losses (CSV, a DVC plot)")
     ap.add_argument("--grid", type=Path, required=True, help="photo | generated sample grid (PNG)")

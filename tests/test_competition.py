@@ -54,7 +54,7 @@ def test_readme_recipe_runs_all_five_stages_at_256_px(name, generator, tmp_path,
     saved = torch.load(root / "models/photo2monet.pt", weights_only=True)
     assert saved["config"] == {"kind": generator, "image_size": 256, "filters": over["train.gen_filters"],
                                "resnet_blocks": over["train.resnet_blocks"], "upsample": over["train.upsample"]}
-    nets = torch.load(root / "models/checkpoint.pt", weights_only=True)["trainer"]["nets"]
+    nets = torch.load(root / ".cache/train/checkpoint.pt", weights_only=True)["trainer"]["nets"]
     assert nets["D_M"]["net.0.weight"].shape == (over["train.disc_filters"], 3, 4, 4)
     with zipfile.ZipFile(root / "data/images.zip") as zf:
         assert len(zf.namelist()) == 24

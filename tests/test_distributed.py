@@ -22,7 +22,7 @@ TINY = {
     "package": {"min_images": 20, "max_images": 30},
 }
 TRAIN_ARGS = ["--shards", "data/shards", "--manifest", "data/manifest.csv", "--generator", "models/photo2monet.pt",
-              "--reverse-generator", "models/monet2photo.pt", "--checkpoint", "models/checkpoint.pt",
+              "--reverse-generator", "models/monet2photo.pt", "--checkpoint", ".cache/train/checkpoint.pt",
               "--metrics", "metrics/train.json", "--curve", "metrics/train_curve.csv", "--grid", "metrics/grid.png"]
 
 
@@ -45,7 +45,7 @@ def test_two_processes_through_dvc(repo, tmp_path):
     train = json.loads((root / "metrics/train.json").read_text())
     assert train["processes"] == 2 and train["steps"] == 6
     assert all(torch.isfinite(torch.tensor(v)) for k, v in train.items() if k.startswith("loss_"))
-    state = torch.load(root / "models/checkpoint.pt", weights_only=True)
+    state = torch.load(root / ".cache/train/checkpoint.pt", weights_only=True)
     assert state["processes"] == 2 and len(state["ranks"]) == 2
     assert not torch.equal(state["ranks"][0]["data_rng"], state["ranks"][1]["data_rng"])  # own batches
     (row,) = new_rows(root, before)  # one row, from rank 0 alone

@@ -3,12 +3,17 @@
 Each test stands alone (`pytest -k NAME`): the `reproduced` fixture runs the first `dvc repro`
 once per module, and a test that changes the workspace counts the MLflow rows it adds itself."""
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 from workspace import TINY, assert_complete, dvc, make_repo, new_rows, rows, run, set_params
@@ -159,7 +164,7 @@ def test_a_fresh_clones_first_repro_makes_a_complete_row_when_evaluate_is_skippe
     root, env, _ = reproduced
     before = rows(root)
     for path in ("data/raw", "data/shards", "data/manifest.csv", "models/photo2monet.pt", "models/monet2photo.pt",
-                 "models/checkpoint.pt", "data/generated", "data/images.zip"):
+                 ".cache/train", "data/generated", "data/images.zip"):
         shutil.rmtree(root / path) if (root / path).is_dir() else (root / path).unlink()
     shutil.rmtree(root / ".dvc/cache")  # nor a DVC cache to check them out from
     res = dvc(root, env, "repro")
@@ -168,6 +173,68 @@ def test_a_fresh_clones_first_repro_makes_a_complete_row_when_evaluate_is_skippe
     new = new_rows(root, before)
     assert len(new) == 1
     assert_complete(new[0], root / "metrics")
+
+
+def test_a_clone_that_pulls_from_a_dvc_remote_has_nothing_to_rerun(reproduced, tmp_path):
+    # how a team shares results: commit, `dvc push`; elsewhere `git clone`, `dvc pull`. Every output
+    # must come back, or DVC reruns its stage (it did: the checkpoint, an uncached output, retrained)
+    root, env, _ = reproduced
+    dvc(root, env, "repro")  # whatever params earlier tests left, their outputs are current
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "results", "--allow-empty"], root, env)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+    for where in (root, clone):  # --local: the remote stays out of the committed .dvc/config
+        dvc(where, env, "remote", "add", "--local", "-d", "store", str(tmp_path / "remote"))
+    dvc(root, env, "push")
+    dvc(clone, env, "pull")
+    assert "Data and pipelines are up to date" in dvc(clone, env, "status").stdout
+    res = dvc(clone, env, "repro")
+    assert "Running stage" not in res.stdout, res.stdout
+    assert (clone / "models/photo2monet.pt").read_bytes() == (root / "models/photo2monet.pt").read_bytes()
+
+
+def test_params_trained_before_come_back_from_dvcs_run_cache(reproduced):
+    # back to params DVC has trained before, train's outputs are restored from DVC's run-cache, not
+    # trained again (an output with `persist: true`, as the checkpoint was, turns the run-cache off)
+    root, env, _ = reproduced
+    dvc(root, env, "repro")
+    grid_size = yaml.safe_load((root / "params.yaml").read_text())["train"]["grid_size"]
+    grid = (root / "metrics/grid.png").read_bytes()
+    set_params(root, {"train": {"grid_size": grid_size + 1}})
+    assert "Running stage 'train'" in dvc(root, env, "repro").stdout
+    assert (root / "metrics/grid.png").read_bytes() != grid
+    before = rows(root)
+    set_params(root, {"train": {"grid_size": grid_size}})
+    res = dvc(root, env, "repro")
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in res.stdout, res.stdout
+    assert "Running stage" not in res.stdout
+    assert (root / "metrics/grid.png").read_bytes() == grid
+    assert rows(root) == before  # nothing ran, so nothing logged
+
+
+def test_a_training_killed_outright_resumes_when_dvc_runs_it_again(reproduced):
+    # kill -9 runs no handler; DVC must leave the resumable state where it was, and its rerun resume it
+    root, env, _ = reproduced
+    steps = 150  # per epoch: a few seconds at this size, so the kill lands in the second epoch
+    set_params(root, {"train": {"epochs": 2, "steps_per_epoch": steps, "decay_from_epoch": 1}})
+    checkpoint = root / ".cache/train/checkpoint.pt"
+    checkpoint.unlink(missing_ok=True)
+    stage = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=root, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not checkpoint.exists() and stage.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(stage.pid, signal.SIGKILL)  # DVC and the stage under it
+        stage.wait(timeout=60)
+    finally:
+        if stage.poll() is None:
+            os.killpg(stage.pid, signal.SIGKILL)
+    assert torch.load(checkpoint, weights_only=True)["trainer"]["step"] == steps
+    res = dvc(root, env, "repro")  # every stage: later tests start from a reproduced workspace
+    assert f"resuming from .cache/train/checkpoint.pt at step {steps}" in res.stdout, res.stdout
+    assert json.loads((root / "metrics/train.json").read_text())["steps"] == 2 * steps
 
 
 def test_a_generate_param_that_leaves_the_jpegs_alone_still_makes_a_complete_row(reproduced):

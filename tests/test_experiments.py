@@ -89,7 +89,7 @@ def test_one_row_spans_training_and_names_its_data_set(reproduced):
     run_id, row = the_row(root)
     assert_complete(row, root / "metrics")
     # opened before the first step (the checkpoint is written after each epoch), ended by package
-    assert row["start_time"] / 1000 < (root / "models/checkpoint.pt").stat().st_mtime
+    assert row["start_time"] / 1000 < (root / ".cache/train/checkpoint.pt").stat().st_mtime
     assert row["end_time"] / 1000 >= (root / "metrics/package.json").stat().st_mtime
     (dataset,) = row["datasets"]
     assert dataset["name"] == "embedded-sample" and dataset["source_type"] == "code" and dataset["context"] == "training"
