@@ -111,7 +111,8 @@ class Evaluate:
     def check(self) -> None:
         _choice(self.extractor, "evaluate.extractor", ("offline", "fid-inception"))
         # Inception-v3's stride-2 stem and reductions need at least 75 px
-        _require(self.offline_image_size >= 75, "evaluate.offline_image_size", "must be >= 75")
+        # and above the FID network's own 299 px a random network only costs more time and memory
+        _require(75 <= self.offline_image_size <= 299, "evaluate.offline_image_size", "must be in [75, 299]")
         _require(self.batch_size > 0, "evaluate.batch_size", "must be > 0")
         _require(self.baseline_images >= 2, "evaluate.baseline_images", "must be >= 2 (a covariance needs two)")
         _require(self.kid_subsets > 0, "evaluate.kid_subsets", "must be > 0")
@@ -143,6 +144,7 @@ class Params:
     package: Package = field(default_factory=Package)
 
     def check(self) -> None:
+        _require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32 - 1] (NumPy's seeds are 32-bit)")
         # the ResNet generator halves the size twice, the U-Net down to 1×1
         _require(32 <= self.image_size <= 256 and self.image_size % 32 == 0, "image_size",
                  "must be a multiple of 32 between 32 and 256")

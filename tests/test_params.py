@@ -36,6 +36,9 @@ def test_every_field_appears_in_params_yaml(repo_root):
     ({"ingest": {"sample_photos": 7029}}, "'ingest.sample_photos' must be in [2, 7028]"),
     ({"ingest": {"sample_paintings": 301}}, "'ingest.sample_paintings' must be in [2, 300]"),
     ({"ingest": {"sample_paintings": 1}}, "'ingest.sample_paintings' must be in [2, 300]"),
+    ({"seed": -1}, "'seed' must be in [0, 2**32 - 1]"),  # NumPy refused both with a traceback
+    ({"seed": 2**32}, "'seed' must be in [0, 2**32 - 1]"),
+    ({"evaluate": {"offline_image_size": 100_000}}, "'evaluate.offline_image_size' must be in [75, 299]"),
 ])
 def test_bad_params_are_one_clear_error(raw, needle):
     with pytest.raises(ParamsError) as e:
