@@ -73,11 +73,21 @@ def launch(processes: int, module: str, argv: list[str]) -> None:
                                 f"stopped") from None
 
 
+def check_devices(processes: int, device: torch.device) -> None:
+    """On CUDA each process takes a GPU of its own: more processes on this machine than GPUs it
+    sees is one clear line, before anything starts (not a worker's "invalid device ordinal")."""
+    if device.type == "cuda" and processes > torch.cuda.device_count():
+        raise PipelineError(f"train: {processes} processes need a GPU each, and this machine shows "
+                            f"{torch.cuda.device_count()}: set train.processes (under torchrun: --nproc_per_node) "
+                            f"to at most that")
+
+
 def start(world: World, device: torch.device) -> torch.device:
     """Join the process group (when there is more than one process); returns this process's device.
     On the CPU each process takes its share of the cores: N processes with all cores each run
     several times slower than alone (measured: 7–8 s/step for two against 0.45 s alone)."""
     if device.type == "cuda":
+        check_devices(world.local_size, device)
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     elif world.size > 1:

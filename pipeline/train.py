@@ -192,6 +192,7 @@ def main(argv=None) -> None:
     world = distributed.current()
     if p.train.processes > 1 and world.size == 1:  # the stage itself starts the DDP workers
         tracking.check_store()
+        distributed.check_devices(p.train.processes, pick_device(p.device))
         distributed.launch(p.train.processes, "pipeline.train", argv)
         return
     if world.main:

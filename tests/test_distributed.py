@@ -118,3 +118,28 @@ def test_ctrl_c_stops_every_worker_and_says_so_once(repo):
     assert said == ["error: train: interrupted; no output was left half-written "
                     "(run it again: it resumes from its last finished epoch)"]
     assert all(not w.is_running() or w.status() == psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_more_processes_than_gpus_is_one_line_before_any_worker_starts(tmp_path, monkeypatch, capsys):
+    # one GPU per process: on a 1-GPU machine train.processes=2 started both workers, and the second
+    # one failed in torch.cuda.set_device, asking for a GPU that is not there
+    from pipeline import distributed, train
+    from pipeline.errors import PipelineError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(distributed, "launch", lambda *args: pytest.fail("a worker was started"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = tmp_path / "params.yaml"
+    params.write_text("device: cuda\ntrain:\n  processes: 2\n")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--params", str(params), *TRAIN_ARGS])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: train: 2 processes need a GPU each, and this machine shows 1: set train.processes "
+        "(under torchrun: --nproc_per_node) to at most that"]
+    # under a plain torchrun every worker checks it before taking its GPU
+    with pytest.raises(PipelineError, match="2 processes need a GPU each, and this machine shows 1"):
+        distributed.start(distributed.World(rank=1, size=2, local_rank=1, local_size=2), torch.device("cuda"))
+    distributed.check_devices(1, torch.device("cuda"))  # one process, one GPU: fine
+    distributed.check_devices(8, torch.device("cpu"))  # gloo on the CPU needs no GPU
