@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import shutil
 import time
 from pathlib import Path
 
@@ -94,6 +95,20 @@ def test_a_relative_weights_path_is_under_the_main_repository(tmp_path, monkeypa
     monkeypatch.chdir(queued)
     assert fid_weights.find(f"weights/{FID_WEIGHTS_NAME}", False) == (
         tmp_path / "repo/weights" / FID_WEIGHTS_NAME, "weights file")
+
+
+def test_a_weights_folder_means_the_weights_file_in_it(weights_file, tmp_path, paintings):
+    # on Kaggle the weights come as a dataset attached to the notebook: a folder, /kaggle/input/<name>
+    attached = tmp_path / "input" / "pt-inception"
+    attached.mkdir(parents=True)
+    with pytest.raises(FeatureError, match="not found") as err:  # the folder without the file: named
+        load_extractor("fid-inception", str(attached), download=False, offline_image_size=OFFLINE_PX,
+                       reference=paintings, device=CPU)
+    assert str(attached / FID_WEIGHTS_NAME) in str(err.value)
+    shutil.copy(weights_file, attached / FID_WEIGHTS_NAME)
+    ext = load_extractor("fid-inception", str(attached), download=False, offline_image_size=OFFLINE_PX,
+                         reference=None, device=CPU)
+    assert ext.id == "fid-inception" and str(attached / FID_WEIGHTS_NAME) in ext.name
 
 
 def test_hub_cache_is_used_and_follows_torch_home(weights_file, isolated_hub):
