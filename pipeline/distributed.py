@@ -127,6 +127,15 @@ def gather(obj: object, world: World) -> list:
     return out
 
 
+def broadcast(obj: object, world: World) -> object:
+    """Rank 0's `obj` on every rank (`obj` itself for one process)."""
+    if world.size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def sum_(tensor: torch.Tensor, world: World) -> torch.Tensor:
     """The sum of `tensor` over all ranks (in place), `tensor` for one process."""
     if world.size > 1:

@@ -71,11 +71,10 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
 
 
-def _resume(trainer: Trainer, checkpoint: Path, resume_key: str, world: World, total: int,
-            data_gen: torch.Generator, print_fn) -> list[dict]:
-    """Load a matching checkpoint into the trainer and this rank's RNGs; returns its history."""
+def _read(checkpoint: Path) -> dict | None:
+    """A checkpoint's state; None when there is none."""
     if not checkpoint.exists():
-        return []
+        return None
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
@@ -83,6 +82,25 @@ def _resume(trainer: Trainer, checkpoint: Path, resume_key: str, world: World, t
     except Exception as e:  # truncated, not a torch file, or not a checkpoint: kept for the user to judge
         raise PipelineError(f"train: {checkpoint} does not read back as a checkpoint ({_why(e)}); "
                             f"delete it to start afresh") from None
+    return state
+
+
+def _resume(trainer: Trainer, checkpoint: Path, resume_key: str, world: World, total: int,
+            data_gen: torch.Generator, print_fn) -> list[dict]:
+    """Load a matching checkpoint into the trainer and this rank's RNGs; returns its history.
+    Rank 0 reads it and hands it to the others: on several machines only rank 0's disk has it
+    (rank 0 writes it), and every rank must resume from the same step."""
+    state, error = None, None
+    if world.main:
+        try:
+            state = _read(checkpoint)
+        except PipelineError as e:
+            error = str(e)
+    state, error = distributed.broadcast((state, error), world)
+    if error:
+        raise PipelineError(error)
+    if state is None:
+        return []
     if state.get("fingerprint") != resume_key:
         print_fn(f"train: {checkpoint} was written for other params, data or training code; starting afresh")
         return []

@@ -143,3 +143,59 @@ def test_more_processes_than_gpus_is_one_line_before_any_worker_starts(tmp_path,
         distributed.start(distributed.World(rank=1, size=2, local_rank=1, local_size=2), torch.device("cuda"))
     distributed.check_devices(1, torch.device("cuda"))  # one process, one GPU: fine
     distributed.check_devices(8, torch.device("cpu"))  # gloo on the CPU needs no GPU
+
+
+def _train_as(rank: int, port: int, checkpoints: list[str], out: str) -> None:
+    """Rank `rank` of a 2-process gloo training of a tiny recipe, with its own checkpoint path."""
+    from pathlib import Path
+
+    from pipeline import distributed
+    from pipeline import train as train_stage
+    from pipeline.params import parse
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    world = distributed.World(rank=rank, size=2, local_rank=rank, local_size=2)
+    device = distributed.start(world, torch.device("cpu"))
+    p = parse({"image_size": 32, "train": {"gen_filters": 4, "disc_filters": 4, "resnet_blocks": 1, "batch_size": 2,
+                                           "epochs": 2, "steps_per_epoch": 2, "decay_from_epoch": 1}})
+    g = torch.Generator().manual_seed(0)
+    photos, monets = (torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g) for n in (6, 4))
+    said = []
+    trainer, _ = train_stage.train(p, photos, monets, Path(checkpoints[rank]), "key", said.append, world, device)
+    torch.save({"said": said, "G": trainer.nets.G.state_dict()}, f"{out}-{rank}.pt")
+    distributed.finish(world)
+
+
+def _two_processes(checkpoints: list, out, timeout: float = 240) -> list[dict]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_train_as, args=(port, [str(c) for c in checkpoints], str(out)), nprocs=2,
+                             join=False, start_method="spawn")
+    deadline = time.time() + timeout
+    try:
+        while not ctx.join(timeout=5):
+            assert time.time() < deadline, "the two processes hung"
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+    return [torch.load(f"{out}-{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
+def test_every_rank_resumes_from_rank_0s_checkpoint(tmp_path):
+    # on two machines only rank 0's disk has the checkpoint (rank 0 alone writes it): the other
+    # rank trained from scratch while rank 0 resumed, and the two waited on each other
+    checkpoint = tmp_path / "checkpoint.pt"
+    first = _two_processes([checkpoint, checkpoint], tmp_path / "first")
+    assert torch.load(checkpoint, weights_only=True)["trainer"]["step"] == 4
+    elsewhere = tmp_path / "other-machine" / "checkpoint.pt"  # rank 1's disk: no checkpoint there
+    again = _two_processes([checkpoint, elsewhere], tmp_path / "again")
+    assert not elsewhere.exists()
+    for rank in (0, 1):  # both resumed the finished run: the same weights as it saved, no step trained
+        assert all(torch.equal(first[0]["G"][k], again[rank]["G"][k]) for k in first[0]["G"])
+    assert any("resuming from" in line and "at step 4" in line for line in again[0]["said"])
