@@ -30,6 +30,31 @@ def held_results(running: str, root: Path = Path(".")) -> dict[str, list[Path]]:
             for name, stage in check.declared.items() if name != running and check.holds(name)}
 
 
+def later_stages(running: str, made_by_running: str, root: Path = Path(".")) -> dict[str, tuple[set[str], list[Path]]]:
+    """{stage: (the params its results depend on, its metrics and plots files)} for each stage after
+    `running` in dvc.yaml; {} outside a DVC workspace. The params are the stage's own and those of
+    the stages that make its deps, recursively, except the stage that makes `made_by_running` (the
+    generator), whose bytes stand for all of its inputs."""
+    try:
+        stages = read_yaml(root / "dvc.yaml").get("stages") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    names = list(stages)
+    if running not in names:
+        return {}
+    maker = {path: name for name, s in stages.items() for path in _paths(s, ("outs", "metrics", "plots"))}
+
+    def params_of(name: str, seen: set[str]) -> set[str]:
+        if name in seen or made_by_running in _paths(stages[name], ("outs",)):
+            return set()
+        seen.add(name)
+        own = {e for e in stages[name].get("params") or [] if isinstance(e, str)}  # params.yaml keys
+        return own.union(*(params_of(maker[d], seen) for d in stages[name].get("deps") or [] if d in maker))
+
+    return {name: (params_of(name, set()), [root / path for path in _paths(stages[name], ("metrics", "plots"))])
+            for name in names[names.index(running) + 1:]}
+
+
 def _paths(stage: dict, kinds: tuple[str, ...]) -> list[str]:
     """Paths of a dvc.yaml stage's entries of `kinds` (entries are a path or {path: options})."""
     return [next(iter(e)) if isinstance(e, dict) else e for kind in kinds for e in stage.get(kind) or []]

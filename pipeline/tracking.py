@@ -9,7 +9,9 @@ by that key and add to it; a killed training resumes its row. When only some sta
 what the stages DVC skips left on disk, where their results still hold (`stage_results`), so
 every row is complete; a stage that finds its row fills in what it lacks the same way, and
 `generate`, which has nothing of its own to log, does so when DVC will skip both stages after it.
-Stages that DVC skips log nothing: no empty rows.
+A later stage that DVC may restore from its run-cache instead (its inputs were run before: a
+retraining to weights made before) is filled in from the earlier row of the same generator and
+inputs. Stages that DVC skips log nothing: no empty rows.
 
 The store is `sqlite:///<main repo>/mlflow.db` unless MLFLOW_TRACKING_URI is set; the main repo is
 DVC_ROOT (DVC points it at the parent repo inside `dvc exp run --temp`/queued runs), so temp and
@@ -40,7 +42,7 @@ import pandas as pd
 from pipeline.errors import PipelineError
 from pipeline.files import main_repo, under_main_repo
 from pipeline.params import Params, flatten
-from pipeline.stage_results import held_results
+from pipeline.stage_results import held_results, later_stages
 
 EXPERIMENT = "monet-cyclegan"
 MODEL_NAME = "photo2monet"  # the generator as an MLflow model: runs:/<run id>/photo2monet
@@ -48,6 +50,7 @@ KAGGLE_URL = "https://www.kaggle.com/competitions/gan-getting-started"
 # MLflow 3's UI opens an experiment on its GenAI pages unless the address asks for the training view
 TRAINING_VIEW = "?workflowType=machine_learning"
 PROBE_SECONDS = 5  # an MLflow server that does not answer its health check in this long is down
+GENERATOR_TAG = "generator_sha256"  # which generator a row's results come from (its bytes' hash, 16 hex)
 
 
 def default_store() -> str:
@@ -142,6 +145,10 @@ def run_key(params: Params, generator_path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def generator_sha(generator_path: str | Path) -> str:
+    return hashlib.sha256(Path(generator_path).read_bytes()).hexdigest()[:16]
+
+
 def params_key(params: Params) -> str:
     return hashlib.sha256(json.dumps(flatten(params), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -232,8 +239,9 @@ def finish_training(params: Params, generator_path: Path) -> None:
     results of the later stages that still hold (a retraining to the same weights skips them)."""
     mlflow = _mlflow()
     with _serialized():
-        mlflow.set_tag("pipeline_key", run_key(params, generator_path))
+        mlflow.set_tags({"pipeline_key": run_key(params, generator_path), GENERATOR_TAG: generator_sha(generator_path)})
         _copy_held_results("train")
+        _copy_restored_results("train", params, generator_path)
 
 
 def open_run(params: Params, generator_path: Path, stage: str, shards: Path, manifest: Path):
@@ -251,11 +259,13 @@ def open_run(params: Params, generator_path: Path, stage: str, shards: Path, man
             run = mlflow.start_run(run_id=found.info.run_id)
             with _failing_ends(mlflow):
                 _copy_held_results(stage, logged=found.data.metrics)
+                _copy_restored_results(stage, params, generator_path)
             return _active(run)
-        run = _new_run(mlflow, exp_id, params, manifest, {"pipeline_key": key})
+        run = _new_run(mlflow, exp_id, params, manifest, {"pipeline_key": key, GENERATOR_TAG: generator_sha(generator_path)})
         with _failing_ends(mlflow):
             log_generator_model(generator_path, shards, manifest)
             _copy_held_results(stage)
+            _copy_restored_results(stage, params, generator_path)
         return _active(run)
 
 
@@ -315,6 +325,41 @@ def _copy_held_results(stage: str, logged=()) -> None:
             continue
         for path in files:
             log_file(path, other)
+
+
+def _copy_restored_results(stage: str, params: Params, generator_path: Path) -> None:
+    """Into the active row, the results of each stage after `stage` that the row lacks, from the
+    newest earlier FINISHED row of the same generator whose params that stage's results depend on
+    are the same. DVC runs such a stage only if its inputs changed; otherwise it restores its
+    outputs from the run-cache, the outputs that earlier execution logged, and nothing logs them
+    here (a retraining to the weights of an experiment run before, `dvc exp run -S lambda_cycle=10`
+    after one of 5). A stage that does run logs its own results over these."""
+    mlflow = _mlflow()
+    run = mlflow.active_run()
+    logged = mlflow.get_run(run.info.run_id).data.metrics
+    flat = {k: str(v) for k, v in flatten(params).items()}  # as log_params wrote them
+    earlier = [r for r in mlflow.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.{GENERATOR_TAG} = '{generator_sha(generator_path)}' "
+        f"and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], output_format="list")
+        if r.info.run_id != run.info.run_id]
+    for other, (keys, files) in later_stages(stage, str(generator_path)).items():
+        prefixes = tuple(f"{path.stem}." for path in files if path.suffix == ".json")
+        if not prefixes or any(name.startswith(prefixes) for name in logged):
+            continue  # nothing of its own to log, or its results are in the row
+        inputs = {k: v for k, v in flat.items() if k in keys or k.split(".")[0] in keys}
+        source = next((r for r in earlier if all(r.data.params.get(k) == v for k, v in inputs.items())
+                       and any(name.startswith(prefixes) for name in r.data.metrics)), None)
+        if source is None:
+            continue
+        mlflow.log_metrics({k: v for k, v in source.data.metrics.items() if k.startswith(prefixes)})
+        mlflow.set_tags({k: v for k, v in source.data.tags.items() if k.startswith(prefixes)}
+                        | {f"{other}.results_from": source.info.run_id})
+        pictures = {path.name for path in files if path.suffix == ".png"}
+        with tempfile.TemporaryDirectory() as tmp:
+            for artifact in mlflow.MlflowClient().list_artifacts(source.info.run_id):
+                if artifact.path in pictures:
+                    mlflow.log_artifact(mlflow.artifacts.download_artifacts(
+                        run_id=source.info.run_id, artifact_path=artifact.path, dst_path=tmp))
 
 
 def _dataset_source(source: str):

@@ -213,6 +213,28 @@ def test_params_trained_before_come_back_from_dvcs_run_cache(reproduced):
     assert rows(root) == before  # nothing ran, so nothing logged
 
 
+def test_a_retraining_to_weights_made_before_gets_the_restored_stages_results_in_its_row(reproduced):
+    # training is deterministic: back to params trained before (with a train-only param changed,
+    # so train itself runs), it makes the same weights, and DVC restores generate, evaluate and
+    # package from its run-cache instead of running them. Nothing logged their results into the
+    # new row, which held train's alone (as the README's `cycle-10` after `cycle-5` did)
+    root, env, _ = reproduced
+    dvc(root, env, "repro", "-f")  # every stage runs: each in DVC's run-cache (another test empties it)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    scores = json.loads((root / "metrics/evaluate.json").read_text())
+    set_params(root, {"lambda_identity": params["lambda_identity"] + 0.25})
+    dvc(root, env, "repro")
+    before = rows(root)
+    set_params(root, {"lambda_identity": params["lambda_identity"],
+                      "train": {"log_every": params["train"]["log_every"] + 1}})
+    res = dvc(root, env, "repro")
+    assert "Running stage 'train'" in res.stdout
+    assert all(f"Stage '{s}' is cached - skipping run" in res.stdout for s in ("generate", "evaluate", "package")), res.stdout
+    (new,) = new_rows(root, before)
+    assert json.loads((root / "metrics/evaluate.json").read_text()) == scores
+    assert_complete(new, root / "metrics")
+
+
 def test_a_training_killed_outright_resumes_when_dvc_runs_it_again(reproduced):
     # kill -9 runs no handler; DVC must leave the resumable state where it was, and its rerun resume it
     root, env, _ = reproduced

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import yaml
 
-from pipeline.stage_results import held_results
+from pipeline.stage_results import held_results, later_stages
 
 PIPELINE = {"stages": {
     "a": {"cmd": "python a.py", "deps": ["a.py"], "params": ["seed", "a"],
@@ -107,3 +107,16 @@ def test_a_changed_command_or_dep_list_means_the_stage_reruns(ws):
 def test_outside_a_dvc_workspace_nothing_is_copied(ws):
     (ws / "dvc.lock").unlink()
     assert held_results("b", ws) == {}
+
+
+def test_later_stages_name_the_params_their_results_depend_on(repo_root):
+    # evaluate's JPEGs come from generate and its images from ingest: their params count too, but
+    # not train's, whose generator's bytes stand for all of its inputs
+    later = later_stages("train", "models/photo2monet.pt", repo_root)
+    assert list(later) == ["generate", "evaluate", "package"]
+    keys, files = later["evaluate"]
+    assert {"evaluate", "generate", "precision", "device", "seed", "ingest"} <= keys
+    assert not keys & {"train", "lambda_cycle", "image_size"}
+    assert [f.name for f in files] == ["evaluate.json", "memorization.png"]
+    assert later_stages("evaluate", "models/photo2monet.pt", repo_root).keys() == {"package"}
+    assert later_stages("package", "models/photo2monet.pt", repo_root) == {}
