@@ -75,7 +75,8 @@ def launch(processes: int, module: str, argv: list[str]) -> None:
 
 def check_devices(processes: int, device: torch.device) -> None:
     """On CUDA each process takes a GPU of its own: more processes on this machine than GPUs it
-    sees is one clear line, before anything starts (not a worker's "invalid device ordinal")."""
+    sees is one clear line, before anything starts (not a worker failing to take a GPU that is
+    not there)."""
     if device.type == "cuda" and processes > torch.cuda.device_count():
         raise PipelineError(f"train: {processes} processes need a GPU each, and this machine shows "
                             f"{torch.cuda.device_count()}: set train.processes (under torchrun: --nproc_per_node) "

@@ -137,9 +137,9 @@ def download(dst: Path, url: str, hash_prefix: str) -> Path:
 def find(weights: str, download_ok: bool) -> tuple[Path, str]:
     """The weights file to use and how it was found ("weights file", "cached weights", ...).
     A named file (or the file of that name in a named folder) is returned even when it is missing,
-    so that loading it fails loudly. With no
-    file named, none cached and no download to be had: FeatureError saying where it looked and
-    how to supply the file (never a quiet fallback to other weights)."""
+    so that loading it fails loudly. With no file named, none cached and no download to be had:
+    FeatureError saying where it looked and how to supply the file (never a quiet fallback to
+    other weights)."""
     if weights:  # a relative path is under the main repository (also from queued experiments)
         path = under_main_repo(weights)
         if path.is_dir():  # a folder that holds the file, as a Kaggle dataset attached to a notebook is

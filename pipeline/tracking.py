@@ -239,7 +239,8 @@ def finish_training(params: Params, generator_path: Path) -> None:
     results of the later stages that still hold (a retraining to the same weights skips them)."""
     mlflow = _mlflow()
     with _serialized():
-        mlflow.set_tags({"pipeline_key": run_key(params, generator_path), GENERATOR_TAG: generator_sha(generator_path)})
+        mlflow.set_tags({"pipeline_key": run_key(params, generator_path),
+                         GENERATOR_TAG: generator_sha(generator_path)})
         _copy_held_results("train")
         _copy_restored_results("train", params, generator_path)
 
@@ -261,7 +262,8 @@ def open_run(params: Params, generator_path: Path, stage: str, shards: Path, man
                 _copy_held_results(stage, logged=found.data.metrics)
                 _copy_restored_results(stage, params, generator_path)
             return _active(run)
-        run = _new_run(mlflow, exp_id, params, manifest, {"pipeline_key": key, GENERATOR_TAG: generator_sha(generator_path)})
+        run = _new_run(mlflow, exp_id, params, manifest,
+                       {"pipeline_key": key, GENERATOR_TAG: generator_sha(generator_path)})
         with _failing_ends(mlflow):
             log_generator_model(generator_path, shards, manifest)
             _copy_held_results(stage)
