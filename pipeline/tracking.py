@@ -239,10 +239,10 @@ def finish_training(params: Params, generator_path: Path) -> None:
     results of the later stages that still hold (a retraining to the same weights skips them)."""
     mlflow = _mlflow()
     with _serialized():
-        mlflow.set_tags({"pipeline_key": run_key(params, generator_path),
-                         GENERATOR_TAG: generator_sha(generator_path)})
+        sha = generator_sha(generator_path)
+        mlflow.set_tags({"pipeline_key": run_key(params, generator_path), GENERATOR_TAG: sha})
         _copy_held_results("train")
-        _copy_restored_results("train", params, generator_path)
+        _copy_restored_results("train", params, generator_path, sha)
 
 
 def open_run(params: Params, generator_path: Path, stage: str, shards: Path, manifest: Path):
@@ -260,14 +260,15 @@ def open_run(params: Params, generator_path: Path, stage: str, shards: Path, man
             run = mlflow.start_run(run_id=found.info.run_id)
             with _failing_ends(mlflow):
                 _copy_held_results(stage, logged=found.data.metrics)
-                _copy_restored_results(stage, params, generator_path)
+                _copy_restored_results(stage, params, generator_path,
+                                       found.data.tags.get(GENERATOR_TAG) or generator_sha(generator_path))
             return _active(run)
-        run = _new_run(mlflow, exp_id, params, manifest,
-                       {"pipeline_key": key, GENERATOR_TAG: generator_sha(generator_path)})
+        sha = generator_sha(generator_path)
+        run = _new_run(mlflow, exp_id, params, manifest, {"pipeline_key": key, GENERATOR_TAG: sha})
         with _failing_ends(mlflow):
             log_generator_model(generator_path, shards, manifest)
             _copy_held_results(stage)
-            _copy_restored_results(stage, params, generator_path)
+            _copy_restored_results(stage, params, generator_path, sha)
         return _active(run)
 
 
@@ -318,34 +319,40 @@ def _active(run):
         mlflow.end_run()
 
 
+def _metric_prefixes(files: list[Path]) -> tuple[str, ...]:
+    """The names a stage's metrics files give its metrics in a row: `evaluate.json` logs `evaluate.*`."""
+    return tuple(f"{path.stem}." for path in files if path.suffix == ".json")
+
+
 def _copy_held_results(stage: str, logged=()) -> None:
     """Log the results of every other stage that still holds, but not one whose metrics are among
     `logged` (the row's metric names: a metrics file `evaluate.json` logs `evaluate.*`)."""
     for other, files in held_results(stage).items():
-        prefixes = tuple(f"{path.stem}." for path in files if path.suffix == ".json")
+        prefixes = _metric_prefixes(files)
         if prefixes and any(name.startswith(prefixes) for name in logged):
             continue
         for path in files:
             log_file(path, other)
 
 
-def _copy_restored_results(stage: str, params: Params, generator_path: Path) -> None:
+def _copy_restored_results(stage: str, params: Params, generator_path: Path, sha: str) -> None:
     """Into the active row, the results of each stage after `stage` that the row lacks, from the
     newest earlier FINISHED row of the same generator whose params that stage's results depend on
     are the same. DVC runs such a stage only if its inputs changed; otherwise it restores its
     outputs from the run-cache, the outputs that earlier execution logged, and nothing logs them
     here (a retraining to the weights of an experiment run before, `dvc exp run -S lambda_cycle=10`
-    after one of 5). A stage that does run logs its own results over these."""
+    after one of 5). A stage that does run logs its own results over these. `sha` is the
+    generator's generator_sha (computed once by the caller, which tags the row with it)."""
     mlflow = _mlflow()
     run = mlflow.active_run()
     logged = mlflow.get_run(run.info.run_id).data.metrics
     flat = {k: str(v) for k, v in flatten(params).items()}  # as log_params wrote them
     earlier = [r for r in mlflow.search_runs(
-        [run.info.experiment_id], filter_string=f"tags.{GENERATOR_TAG} = '{generator_sha(generator_path)}' "
+        [run.info.experiment_id], filter_string=f"tags.{GENERATOR_TAG} = '{sha}' "
         f"and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], output_format="list")
         if r.info.run_id != run.info.run_id]
     for other, (keys, files) in later_stages(stage, str(generator_path)).items():
-        prefixes = tuple(f"{path.stem}." for path in files if path.suffix == ".json")
+        prefixes = _metric_prefixes(files)
         if not prefixes or any(name.startswith(prefixes) for name in logged):
             continue  # nothing of its own to log, or its results are in the row
         inputs = {k: v for k, v in flat.items() if k in keys or k.split(".")[0] in keys}
