@@ -181,8 +181,10 @@ def kid(generated: Any, real: Any, subsets: int = 100, subset_size: int = 1000, 
         coef0: float = 1.0, seed: int = 0) -> dict[str, float]:
     """Kernel Inception Distance as torch-fidelity and torchmetrics define it: the unbiased MMD²
     with the polynomial kernel k(x, y) = (x·y / dims + coef0)^degree, averaged over `subsets`
-    random subsets of `subset_size` rows of each set (drawn without replacement; at most the
-    smaller set's size). Returns {"kid_mean", "kid_std"} (std over the subsets, population)."""
+    random subsets of `subset_size` rows of each set (drawn without replacement). Where a set is
+    smaller than `subset_size` (torch-fidelity stops there), the subsets are the smaller set's size,
+    and the size used is returned with the score: {"kid_mean", "kid_std" (std over the subsets,
+    population), "kid_subset_size"}."""
     g, r = _check_pair(generated, real)
     m = min(subset_size, g.shape[0], r.shape[0])
     dims = g.shape[1]
@@ -206,7 +208,7 @@ def kid(generated: Any, real: Any, subsets: int = 100, subset_size: int = 1000, 
         k_xy = whole_xy[np.ix_(ix, iy)] if whole_xy is not None else kernel(x, y)
         values[i] = ((k_xx.sum() - np.trace(k_xx)) / (m * (m - 1)) + (k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
                      - 2.0 * k_xy.mean())
-    return {"kid_mean": float(values.mean()), "kid_std": float(values.std())}
+    return {"kid_mean": float(values.mean()), "kid_std": float(values.std()), "kid_subset_size": m}
 
 
 def mifid(generated: Any, real: Any, eps: float = MIFID_EPS) -> dict[str, float]:

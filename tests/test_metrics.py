@@ -273,6 +273,17 @@ def test_kid_subsets_are_the_unbiased_mmd_of_the_rows_drawn(generated, real):
     assert got["kid_std"] == pytest.approx(np.std(values), rel=1e-8)
 
 
+def test_kid_says_the_subset_size_it_used_when_a_set_is_smaller():
+    """300 paintings and the default 1,000 per subset: torch-fidelity stops; KID here draws
+    subsets of 300 and says so beside the score, so the number's meaning is on record."""
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(40, 5)), rng.normal(0.3, 1.1, size=(9, 5))
+    got = kid(x, y, subsets=3, subset_size=1000, seed=2)
+    assert got["kid_subset_size"] == 9
+    assert got == kid(x, y, subsets=3, subset_size=9, seed=2)
+    assert kid(x, y, subsets=3, subset_size=6, seed=2)["kid_subset_size"] == 6
+
+
 def test_kid_of_constant_sets_has_the_closed_form():
     a, b = np.full((6, 4), 0.5), np.full((6, 4), -1.0)
     k = lambda u, v: (u * v * 4 / 4 + 1.0) ** 3  # noqa: E731  (every row pair alike)
