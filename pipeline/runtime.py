@@ -109,5 +109,9 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
 
 
 def describe(device: torch.device, dtype: torch.dtype | None) -> str:
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    # on the CPU the thread count is part of the arithmetic: sums split across threads round
+    # differently, so the same params train other bytes with OMP_NUM_THREADS=1 than with 2
+    threads = torch.get_num_threads()
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"cpu ({os.cpu_count()} cores, {threads} thread{'s' * (threads != 1)})")
     return f"{where}, {'bf16 autocast' if dtype else 'fp32'}"

@@ -267,3 +267,16 @@ def test_auto_precision_uses_bf16_on_the_cpu_only_where_its_flags_list_bf16_inst
     cpu = torch.device("cpu")
     assert runtime.autocast_dtype("auto", cpu) == (torch.bfloat16 if bf16 else None)
     assert runtime.autocast_dtype("fp32", cpu) is None and runtime.autocast_dtype("bf16", cpu) == torch.bfloat16
+
+
+def test_the_cpu_description_names_the_threads_that_shape_the_arithmetic():
+    """The same params train other bytes on 1 thread than on 2 (sums split across threads round
+    differently), so the log line and the run's tag train.device_description say how many."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert runtime.describe(torch.device("cpu"), None).endswith(", 1 thread), fp32")
+        torch.set_num_threads(2)
+        assert runtime.describe(torch.device("cpu"), torch.bfloat16).endswith(", 2 threads), bf16 autocast")
+    finally:
+        torch.set_num_threads(before)
