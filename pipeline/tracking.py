@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -421,7 +422,7 @@ def log_generator_model(generator_path: Path, shards: Path, manifest: Path) -> N
     # what the model's code imports (generator_file and the modules beneath it), pinned where it matters
     requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
                     f"numpy=={np.__version__}", f"pandas=={pd.__version__}", "pyyaml", "tqdm"]
-    with tempfile.TemporaryDirectory() as tmp, _serialized():
+    with tempfile.TemporaryDirectory() as tmp, _serialized(), _without_progress_lines():
         code = Path(tmp) / "pipeline"  # the package's sources, without caches
         code.mkdir()
         for source in Path(__file__).parent.glob("*.py"):
@@ -434,6 +435,24 @@ def log_generator_model(generator_path: Path, shards: Path, manifest: Path) -> N
                                 artifacts={"generator": str(generator)}, code_paths=[str(code)],
                                 signature=served_model.signature(), input_example=example,
                                 pip_requirements=requirements)
+
+
+@contextlib.contextmanager
+def _without_progress_lines():
+    """log_model loads the model back to check the input example, and says so: an INFO line and a
+    download progress bar in the stage's output, which tell its user nothing. Warnings still show."""
+    logger = logging.getLogger("mlflow")
+    level, bar = logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    logger.setLevel(logging.WARNING)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
 
 
 def log_file(path: Path, stage: str) -> None:

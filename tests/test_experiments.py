@@ -234,11 +234,13 @@ def test_logged_model_loads_back_and_translates(reproduced, tmp_path):
         model.predict(batch.astype(np.float32))  # the signature or the model refuses it, by name
 
 
-def test_logging_the_model_prints_no_warning_of_mlflow_about_predicts_type_hints(reproduced):
+def test_logging_the_model_prints_no_warning_nor_progress_of_mlflows_own_check(reproduced):
     root, _ = reproduced
     out = (root.parent / "repro.out").read_text()
     assert "train: logged to" in out  # the stage that logs the model printed here
     assert "Add type hints" not in out, out[-3000:]
+    # log_model loads the model back to check the input example: its INFO line and download bar
+    assert "Validating input example" not in out and "Downloading artifacts" not in out, out[-3000:]
 
 
 def test_served_model_answers_a_rest_request(reproduced, tmp_path):
