@@ -178,7 +178,7 @@ def memorization_distance(generated: Any, real: Any, chunk: int = 2048) -> float
 
 
 def kid(generated: Any, real: Any, subsets: int = 100, subset_size: int = 1000, degree: int = 3,
-        coef0: float = 1.0, seed: int = 0) -> dict[str, float]:
+        coef0: float = 1.0, seed: int = 0) -> dict[str, float | int]:
     """Kernel Inception Distance as torch-fidelity and torchmetrics define it: the unbiased MMD²
     with the polynomial kernel k(x, y) = (x·y / dims + coef0)^degree, averaged over `subsets`
     random subsets of `subset_size` rows of each set (drawn without replacement). Where a set is
