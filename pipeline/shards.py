@@ -57,7 +57,9 @@ def iter_domain(shards_dir: str | Path, manifest: pd.DataFrame, domain: str) -> 
     rows = manifest[manifest["domain"] == domain]
     if rows.empty:
         raise DataError(f"manifest has no '{domain}' images")
-    for shard, group in rows.groupby("shard", sort=True):
+    # in the order the manifest lists them (write_domain's), not by name: past 1,000 shards of a
+    # domain, "photo-1000.pt" sorts before "photo-101.pt"
+    for shard, group in rows.groupby("shard", sort=False):
         path = Path(shards_dir) / shard
         try:
             images = torch.load(path, weights_only=True, mmap=True)

@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -455,3 +456,15 @@ def test_sample_round_trip_in_the_kaggle_schema(tmp_path):
     _, monets = shards.load_domain(tmp_path / "shards", manifest, "monet")
     truth = sample.render_batch(0, [sample.monet_index(i) for i in range(3)], "monet")
     assert np.abs(monets.numpy().astype(int) - truth.astype(int)).mean() < 6
+
+
+def test_more_than_a_thousand_shards_read_back_in_manifest_order(tmp_path):
+    # shard names carry 3 digits, so past 1,000 shards their names no longer sort in write order
+    n = 1003
+    items = [({"image_name": f"p{i:04d}", "tfrecord": "t", "record": i},
+              np.full((2, 2, 3), i % 256, dtype=np.uint8)) for i in range(n)]
+    rows = shards.write_domain(items, tmp_path, "photo", shard_size=1)
+    manifest = pd.DataFrame(rows)[shards.MANIFEST_COLUMNS]
+    names, images = shards.load_domain(tmp_path, manifest, "photo")
+    assert names == [f"p{i:04d}" for i in range(n)]
+    assert images[:, 0, 0, 0].tolist() == [i % 256 for i in range(n)]
