@@ -18,20 +18,21 @@ The reference images' features are cached (`--features-cache`, under the main re
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import os
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import PIL
 import torch
 from PIL import Image
 
 from pipeline import memorization, sample, shards, tracking
 from pipeline.errors import DataError, cli
-from pipeline.feature_cache import FeatureCache, images_key
+from pipeline.feature_cache import FeatureCache, code_key, images_key
 from pipeline.features import Extractor, extract, load_extractor, ordered_map
+from pipeline.fid_inception import FEATURE_DIM
 from pipeline.files import main_repo, write_json
 from pipeline.metrics import fid, kid, mifid, nearest_real
 from pipeline.params import Params, load
@@ -121,7 +122,8 @@ def evaluate(p: Params, shards_dir: Path, manifest_path: Path, images: Path, cac
     def features(images, desc: str) -> np.ndarray:
         return extract(extractor, images, e.batch_size, device, desc=f"features: {desc}")
 
-    real = cache.get("paintings", images_key(paintings), lambda: features(paintings, "paintings"))
+    real = cache.get("paintings", images_key(paintings), lambda: features(paintings, "paintings"),
+                     shape=(len(paintings), FEATURE_DIM))
     # on the CPU the network takes every core; beside a GPU the host's cores are free to decode
     # (one thread decoded 850 images/s on an H200 machine: over a quarter of the stage)
     decoders = 1 if device.type == "cpu" else os.cpu_count() or 1
@@ -133,7 +135,8 @@ def evaluate(p: Params, shards_dir: Path, manifest_path: Path, images: Path, cac
     n = min(e.baseline_images, len(names))
     photos = first_photos(shards_dir, manifest, n)
     fid_subset = fid(generated[:n], real)
-    identity = cache.get("photos", images_key(photos), lambda: features(photos, "photos (untranslated)"))
+    identity = cache.get("photos", images_key(photos), lambda: features(photos, "photos (untranslated)"),
+                         shape=(n, FEATURE_DIM))
     result.update(baseline_images=n, fid_subset=fid_subset, fid_identity=fid(identity, real))
     result["fid_vs_identity"] = fid_subset / result["fid_identity"]
     if on_sample:
@@ -160,18 +163,21 @@ def ground_truth(p: Params, extractor: Extractor, cache: FeatureCache, names: li
 
     # scored exactly like the generated set: saved as JPEGs of the same quality first (the offline
     # extractor is sensitive to JPEG noise). The renders are a pure function of (seed, scene,
-    # sample.py), so that, with the quality, is their identity for the cache.
+    # sample.py), and their JPEGs of this module's as_jpeg and Pillow's encoder, so that, with the
+    # quality, is their identity for the cache.
     quality = p.generate.jpeg_quality
-    code = hashlib.sha256(Path(sample.__file__).read_bytes()).hexdigest()
+    code = code_key((sample.__file__, __file__), f"Pillow {PIL.__version__}")
     truth = cache.get("ground-truth", f"{p.seed}/{n}/{quality}/{code}",
-                      lambda: features(as_jpeg(render(n), quality), "ground truth (rendered)"))
+                      lambda: features(as_jpeg(render(n), quality), "ground truth (rendered)"),
+                      shape=(n, FEATURE_DIM))
     result = {"fid_ground_truth": fid(truth, real)}
     result["fid_vs_ground_truth"] = fid_subset / result["fid_ground_truth"]
     # pair_l1's renders are cached too: rendering them was the one reference cost left in a second
     # evaluation (1.9 s of about 60). The cache's key names the extractor, which they do not need.
     k = min(PAIR_IMAGES, n)
     truth_pixels = torch.from_numpy(cache.get("ground-truth", f"pixels/{p.seed}/{k}/{code}",
-                                              lambda: render(n)[:k] if n in rendered else render(k), what="pixels"))
+                                              lambda: render(n)[:k] if n in rendered else render(k), what="pixels",
+                                              shape=(k, *photos.shape[1:])))
     generated = next(read_jpegs(images, names[:k], k))
     return {**result, **pair_l1(generated, photos[:k], truth_pixels)}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -20,6 +20,19 @@ def images_key(images: torch.Tensor) -> str:
     return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
 
 
+def code_key(files: Iterable[str | Path], *versions: str) -> str:
+    """What computed a cached array besides its inputs: these source files' bytes and the libraries'
+    versions. DVC reruns evaluate when its code changes, but this cache lives outside DVC, so its
+    keys must change too: the paintings' features from older code beside the generated images'
+    from newer code would be another FID, silently."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).read_bytes())
+    for version in versions:
+        h.update(f"|{version}".encode())
+    return h.hexdigest()[:16]
+
+
 class FeatureCache:
     def __init__(self, folder: Path, extractor_key: str, say: Callable[[str], None] = print):
         self.folder, self.extractor_key, self.say = folder, extractor_key, say
@@ -28,17 +41,21 @@ class FeatureCache:
         digest = hashlib.sha256(f"{self.extractor_key}|{key}".encode()).hexdigest()[:32]
         return self.folder / f"{label}-{digest}.npy"
 
-    def get(self, label: str, key: str, compute: Callable[[], np.ndarray], what: str = "features") -> np.ndarray:
+    def get(self, label: str, key: str, compute: Callable[[], np.ndarray], what: str = "features",
+            shape: tuple[int, ...] | None = None) -> np.ndarray:
         """The features (or `what` else) of `label`'s images, identified by `key`: from the cache,
-        else computed and cached."""
+        else computed and cached. A file that does not read back as an array (of `shape`, when
+        given) is computed again, never trusted."""
         path = self.path(label, key)
         if path.exists():
             try:
                 array = np.load(path, allow_pickle=False)
+                if shape is not None and array.shape != shape:
+                    raise ValueError(f"shape {array.shape}, not {shape}")
                 self.say(f"evaluate: {label} {what} from the cache ({path})")
                 return array
-            except (OSError, ValueError) as e:
-                self.say(f"evaluate: {path} does not read back ({type(e).__name__}); computing it again")
+            except Exception as e:  # an empty file (a crash before the rename reached the disk) is EOFError
+                self.say(f"evaluate: {path} does not read back ({type(e).__name__}: {e}); computing it again")
         array = compute()
         buffer = io.BytesIO()  # into memory first: numpy's writer says a full disk without its errno
         np.save(buffer, array, allow_pickle=False)

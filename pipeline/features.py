@@ -19,19 +19,29 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
+import pytorch_fid
 import torch
+import torchvision
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.inception import BasicConv2d
 from tqdm import tqdm
 
-from pipeline import fid_weights
+from pipeline import fid_inception, fid_weights
 from pipeline.errors import FeatureError
-from pipeline.feature_cache import images_key
+from pipeline.feature_cache import code_key, images_key
 from pipeline.files import save_torch
 from pipeline.fid_inception import FEATURE_DIM, FID_IMAGE_SIZE, MIN_IMAGE_SIZE, FIDInceptionPool, build_fid_inception
 
 OFFLINE_SEED = 0
+CODE_FILES = (Path(__file__), Path(fid_inception.__file__))  # what computes the features
+
+
+def code_version() -> str:
+    """Part of every extractor's key: its features change with this code and these libraries (the
+    offline extractor's random weights with torch's initialisation too)."""
+    return code_key(CODE_FILES, f"torch {torch.__version__}", f"torchvision {torchvision.__version__}",
+                    f"pytorch-fid {pytorch_fid.__version__}")
 
 
 EXTRACTORS = ("offline", "fid-inception")
@@ -76,7 +86,8 @@ def fid_extractor(path: Path, what: str, device: torch.device) -> Extractor:
     model = FIDInceptionPool(net, FID_IMAGE_SIZE).to(device).eval()
     return Extractor(model=model, id="fid-inception",
                      name=f"fid-inception-v3 ({fid_weights.FID_WEIGHTS_NAME}, from {path}{note})",
-                     comparable=True, image_size=FID_IMAGE_SIZE, key=f"fid-inception/{digest}/{FID_IMAGE_SIZE}",
+                     comparable=True, image_size=FID_IMAGE_SIZE,
+                     key=f"fid-inception/{digest}/{FID_IMAGE_SIZE}/{code_version()}",
                      runs=model)
 
 
@@ -171,7 +182,8 @@ def offline_extractor(reference: torch.Tensor, image_size: int, device: torch.de
         net = build_fid_inception()
     model = FIDInceptionPool(net, image_size).to(device)
     # its BatchNorm statistics come from the paintings: their bytes are part of what it is
-    identity = f"offline/{seed}/{int(image_size)}/bn{RECALIBRATION_BATCH}/{images_key(reference)}"
+    identity = (f"offline/{seed}/{int(image_size)}/bn{RECALIBRATION_BATCH}/{images_key(reference)}/"
+                f"{code_version()}")
     stats = cache / f"offline-batchnorm-{hashlib.sha256(identity.encode()).hexdigest()[:32]}.pt" if cache else None
     if stats is None or not _load_batchnorm_stats(model, stats, say):
         recalibrate_batchnorm(model, reference, RECALIBRATION_BATCH, device)

@@ -104,6 +104,23 @@ def test_a_cache_file_that_does_not_read_back_is_recomputed(tmp_path):
     assert cache.path("x", "images") != FeatureCache(tmp_path, "other-key").path("x", "images")
 
 
+@pytest.mark.parametrize("damage", ["empty", "other shape"])
+def test_an_empty_or_misshapen_cache_file_is_recomputed(tmp_path, damage):
+    # an empty file is what a crash can leave once the rename reached the disk and the bytes did not
+    cache = FeatureCache(tmp_path, "extractor-key", say=lambda s: None)
+    cache.get("x", "images", lambda: np.ones((3, 2)), shape=(3, 2))
+    path = cache.path("x", "images")
+    if damage == "empty":
+        path.write_bytes(b"")
+    else:
+        np.save(path, np.ones((5, 2)))
+    said = []
+    cache.say = said.append
+    again = cache.get("x", "images", lambda: np.full((3, 2), 2.0), shape=(3, 2))
+    assert np.array_equal(again, np.full((3, 2), 2.0)) and "does not read back" in said[0]
+    assert np.array_equal(np.load(path), again)
+
+
 def test_the_memorization_picture_shows_the_copies_first(data, monkeypatch):
     shown = {}
     real_draw = memorization.draw

@@ -365,3 +365,27 @@ def test_the_offline_extractor_runs_its_network_with_batchnorm_folded(offline, p
     real = load_extractor("fid-inception", str(weights_file), download=False, offline_image_size=OFFLINE_PX,
                           reference=None, device=CPU)
     assert real.runs is real.model  # the comparable extractor runs pytorch-fid's computation as it is
+
+
+def test_a_change_to_the_feature_code_is_another_extractor_for_the_caches(paintings, weights_file, tmp_path,
+                                                                         monkeypatch):
+    # DVC reruns evaluate when features.py or fid_inception.py change, but the features cache and
+    # the BatchNorm statistics live outside DVC: their keys must change with that code
+    import pipeline.features as features_module
+    code = tmp_path / "code.py"
+    code.write_text("# one version\n")
+    monkeypatch.setattr(features_module, "CODE_FILES", features_module.CODE_FILES + (code,))
+
+    def keys(folder):
+        offline = offline_extractor(paintings, OFFLINE_PX, CPU, cache=folder, say=lambda s: None)
+        real = load_extractor("fid-inception", str(weights_file), download=False, offline_image_size=OFFLINE_PX,
+                              reference=None, device=CPU)
+        return offline.key, real.key, {f.name for f in folder.glob("offline-batchnorm-*.pt")}
+
+    folder = tmp_path / "cache"
+    before = keys(folder)
+    assert keys(folder) == before  # the same code: the same keys, the statistics file reused
+    code.write_text("# another version\n")
+    after = keys(folder)
+    assert after[0] != before[0] and after[1] != before[1]
+    assert len(after[2]) == 2  # the statistics recalibrated into a file of their own
