@@ -19,6 +19,7 @@ downloaded into a temp folder there and renamed into place only when complete an
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import shutil
@@ -115,12 +116,41 @@ def _hostile(info: zipfile.ZipInfo, name: str) -> str | None:
     return None
 
 
+# what zipfile raises, besides BadZipFile, for a damaged listing or local header it does not check
+# itself: a "version needed" it does not know, a name flagged UTF-8 that is not, an offset that
+# seeks before the file's start (OSError EINVAL), a header cut short
+DAMAGED = (zipfile.BadZipFile, NotImplementedError, UnicodeDecodeError, ValueError, EOFError, OSError)
+NAME_MAX = 255  # bytes in one path component, on the file systems the members are extracted to
+
+
+def _open_zip(source: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(source)
+    except DAMAGED as e:
+        if isinstance(e, OSError) and e.errno != errno.EINVAL:
+            raise  # not found, permission denied: said by the caller's checks, or a real I/O error
+        if _is_tar(source):  # .tar.gz and the like: Python reads them, but ingest takes zips
+            raise DataError(f"{source}: a tar archive, not a zip; extract it and give the folder as "
+                            f"ingest.source") from None
+        raise DataError(f"{source}: not a readable zip ({type(e).__name__}: {e})") from None
+
+
+def _is_tar(source: Path) -> bool:
+    """A tar archive with a member (tarfile takes a file of zeros for an empty one)."""
+    try:
+        with tarfile.open(source) as tar:
+            return tar.next() is not None
+    except (tarfile.TarError, OSError, EOFError):
+        return False
+
+
 @contextlib.contextmanager
 def open_checked(source: Path) -> Iterator[tuple[zipfile.ZipFile, list[tuple[zipfile.ZipInfo, str]]]]:
     """The open zip and the members to take, each with its name under `raw`, once the whole
     listing has passed the checks."""
+    zf = _open_zip(source)
     try:
-        with zipfile.ZipFile(source) as zf:
+        with zf:
             members, seen = [(info, _member_name(info)) for info in zf.infolist()], set()
             for info, name in members:
                 why = _hostile(info, name) or ("appears twice" if name in seen else None)
@@ -139,17 +169,17 @@ def open_checked(source: Path) -> Iterator[tuple[zipfile.ZipFile, list[tuple[zip
                 if not any(name.startswith(f"{folder}/") for _, name in taken):
                     raise DataError(f"{source}: no {folder}/*.tfrec inside (is this the {COMPETITION} zip?)")
             check_sizes(source, {info.filename: info.file_size for info, _ in taken})
-            for info, _ in taken:
+            for info, name in taken:
                 if why := _unreadable(info):
                     raise DataError(f"{source}: member '{info.filename}' {why}; extract the archive with "
                                     f"another tool and give its folder as ingest.source")
+                if any(len(part.encode()) > NAME_MAX for part in PurePosixPath(name).parts):
+                    raise DataError(f"{source}: member '{info.filename}' has a name over {NAME_MAX} bytes, "
+                                    f"which no file can have; rename it")
             if root:
                 print(f"ingest: {source}: taking the TFRecords under '{root}/'")
             yield zf, taken
-    except zipfile.BadZipFile as e:
-        if tarfile.is_tarfile(source):  # .tar.gz and the like: Python reads them, but ingest takes zips
-            raise DataError(f"{source}: a tar archive, not a zip; extract it and give the folder as "
-                            f"ingest.source") from None
+    except zipfile.BadZipFile as e:  # a member's local header, found damaged on opening it
         raise DataError(f"{source}: not a readable zip ({e})") from None
 
 
@@ -160,10 +190,20 @@ def from_zip(source: Path, raw: Path) -> dict[str, str]:
             # zipfile never yields more than the listed size, and checks the CRC at the end
             target = raw / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as dst:
+            with _open_member(zf, info, source) as src, open(target, "wb") as dst:
                 while chunk := _read_member(src, source, info):
                     dst.write(chunk)
     return {name: f"{source}: {info.filename}" for info, name in taken}
+
+
+def _open_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: Path):
+    """zf.open(info); a member whose local header is damaged (or lies where no member can) is
+    named in one line."""
+    try:
+        return zf.open(info)
+    except DAMAGED as e:
+        raise DataError(f"{source}: member '{info.filename}' cannot be read ({type(e).__name__}: {e}); "
+                        f"get a fresh copy of the archive") from None
 
 
 def _read_member(src, source: Path, info: zipfile.ZipInfo) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import unicodedata
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,7 +74,10 @@ def check_unique(group: pd.DataFrame, where) -> None:
     """Each image_name once per domain; photo names also once ignoring case (each becomes a
     JPEG). `where(row)` names a manifest row's file and record."""
     names = group["image_name"]
-    for key in [names] + ([names.str.casefold()] if group["domain"].iloc[0] == "photo" else []):
+    # macOS also takes a name and its other Unicode normalisation (é as one character or as e + ́)
+    # for one file: compare photo names normalised and case-folded
+    folded = names.map(lambda n: unicodedata.normalize("NFC", unicodedata.normalize("NFC", n).casefold()))
+    for key in [names] + ([folded] if group["domain"].iloc[0] == "photo" else []):
         clash = key[key.duplicated(keep=False)]
         if clash.empty:
             continue
@@ -82,8 +86,8 @@ def check_unique(group: pd.DataFrame, where) -> None:
             raise DataError(f"{where(first)}: image_name '{first['image_name']}' appears twice "
                             f"(again at {where(again)})")
         raise DataError(f"{where(first)}: image_name '{first['image_name']}' and '{again['image_name']}' "
-                        f"({where(again)}) differ only in case; their JPEGs would be one file where names "
-                        f"ignore case (macOS, Windows)")
+                        f"({where(again)}) differ only in case or Unicode normalisation; their JPEGs would be one "
+                        f"file where names ignore case (macOS, Windows) or normalisation (macOS)")
 
 
 def check_counts(manifest: pd.DataFrame, source: str) -> None:

@@ -114,10 +114,13 @@ def read(path: str | Path, label: str | None = None) -> Iterator[Example]:
         for key in SCHEMA:  # one bytes value each (several values come back as an array, ints as ints)
             if not isinstance(rec[key], bytes):
                 raise DataError(f"{label}: record {i}: field '{key}' is not a single bytes value")
-        try:
-            yield Example(rec["image_name"].decode(), rec["image"], rec["target"].decode())
-        except UnicodeDecodeError as e:
-            raise DataError(f"{label}: record {i}: bad field ({e})") from None
+        text = {}
+        for key in ("image_name", "target"):
+            try:
+                text[key] = rec[key].decode()
+            except UnicodeDecodeError as e:
+                raise DataError(f"{label}: record {i}: field '{key}' is not UTF-8 text ({e})") from None
+        yield Example(text["image_name"], rec["image"], text["target"])
 
 
 def decode_image(jpeg: bytes, where: str) -> np.ndarray:

@@ -254,3 +254,39 @@ class _no_warning:
 
     def __exit__(self, *exc):
         return False
+
+
+def _damaged_listing(archive, how: str):
+    """Damage the zip's listing the ways zipfile answers with other errors than BadZipFile."""
+    data = bytearray(archive.read_bytes())
+    end = data.rfind(b"PK\5\6")
+    central = data.find(b"PK\1\2")
+    if how == "version":      # "version needed to extract" beyond any zip: NotImplementedError
+        data[central + 6:central + 8] = struct.pack("<H", 200)
+    elif how == "offset":     # the directory said to start 1,000 bytes later: a seek before byte 0
+        at = struct.unpack_from("<I", data, end + 16)[0]
+        struct.pack_into("<I", data, end + 16, at + 1000)
+    elif how == "utf-8":      # a member flagged UTF-8 whose name is not
+        data = data.replace("photo_jpg/é.jpg".encode(), b"photo_jpg/\xe9\xff.jpg")
+    archive.write_bytes(bytes(data))
+    return archive
+
+
+@pytest.mark.parametrize("how", ["version", "offset", "utf-8"])
+def test_a_damaged_listing_is_one_line(tmp_path, good, how):
+    archive = _damaged_listing(_zip(tmp_path / f"{how}.zip", {**good, "photo_jpg/é.jpg": b"x"}), how)
+    _refused(tmp_path, archive, r"(not a readable zip|cannot be read) \(\w+: .+\)")
+
+
+def test_a_file_of_zeros_is_not_called_a_tar_archive(tmp_path):
+    # tarfile reads zeros as an empty archive: a download cut short or a preallocated file is no tar
+    archive = tmp_path / "zeros.zip"
+    archive.write_bytes(bytes(4096))
+    _refused(tmp_path, archive, r"zeros\.zip: not a readable zip")
+
+
+def test_a_tfrecord_name_no_file_can_have_is_refused_from_the_listing(tmp_path, good):
+    long_name = "photo_tfrec/" + "a" * 300 + ".tfrec"
+    archive = _zip(tmp_path / "long.zip", {**good, long_name: good["photo_tfrec/photo00-2.tfrec"],
+                                           "photo_jpg/" + "b" * 300 + ".jpg": b"x"})  # never extracted: fine
+    _refused(tmp_path, archive, re.escape(f"member '{long_name}' has a name over 255 bytes"))

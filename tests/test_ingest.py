@@ -87,7 +87,9 @@ def _raw_records(path, records):
     ({"image_name": ([b"b", b"c"], "byte"), "image": (b"jpeg", "byte"), "target": (b"photo", "byte")},
      "record 1: field 'image_name' is not a single bytes value"),
     ({"image_name": (b"\xff", "byte"), "image": (b"jpeg", "byte"), "target": (b"photo", "byte")},
-     "record 1: bad field"),
+     "record 1: field 'image_name' is not UTF-8 text"),
+    ({"image_name": (b"b", "byte"), "image": (b"jpeg", "byte"), "target": (b"\xfe", "byte")},
+     "record 1: field 'target' is not UTF-8 text"),
 ])
 def test_a_record_outside_the_schema_is_named(tmp_path, bad, needle):
     good = {"image_name": (b"a", "byte"), "image": (tfrecords.encode_jpeg(_image(1)), "byte"), "target": (b"photo", "byte")}
@@ -205,6 +207,14 @@ def test_photo_names_differing_only_in_case_are_refused(tmp_path):
     comp = _with_photo_names(tmp_path / "comp", ["Scene1", "other", "scene1"])
     with pytest.raises(DataError, match=r"p\.tfrec: record 0: image_name 'Scene1' and 'scene1' "
                                          r"\(.*p\.tfrec: record 2\) differ only in case"):
+        _run(tmp_path, comp)
+
+
+def test_photo_names_differing_only_in_unicode_normalisation_are_refused(tmp_path):
+    # 'café' as one character and as 'e' + a combining accent: one file name on macOS
+    comp = _with_photo_names(tmp_path / "comp", ["caf\u00e9", "cafe\u0301"])
+    with pytest.raises(DataError, match=r"p\.tfrec: record 0: image_name .* differ only in case or Unicode "
+                                         r"normalisation"):
         _run(tmp_path, comp)
 
 
