@@ -19,6 +19,11 @@ class FeatureError(PipelineError):
     """The feature extractor's weights or inputs are missing, corrupt or of the wrong kind."""
 
 
+class ScoreError(PipelineError, ValueError):
+    """Features that cannot be scored (NaN or inf, too few rows, all zeros): from the metrics, which
+    stay usable as pure functions (a ValueError), and one line from a stage."""
+
+
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota
 
 

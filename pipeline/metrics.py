@@ -20,24 +20,27 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import ScoreError
+
 MIFID_EPS = 0.1          # the competition's memorisation threshold
 _DIVISION_EPS = 1e-15    # the competition's guard against d_thr == 0
 
 
 def _as_features(x: Any, name: str) -> np.ndarray:
-    """A float64 (N, D) numpy copy of a numpy array or torch tensor; ValueError when unusable."""
+    """A float64 (N, D) numpy copy of a numpy array or torch tensor; ScoreError (a ValueError) when
+    unusable."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
         x = x.detach().cpu().double().numpy()  # any float dtype, bf16 included
     a = np.asarray(x, dtype=np.float64)
     if a.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D feature matrix (images, dims), got shape {a.shape}")
+        raise ScoreError(f"{name}: expected a 2-D feature matrix (images, dims), got shape {a.shape}")
     if a.shape[0] < 2:
-        raise ValueError(f"{name}: need at least 2 rows (images) for a covariance, got {a.shape[0]}")
+        raise ScoreError(f"{name}: need at least 2 rows (images) for a covariance, got {a.shape[0]}")
     if a.shape[1] < 1:
-        raise ValueError(f"{name}: feature matrix has no columns")
+        raise ScoreError(f"{name}: feature matrix has no columns")
     if not np.isfinite(a).all():
         bad = int((~np.isfinite(a)).any(axis=1).sum())
-        raise ValueError(f"{name}: {bad} row(s) contain NaN or inf")
+        raise ScoreError(f"{name}: {bad} row(s) contain NaN or inf")
     return a
 
 
@@ -45,7 +48,7 @@ def _check_pair(generated: Any, real: Any) -> tuple[np.ndarray, np.ndarray]:
     g = _as_features(generated, "generated features")
     r = _as_features(real, "real features")
     if g.shape[1] != r.shape[1]:
-        raise ValueError(
+        raise ScoreError(
             f"feature dimensions differ: generated has {g.shape[1]}, real has {r.shape[1]}")
     return g, r
 
@@ -119,13 +122,13 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     sigma2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,):
-        raise ValueError(f"means must be vectors of equal length, got {mu1.shape} and {mu2.shape}")
+        raise ScoreError(f"means must be vectors of equal length, got {mu1.shape} and {mu2.shape}")
     if sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(
+        raise ScoreError(
             f"covariances must be {d}x{d}, got {sigma1.shape} and {sigma2.shape}")
     for name, arr in (("mu1", mu1), ("mu2", mu2), ("sigma1", sigma1), ("sigma2", sigma2)):
         if not np.isfinite(arr).all():
-            raise ValueError(f"{name} contains NaN or inf")
+            raise ScoreError(f"{name} contains NaN or inf")
     sigma1 = (sigma1 + sigma1.T) / 2.0
     sigma2 = (sigma2 + sigma2.T) / 2.0
     return _frechet(mu1 - mu2, float(np.trace(sigma1)), float(np.trace(sigma2)),
@@ -146,7 +149,7 @@ def _unit_rows(x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Rows scaled to unit length, and which rows are not all zero (those alone count)."""
     nonzero = np.any(x != 0.0, axis=1)
     if not nonzero.any():
-        raise ValueError(f"{name}: every row is all zeros; the memorisation distance is undefined")
+        raise ScoreError(f"{name}: every row is all zeros; the memorisation distance is undefined")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0), nonzero
 

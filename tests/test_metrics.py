@@ -9,6 +9,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from pipeline.errors import cli
 from pipeline.metrics import fid, frechet_distance, kid, memorization_distance, mifid, nearest_real
 
 
@@ -219,6 +220,15 @@ def test_bad_inputs_raise_value_error(gen, real, match):
     for fn in (fid, memorization_distance, mifid):
         with pytest.raises(ValueError, match=match):
             fn(gen, real)
+
+
+def test_features_that_cannot_be_scored_are_one_line_from_a_stage(capsys):
+    # NaN or inf features (weights that overflow) stop evaluate with one line, not a traceback
+    stage = cli(lambda: mifid(np.array([[1.0, np.inf], [1.0, 2.0]]), np.ones((3, 2))))
+    with pytest.raises(SystemExit) as e:
+        stage()
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: generated features: 1 row(s) contain NaN or inf\n"
 
 
 def test_frechet_distance_shape_check():
