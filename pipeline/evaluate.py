@@ -103,8 +103,8 @@ def pair_l1(generated: torch.Tensor, photos: torch.Tensor, truth: torch.Tensor) 
 
 
 def evaluate(p: Params, shards_dir: Path, manifest_path: Path, images: Path, cache_dir: Path,
-             picture: Path | None = None, say=print) -> tuple[dict, str]:
-    """The metrics, and the extractor's long description (for MLflow; the metrics hold its id)."""
+             picture: Path | None = None, say=print) -> tuple[dict, Extractor]:
+    """The metrics, and the extractor (its long description goes to MLflow; the metrics hold its id)."""
     e = p.evaluate
     device = pick_device(p.device)
     manifest = shards.read_manifest(manifest_path)
@@ -148,7 +148,7 @@ def evaluate(p: Params, shards_dir: Path, manifest_path: Path, images: Path, cac
         gen_pixels = next(read_jpegs(images, [names[i] for i in shown], len(shown))) if shown else []
         memorization.draw([g.numpy() for g in gen_pixels], [paintings[nearest[i]].numpy() for i in shown],
                           [float(distance[i]) for i in shown], distance, picture)
-    return result, extractor.name
+    return result, extractor
 
 
 def ground_truth(p: Params, extractor: Extractor, cache: FeatureCache, names: list[str], photos: torch.Tensor,
@@ -198,17 +198,19 @@ def main(argv=None) -> None:
     p = load(args.params)
     tracking.check_store()  # an unreachable MLflow server stops the stage before the work
     with tracking.failure_marks_row(p, args.generator):
-        result, description = evaluate(p, args.shards, args.manifest, args.images,
-                                       main_repo() / args.features_cache, args.memorization)
+        result, extractor = evaluate(p, args.shards, args.manifest, args.images,
+                                     main_repo() / args.features_cache, args.memorization)
         # numbers to 7 significant digits and short ids only: `dvc exp show` stays readable
         write_json(args.out, {k: float(f"{v:.7g}") if isinstance(v, float) else v for k, v in result.items()})
 
     with tracking.open_run(p, args.generator, "evaluate", args.shards, args.manifest):
         tracking.log_metrics_file(args.out)
         tracking.log_artifact(args.memorization)
-        tracking.log_tags({"evaluate.extractor_description": description})
+        tracking.log_tags({"evaluate.extractor_description": extractor.name})
     print(tracking.report("evaluate"))
-    label = "FID Inception" if result["extractor"] == "fid-inception" else "OFFLINE extractor: not comparable to Kaggle"
+    label = ("FID Inception" if extractor.comparable else
+             "FID Inception, NOT the published weights: not comparable to Kaggle" if extractor.id == "fid-inception"
+             else "OFFLINE extractor: not comparable to Kaggle")
     truth = f"  FID/ground truth {result['fid_vs_ground_truth']:.3f}" if "fid_vs_ground_truth" in result else ""
     print(f"evaluate: MiFID {result['mifid']:.2f}  FID {result['fid']:.2f}  KID {result['kid_mean']:.4g}"
           f"{truth}  distance {result['distance']:.4f}  [{label}]")

@@ -52,7 +52,7 @@ class Extractor:
     model: nn.Module      # eval mode; float NCHW in [0, 1] -> (N, 2048)
     id: str               # one of EXTRACTORS: what metrics files and MLflow tags say
     name: str             # the long description, for the log and MLflow
-    comparable: bool      # True only for the real FID weights
+    comparable: bool      # True only for the published FID weights (their sha256)
     image_size: int       # input px the model resizes to (299, or the offline size)
     key: str              # what its features depend on besides the images (weights, options)
     runs: nn.Module       # what `extract` runs: `model`, or for the offline extractor `model` with
@@ -82,11 +82,13 @@ def fid_extractor(path: Path, what: str, device: torch.device) -> Extractor:
     net = fid_weights.load_weights(path, what)
     digest = fid_weights.sha256(path)
     expected = fid_weights.FID_WEIGHTS_SHA256_PREFIX
-    note = "" if digest.startswith(expected) else f"; sha256 {digest[:8]}, not the published {expected}"
+    published = digest.startswith(expected)  # other weights in the same graph make other numbers
+    note = "" if published else (f"; sha256 {digest[:8]}, NOT the published {expected}: not comparable to "
+                                 f"Kaggle's MiFID")
     model = FIDInceptionPool(net, FID_IMAGE_SIZE).to(device).eval()
     return Extractor(model=model, id="fid-inception",
                      name=f"fid-inception-v3 ({fid_weights.FID_WEIGHTS_NAME}, from {path}{note})",
-                     comparable=True, image_size=FID_IMAGE_SIZE,
+                     comparable=published, image_size=FID_IMAGE_SIZE,
                      key=f"fid-inception/{digest}/{FID_IMAGE_SIZE}/{code_version()}",
                      runs=model)
 

@@ -62,6 +62,7 @@ def test_readme_recipe_runs_all_five_stages_at_256_px(name, generator, tmp_path,
             assert img.size == (256, 256) and img.mode == "RGB"
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
     assert metrics["extractor"] == "fid-inception"  # at 299 px, with the weights named
+    assert "[FID Inception, NOT the published weights: not comparable to Kaggle]" in res.stdout  # they are not
     assert all(metrics[k] == metrics[k] for k in ("fid", "mifid", "kid_mean", "fid_vs_ground_truth"))  # not NaN
     train = json.loads((root / "metrics/train.json").read_text())
     assert train["steps"] == 1 and all(train[k] == train[k] for k in train if k.startswith("loss_"))

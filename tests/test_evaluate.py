@@ -46,8 +46,8 @@ def _evaluate(data, params=P, cache="cache", **kw):
 
 
 def test_scores_baselines_and_ground_truth_on_the_sample(data):
-    result, description = _evaluate(data, cache="cache-a", picture=data[0] / "memorization.png")
-    assert result["extractor"] == "offline" and "OFFLINE" in description
+    result, extractor = _evaluate(data, cache="cache-a", picture=data[0] / "memorization.png")
+    assert result["extractor"] == "offline" and "OFFLINE" in extractor.name
     assert result["generated_images"] == 24 and result["paintings"] == 12 and result["baseline_images"] == 16
     assert result["kid_subset_size"] == 12  # the default 1,000 per subset, of 12 paintings
     for key in ("mifid", "fid", "kid_mean", "kid_std", "fid_identity", "fid_ground_truth", "fid_subset"):

@@ -70,14 +70,18 @@ def pytorch_fid_features(state_dict, images_uint8: torch.Tensor, monkeypatch) ->
 
 # ------------------------------------------------------------------------------ weight sources
 
-def test_named_weights_file_gives_comparable_extractor_matching_pytorch_fid(
-        weights_file, paintings, monkeypatch):
+def test_named_weights_file_gives_the_extractor_matching_pytorch_fid(weights_file, paintings, monkeypatch):
     ext = load_extractor("fid-inception", str(weights_file), download=False, offline_image_size=OFFLINE_PX,
                          reference=None, device=CPU)
-    assert ext.comparable and ext.image_size == 299 and ext.id == "fid-inception"
+    assert ext.image_size == 299 and ext.id == "fid-inception"
     assert sha256(weights_file) in ext.key  # its features depend on these very weights
     assert "fid-inception-v3" in ext.name and str(weights_file) in ext.name
-    assert "not the published 6726825d" in ext.name     # our file is not the real weights
+    # our file is not the real weights: said, and its numbers are not called comparable to Kaggle's
+    assert "NOT the published 6726825d: not comparable" in ext.name and not ext.comparable
+    monkeypatch.setattr(fid_weights, "FID_WEIGHTS_SHA256_PREFIX", sha256(weights_file)[:8])
+    published = load_extractor("fid-inception", str(weights_file), download=False, offline_image_size=OFFLINE_PX,
+                               reference=None, device=CPU)
+    assert published.comparable and "published" not in published.name
     assert not ext.model.training
     imgs = paintings[:3]
     got = extract(ext, imgs, batch_size=2, device=CPU)
@@ -117,7 +121,7 @@ def test_hub_cache_is_used_and_follows_torch_home(weights_file, isolated_hub):
     (isolated_hub / FID_WEIGHTS_NAME).write_bytes(weights_file.read_bytes())
     ext = load_extractor("fid-inception", "", download=False, offline_image_size=OFFLINE_PX, reference=None,
                          device=CPU)
-    assert ext.comparable and str(isolated_hub / FID_WEIGHTS_NAME) in ext.name
+    assert ext.id == "fid-inception" and str(isolated_hub / FID_WEIGHTS_NAME) in ext.name
 
 
 def test_checked_download_good_hash(weights_file, isolated_hub, monkeypatch):
@@ -128,7 +132,7 @@ def test_checked_download_good_hash(weights_file, isolated_hub, monkeypatch):
     assert ext.comparable
     assert sorted(p.name for p in isolated_hub.iterdir()) == [FID_WEIGHTS_NAME]  # no temp left
     assert (isolated_hub / FID_WEIGHTS_NAME).read_bytes() == weights_file.read_bytes()
-    assert "not the published" not in ext.name       # the hash matched what we asked for
+    assert "NOT the published" not in ext.name       # the hash matched what we asked for
 
 
 def test_checked_download_bad_hash_is_an_error_and_caches_nothing(
