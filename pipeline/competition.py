@@ -167,7 +167,10 @@ def open_checked(source: Path) -> Iterator[tuple[zipfile.ZipFile, list[tuple[zip
             root, taken = next(iter(by_root.items()), ("", []))
             for folder in TFREC_DIRS.values():
                 if not any(name.startswith(f"{folder}/") for _, name in taken):
-                    raise DataError(f"{source}: no {folder}/*.tfrec inside (is this the {COMPETITION} zip?)")
+                    inner = next((info.filename for info, name in members if name.lower().endswith(".zip")), None)
+                    hint = (f"; it holds {inner}: extract that and give it as ingest.source" if inner
+                            else f" (is this the {COMPETITION} zip?)")
+                    raise DataError(f"{source}: no {folder}/*.tfrec inside{hint}")
             check_sizes(source, {info.filename: info.file_size for info, _ in taken})
             for info, name in taken:
                 if why := _unreadable(info):
@@ -242,7 +245,10 @@ def from_folder(source: Path, raw: Path) -> dict[str, str]:
     for folder in TFREC_DIRS.values():
         found = tfrecord_files(source / folder)
         if not found:
-            raise DataError(f"{source / folder}: no .tfrec files (is this the {COMPETITION} folder?)")
+            zips = sorted(f.name for f in source.glob("*.zip") if f.is_file())
+            hint = (f"; it holds {zips[0]}: give that zip as ingest.source" if zips
+                    else f" (is this the {COMPETITION} folder?)")
+            raise DataError(f"{source / folder}: no .tfrec files{hint}")
         files.update({f"{folder}/{f.name}": f for f in found})
     check_sizes(source, {name: f.stat().st_size for name, f in files.items()})
     for name, f in files.items():

@@ -290,3 +290,15 @@ def test_a_tfrecord_name_no_file_can_have_is_refused_from_the_listing(tmp_path, 
     archive = _zip(tmp_path / "long.zip", {**good, long_name: good["photo_tfrec/photo00-2.tfrec"],
                                            "photo_jpg/" + "b" * 300 + ".jpg": b"x"})  # never extracted: fine
     _refused(tmp_path, archive, re.escape(f"member '{long_name}' has a name over 255 bytes"))
+
+
+def test_a_zip_inside_the_zip_or_folder_is_named(tmp_path, good):
+    # the competition zip zipped again, or the folder it was downloaded into: say where the data is
+    inner = _zip(tmp_path / "gan-getting-started.zip", good)
+    outer = _zip(tmp_path / "outer.zip", {"gan-getting-started.zip": inner.read_bytes()})
+    _refused(tmp_path / "a", outer, r"no monet_tfrec/\*\.tfrec inside; it holds gan-getting-started\.zip: extract that")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    inner.rename(downloads / inner.name)
+    _refused(tmp_path / "b", downloads, r"downloads/monet_tfrec: no \.tfrec files; it holds gan-getting-started\.zip: "
+                                        r"give that zip as ingest\.source")
