@@ -15,6 +15,19 @@ from typing import Iterator
 from pipeline.errors import FULL_DISK
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it before Python 3.13; set straight back
+    os.umask(mask)
+    return mask
+
+
+# mkstemp and mkdtemp make their files 0600 and folders 0700 whatever the umask: outputs get the
+# modes a plain open() and mkdir() would give them, so a group or a shared folder can read them.
+# Read once, at import: no thread runs yet that could create a file while the umask is changed
+_UMASK = _read_umask()
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
+
+
 @contextlib.contextmanager
 def _full_disk_names(path: Path) -> Iterator[None]:
     """A write that fails for want of space says so without a file name (the name is on open, not
@@ -62,6 +75,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_temp_beside(path), suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -103,6 +117,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_beside(path), suffix=".tmp", dir=path.parent))
+    tmp.chmod(DIR_MODE)
     try:
         with _full_disk_names(path):
             yield tmp

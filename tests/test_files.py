@@ -42,6 +42,19 @@ def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["gen"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_get_the_modes_the_umask_gives(tmp_path, repo_root, umask):
+    # mkstemp and mkdtemp alone make 0600 files and 0700 folders: no group could read the outputs
+    code = ("import os, sys; from pathlib import Path; from pipeline.files import atomic_dir, write_json\n"
+            "out = Path(sys.argv[1]); write_json(out / 'm.json', {})\n"
+            "with atomic_dir(out / 'shards') as d: (d / 'x').write_bytes(b'x')\n")
+    subprocess.run([sys.executable, "-c", f"import os; os.umask({umask}); exec({code!r})", str(tmp_path)],
+                   check=True, cwd=repo_root)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "shards").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "shards/x").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_save_torch_writes_the_same_bytes_whatever_the_temp_name(tmp_path):
     # torch.save(path) names its archive after the file; DVC must see equal tensors as equal files
     obj = {"w": torch.arange(6.0).reshape(2, 3), "step": 3}
