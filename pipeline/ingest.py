@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import unicodedata
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +22,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 SAMPLE_FILES = {"monet": 5, "photo": 20}  # the Kaggle data has 5 Monet and 20 photo TFRecord files
-MAX_NAME_BYTES = 200  # a photo's JPEG is '<image_name>.jpg'; file systems stop at 255 bytes
 # torch (which `tfrecord` and `shards` import) costs 0.5 GiB and 3 s to load: the functions that
 # need it import it themselves, so a hostile archive is refused from its listing before that
 
@@ -61,35 +59,6 @@ def write_sample(raw: Path, seed: int, counts: dict[str, int], workers: int) -> 
 
 # --- reading: every source goes through here ----------------------------------------------
 
-def check_photo_name(name: str, where: str) -> None:
-    """generate saves each photo as '<image_name>.jpg' in one folder: the name must be a plain
-    file name there (Kaggle's are 10 hex digits; a name like '../x' would write outside it)."""
-    if (not name or name.startswith(".") or len(name.encode()) > MAX_NAME_BYTES
-            or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name)):
-        raise DataError(f"{where}: image_name {name!r} cannot name a file (generate saves '<image_name>.jpg'): "
-                        f"no '/', '\\', control characters or leading '.', at most {MAX_NAME_BYTES} bytes")
-
-
-def check_unique(group: pd.DataFrame, where) -> None:
-    """Each image_name once per domain; photo names also once ignoring case (each becomes a
-    JPEG). `where(row)` names a manifest row's file and record."""
-    names = group["image_name"]
-    # macOS also takes a name and its other Unicode normalisation (é as one character or as e + ́)
-    # for one file: compare photo names normalised and case-folded
-    folded = names.map(lambda n: unicodedata.normalize("NFC", unicodedata.normalize("NFC", n).casefold()))
-    for key in [names] + ([folded] if group["domain"].iloc[0] == "photo" else []):
-        clash = key[key.duplicated(keep=False)]
-        if clash.empty:
-            continue
-        first, again = (group.loc[i] for i in clash.index[clash == clash.iloc[0]][:2])
-        if first["image_name"] == again["image_name"]:
-            raise DataError(f"{where(first)}: image_name '{first['image_name']}' appears twice "
-                            f"(again at {where(again)})")
-        raise DataError(f"{where(first)}: image_name '{first['image_name']}' and '{again['image_name']}' "
-                        f"({where(again)}) differ only in case or Unicode normalisation; their JPEGs would be one "
-                        f"file where names ignore case (macOS, Windows) or normalisation (macOS)")
-
-
 def check_counts(manifest: pd.DataFrame, source: str) -> None:
     """At least MIN_IMAGES photos and paintings: evaluate's FID and KID need a covariance of each."""
     counts = manifest["domain"].value_counts()
@@ -123,7 +92,7 @@ def read_raw(raw: Path, shards_dir: Path, shard_size: int,
                 label = where_file(f"{folder}/{f.name}")
                 for i, ex in enumerate(tfrecords.read(f, label)):
                     if domain == "photo":
-                        check_photo_name(ex.image_name, f"{label}: record {i}")
+                        shards.check_photo_name(ex.image_name, f"{label}: record {i}")
                     row = {"image_name": ex.image_name, "tfrecord": f"{folder}/{f.name}", "record": i}
                     yield row, tfrecords.decode_image(ex.image, f"{label}: record {i} ({ex.image_name})")
 
@@ -131,7 +100,7 @@ def read_raw(raw: Path, shards_dir: Path, shard_size: int,
         manifest += shards.write_domain(progress, shards_dir, domain, shard_size)
     frame = pd.DataFrame(manifest, columns=shards.MANIFEST_COLUMNS)
     for _, group in frame.groupby("domain"):
-        check_unique(group, lambda row: f"{where_file(row['tfrecord'])}: record {row['record']}")
+        shards.check_unique(group, lambda row: f"{where_file(row['tfrecord'])}: record {row['record']}")
     return frame
 
 

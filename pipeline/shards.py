@@ -1,6 +1,8 @@
 """uint8 image shards (torch tensors, N×256×256×3) and the manifest that indexes them."""
 from __future__ import annotations
 
+import re
+import unicodedata
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -14,6 +16,8 @@ from pipeline.files import save_torch
 
 DOMAINS = ("monet", "photo")
 MANIFEST_COLUMNS = ["domain", "image_name", "shard", "offset", "tfrecord", "record"]
+MAX_NAME_BYTES = 200  # a photo's JPEG is '<image_name>.jpg'; file systems stop at 255 bytes
+SHARD_NAME = re.compile(r"(monet|photo)-\d{3,}\.pt")  # shard_name's
 
 
 def shard_name(domain: str, k: int) -> str:
@@ -40,15 +44,75 @@ def write_domain(items: Iterable[tuple[dict, np.ndarray]], out_dir: Path, domain
     return manifest
 
 
+def check_photo_name(name: str, where: str) -> None:
+    """generate saves each photo as '<image_name>.jpg' in one folder: the name must be a plain
+    file name there (Kaggle's are 10 hex digits; a name like '../x' would write outside it)."""
+    if (not name or name.startswith(".") or len(name.encode()) > MAX_NAME_BYTES
+            or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name)):
+        raise DataError(f"{where}: image_name {name!r} cannot name a file (generate saves '<image_name>.jpg'): "
+                        f"no '/', '\\', control characters or leading '.', at most {MAX_NAME_BYTES} bytes")
+
+
+def check_unique(group: pd.DataFrame, where) -> None:
+    """Each image_name once per domain; photo names also once ignoring case (each becomes a
+    JPEG). `where(row)` names a manifest row's file and record."""
+    names = group["image_name"]
+    # macOS also takes a name and its other Unicode normalisation (é as one character or as e + ́)
+    # for one file: compare photo names normalised and case-folded
+    folded = names.map(lambda n: unicodedata.normalize("NFC", unicodedata.normalize("NFC", n).casefold()))
+    for key in [names] + ([folded] if group["domain"].iloc[0] == "photo" else []):
+        clash = key[key.duplicated(keep=False)]
+        if clash.empty:
+            continue
+        first, again = (group.loc[i] for i in clash.index[clash == clash.iloc[0]][:2])
+        if first["image_name"] == again["image_name"]:
+            raise DataError(f"{where(first)}: image_name '{first['image_name']}' appears twice "
+                            f"(again at {where(again)})")
+        raise DataError(f"{where(first)}: image_name '{first['image_name']}' and '{again['image_name']}' "
+                        f"({where(again)}) differ only in case or Unicode normalisation; their JPEGs would be one "
+                        f"file where names ignore case (macOS, Windows) or normalisation (macOS)")
+
+
+
 def read_manifest(path: str | Path) -> pd.DataFrame:
+    """The manifest, checked as ingest wrote it: every later stage trusts its names (generate
+    writes '<image_name>.jpg'), shards and offsets, so a damaged or edited one is one line."""
     try:
-        manifest = pd.read_csv(path, dtype={"image_name": str}, keep_default_na=False)
+        manifest = pd.read_csv(path, dtype={c: str for c in ("image_name", "domain", "shard", "offset")},
+                               keep_default_na=False)
     except FileNotFoundError:
         raise DataError(f"{path}: manifest not found (run the ingest stage first)") from None
+    except (ValueError, UnicodeDecodeError) as e:  # pandas' ParserError and EmptyDataError are ValueErrors
+        raise DataError(f"{path}: not a readable manifest ({type(e).__name__}: {str(e).strip()[:120]})") from None
     missing = set(MANIFEST_COLUMNS) - set(manifest.columns)
     if missing:
         raise DataError(f"{path}: manifest lacks columns {sorted(missing)}")
+
+    def row(i: int) -> str:
+        return f"{path}: row {i + 1}"
+
+    def refuse(bad: pd.Series, what: str) -> None:
+        if bad.any():
+            i = int(bad.to_numpy().nonzero()[0][0])
+            raise DataError(f"{row(i)}: {what} {manifest.iloc[i][what.split()[0]]!r} {_EXPECTED[what]}")
+
+    refuse(~manifest["domain"].isin(DOMAINS), "domain")
+    offsets = pd.to_numeric(manifest["offset"], errors="coerce")
+    refuse(offsets.isna() | (offsets < 0) | (offsets != offsets.round()), "offset")
+    manifest["offset"] = offsets.astype("int64")
+    own = [bool(SHARD_NAME.fullmatch(s)) and s.startswith(f"{d}-") for s, d in zip(manifest["shard"], manifest["domain"])]
+    refuse(~pd.Series(own, index=manifest.index), "shard")
+    photos = manifest["domain"] == "photo"
+    for i in photos.to_numpy().nonzero()[0]:
+        check_photo_name(manifest.at[i, "image_name"], row(int(i)))
+    for _, group in manifest.groupby("domain"):
+        check_unique(group, lambda r: row(int(r.name)))
     return manifest
+
+
+_EXPECTED = {"domain": f"is not one of {', '.join(DOMAINS)}",
+             "offset": "is not a whole number from 0 up",
+             "shard": "is not a shard of its domain (photo-000.pt, monet-001.pt, ...)"}
 
 
 def iter_domain(shards_dir: str | Path, manifest: pd.DataFrame, domain: str) -> Iterator[tuple[list[str], torch.Tensor]]:
@@ -65,8 +129,15 @@ def iter_domain(shards_dir: str | Path, manifest: pd.DataFrame, domain: str) -> 
             images = torch.load(path, weights_only=True, mmap=True)
         except FileNotFoundError:
             raise DataError(f"{path}: shard listed in the manifest is missing") from None
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise DataError(f"{path}: expected uint8 N×H×W×3, got {images.dtype} {tuple(images.shape)}")
+        except Exception as e:  # truncated, overwritten, not torch's: its loader's own errors
+            first = (str(e).strip().splitlines() or [""])[0][:120]
+            raise DataError(f"{path}: not a readable shard ({type(e).__name__}: {first}); run the ingest "
+                            f"stage again (dvc repro -f -s ingest)") from None
+        if not torch.is_tensor(images):
+            raise DataError(f"{path}: expected a uint8 N×H×W×3 tensor, got {type(images).__name__}")
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3 \
+                or images.shape[1] != images.shape[2]:
+            raise DataError(f"{path}: expected uint8 N×H×W×3 with H = W, got {images.dtype} {tuple(images.shape)}")
         offsets = group["offset"].to_numpy()
         if offsets.max() >= len(images):
             raise DataError(f"{path}: manifest offset {offsets.max()} beyond {len(images)} images")

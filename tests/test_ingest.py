@@ -478,3 +478,61 @@ def test_more_than_a_thousand_shards_read_back_in_manifest_order(tmp_path):
     names, images = shards.load_domain(tmp_path, manifest, "photo")
     assert names == [f"p{i:04d}" for i in range(n)]
     assert images[:, 0, 0, 0].tolist() == [i % 256 for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def small_manifest(tmp_path_factory):
+    """A manifest and shards as ingest writes them: 3 photos, 2 paintings, 32 px."""
+    folder = tmp_path_factory.mktemp("manifest")
+    rows = []
+    for domain, n in (("photo", 3), ("monet", 2)):
+        items = [({"image_name": f"{domain}{i}", "tfrecord": "t", "record": i},
+                  np.full((32, 32, 3), 40 * i, dtype=np.uint8)) for i in range(n)]
+        rows += shards.write_domain(items, folder / "shards", domain, shard_size=2)
+    path = folder / "manifest.csv"
+    pd.DataFrame(rows)[shards.MANIFEST_COLUMNS].to_csv(path, index=False)
+    return folder, path
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m.replace(b"photo1,", b"../../evil,"), r"row 2: image_name '../../evil' cannot name a file"),
+    (lambda m: m.replace(b"photo2,", b"photo1,"), r"row 2: image_name 'photo1' appears twice \(again at .*row 3\)"),
+    (lambda m: m.replace(b"photo,photo0", b"Photo,photo0"), r"row 1: domain 'Photo' is not one of monet, photo"),
+    (lambda m: m.replace(b"photo-001.pt,0", b"photo-001.pt,-1"), r"row 3: offset '-1' is not a whole number"),
+    (lambda m: m.replace(b"photo-001.pt,0", b"photo-001.pt,x"), r"row 3: offset 'x' is not a whole number"),
+    (lambda m: m.replace(b"photo-001.pt", b"../manifest.csv"), r"row 3: shard '../manifest.csv' is not a shard"),
+    (lambda m: m.replace(b"photo-001.pt", b"monet-000.pt"), r"row 3: shard 'monet-000.pt' is not a shard of its"),
+    (lambda m: b"", r"not a readable manifest \(EmptyDataError"),
+    (lambda m: m + b'"unclosed,quote\n', r"not a readable manifest \(ParserError"),
+    (lambda m: bytes(range(256)) * 4, r"not a readable manifest"),
+])
+def test_a_damaged_or_edited_manifest_is_one_line(small_manifest, tmp_path, edit, needle):
+    # every later stage trusts the manifest: generate writes '<image_name>.jpg' under its folder
+    folder, path = small_manifest
+    damaged = tmp_path / "manifest.csv"
+    damaged.write_bytes(edit(path.read_bytes()))
+    assert damaged.read_bytes() != path.read_bytes()
+    with pytest.raises(DataError, match=needle) as e:
+        shards.read_manifest(damaged)
+    assert str(e.value).startswith(str(damaged)) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("truncated", r"not a readable shard \(\w+Error: .*\); run the ingest stage again"),
+    ("random bytes", r"not a readable shard"),
+    ("a dict", r"expected a uint8 N×H×W×3 tensor, got dict"),
+    ("not square", r"expected uint8 N×H×W×3 with H = W, got torch.uint8 \(2, 20, 32, 3\)"),
+])
+def test_a_damaged_shard_is_one_line(small_manifest, tmp_path, damage, needle):
+    folder, path = small_manifest
+    shutil.copytree(folder / "shards", tmp_path / "shards")
+    shard = tmp_path / "shards/photo-000.pt"
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:1000])
+    elif damage == "random bytes":
+        shard.write_bytes(np.random.default_rng(0).bytes(5000))
+    else:
+        torch.save({"a": 1} if damage == "a dict" else torch.zeros(2, 20, 32, 3, dtype=torch.uint8), shard)
+    with pytest.raises(DataError, match=needle) as e:
+        shards.load_domain(tmp_path / "shards", shards.read_manifest(path), "photo")
+    assert str(e.value).startswith(str(shard))
