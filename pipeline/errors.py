@@ -25,6 +25,7 @@ class ScoreError(PipelineError, ValueError):
 
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota
+NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)  # no rights, or a read-only file system
 
 
 def _stage() -> str:
@@ -43,11 +44,17 @@ def cli(main):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except OSError as e:
-            if e.errno not in FULL_DISK:
+            if e.errno not in FULL_DISK + NOT_ALLOWED:
                 raise
-            # a full disk is no bug: say where, once. shutil names the source first and the target
-            # second; the target was a temp name, gone by now, so name the folder that is left
+            # a full disk or a folder the stage may not write is no bug: say where, once. shutil
+            # names the source first and the target second; the target was a temp name, gone by
+            # now, so name the folder that is left
             target = e.filename2 or e.filename
+            if e.errno in NOT_ALLOWED:
+                temp = target and Path(target).name.startswith(".") and Path(target).name.endswith(".tmp")
+                where = f": {Path(target).parent if temp else target}" if target else ""
+                print(f"error: {_stage()}: {e.strerror}{where} (no output was left half-written)", file=sys.stderr)
+                sys.exit(2)
             where = next((f" in {d}" for d in Path(target).parents if d.exists()), "") if target else ""
             print(f"error: {_stage()}: {e.strerror}{where}; free some space and run it again (no output "
                   f"was left half-written)", file=sys.stderr)

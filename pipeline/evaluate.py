@@ -197,6 +197,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     p = load(args.params)
     tracking.check_store()  # an unreachable MLflow server stops the stage before the work
+    tracking.check_generator(args.generator, "evaluate")
     with tracking.failure_marks_row(p, args.generator):
         result, extractor = evaluate(p, args.shards, args.manifest, args.images,
                                      main_repo() / args.features_cache, args.memorization)

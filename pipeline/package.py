@@ -77,6 +77,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     p = load(args.params)
     tracking.check_store()  # an unreachable MLflow server stops the stage before the work
+    tracking.check_generator(args.generator, "package")
     with tracking.failure_marks_row(p, args.generator):
         images = check_images(args.images, p.package.min_images, p.package.max_images)
         digest = write_zip(images, args.out)

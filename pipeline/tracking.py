@@ -93,6 +93,14 @@ def check_store() -> None:
                             f"start it, correct the address, or unset it to log into {default_store()}") from None
 
 
+def check_generator(path: Path, stage: str) -> None:
+    """Fail fast when the generator that names this execution's row is missing: `evaluate` and
+    `package` would otherwise do all their work, then stop on it with a traceback."""
+    if not Path(path).is_file():
+        raise PipelineError(f"{stage}: {path}: no generator (run the train stage first); {stage} finds "
+                            f"its MLflow row by the generator's bytes")
+
+
 _held = 0  # depth of _serialized in this process (flock is per open file: a nested open would block)
 _seconds = 0.0  # time spent in MLflow calls by this process, reported by the stages
 

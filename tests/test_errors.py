@@ -45,3 +45,34 @@ def test_a_full_disk_is_one_line_naming_the_folder_left_and_exit_2(tmp_path, mon
     assert capsys.readouterr().err == (f"error: ingest: No space left on device in {tmp_path / 'data'}; free some "
                                        f"space and run it again (no output was left half-written)\n")
 
+
+
+@pytest.mark.parametrize("error, shown", [
+    (OSError(errno.EROFS, "Read-only file system", "/ro/data/.images.zip.7124@vm+x1.tmp"),
+     "Read-only file system: /ro/data"),                          # an output's temp name: its folder
+    (PermissionError(errno.EACCES, "Permission denied", "/data/shards"), "Permission denied: /data/shards"),
+])
+def test_an_output_the_stage_may_not_write_is_one_line_and_exit_2(error, shown, monkeypatch, capsys):
+    assert _stage(error, monkeypatch, "package") == 2
+    assert capsys.readouterr().err == f"error: package: {shown} (no output was left half-written)\n"
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "package"])
+def test_a_missing_generator_stops_evaluate_and_package_before_their_work(stage, tmp_path, repo_root, capsys,
+                                                                          monkeypatch):
+    # they name their MLflow row by the generator's bytes: without it they worked, then crashed
+    import importlib
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    out = tmp_path / "out"
+    args = {"evaluate": ["--shards", "s", "--manifest", "m.csv", "--images", "g", "--out", f"{out}.json",
+                         "--memorization", f"{out}.png", "--features-cache", str(tmp_path / "cache")],
+            "package": ["--images", "g", "--out", f"{out}.zip", "--metrics", f"{out}.json", "--shards", "s",
+                        "--manifest", "m.csv"]}[stage]
+    main = importlib.import_module(f"pipeline.{stage}").main
+    with pytest.raises(SystemExit) as e:
+        main(["--params", str(repo_root / "params.yaml"), "--generator", str(tmp_path / "photo2monet.pt"), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {stage}: {tmp_path / 'photo2monet.pt'}: no generator (run the train stage first); " \
+                  f"{stage} finds its MLflow row by the generator's bytes\n"
+    assert not list(tmp_path.iterdir())  # nothing written, no store opened
