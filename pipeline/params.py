@@ -3,6 +3,7 @@ before any stage does work."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +198,8 @@ def _coerce(value: object, kind: type, key: str):
     elif kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):  # .inf and .nan are YAML floats, but no rate or weight
+            raise ParamsError(f"params: '{key}' must be a finite number, got {value!r}")
     elif kind is str:
         ok = isinstance(value, str)
     else:  # pragma: no cover - a new field type needs a rule here
@@ -225,8 +228,12 @@ def load(path: str | Path = "params.yaml") -> Params:
         raw = read_yaml(path)
     except FileNotFoundError:
         raise ParamsError(f"params: {path} not found") from None
+    except IsADirectoryError:
+        raise ParamsError(f"params: {path} is a folder, not a params file") from None
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"params: {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
     except yaml.YAMLError as e:
-        raise ParamsError(f"params: {path} is not valid YAML: {e}".splitlines()[0]) from None
+        raise ParamsError(f"params: {path} is not valid YAML: {yaml12.one_line(e)}") from None
     return parse(raw)
 
 

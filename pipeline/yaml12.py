@@ -60,9 +60,30 @@ def _construct_float(loader: Loader, node: yaml.ScalarNode) -> float:
     return float(text)
 
 
+def _construct_mapping(loader: Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are unique, as YAML 1.2 (and DVC's reader) requires: PyYAML alone
+    keeps the last of two `seed:` lines without a word."""
+    seen: dict[object, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark)
+        seen[key] = key_node
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+Loader.construct_mapping = _construct_mapping
 Loader.add_constructor(INT_TAG, _construct_int)
 Loader.add_constructor(FLOAT_TAG, _construct_float)
 Loader.add_constructor(BOOL_TAG, lambda loader, node: loader.construct_scalar(node).lower() == "true")
+
+
+def one_line(e: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what is wrong and where (its own text spans several)."""
+    problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
 
 
 def loads(text: str) -> object:

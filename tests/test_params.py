@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 import yaml
@@ -39,6 +40,8 @@ def test_every_field_appears_in_params_yaml(repo_root):
     ({"seed": -1}, "'seed' must be in [0, 2**32 - 1]"),  # NumPy refused both with a traceback
     ({"seed": 2**32}, "'seed' must be in [0, 2**32 - 1]"),
     ({"evaluate": {"offline_image_size": 100_000}}, "'evaluate.offline_image_size' must be in [75, 299]"),
+    ({"lambda_cycle": float("inf")}, "'lambda_cycle' must be a finite number, got inf"),  # YAML's .inf
+    ({"train": {"lr": float("nan")}}, "'train.lr' must be a finite number, got nan"),
 ])
 def test_bad_params_are_one_clear_error(raw, needle):
     with pytest.raises(ParamsError) as e:
@@ -61,6 +64,20 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("train: [\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load(bad)
+
+
+@pytest.mark.parametrize("text, needle", [
+    (b"seed: 0 # caf\xe9\n", r"is not UTF-8 text \(byte 13: b'\\xe9'\)"),
+    (b"seed: 0\n oops: 1\n", r"is not valid YAML: mapping values are not allowed here \(line 2, column 6\)"),
+    (b"seed:\t0\n", r"is not valid YAML: found character '\\t' that cannot start any token \(line 1, column 6\)"),
+    (b"seed: 0\nseed: 1\n", r"is not valid YAML: found duplicate key 'seed' \(line 2, column 1\)"),  # as DVC says
+    (None, r"is a folder, not a params file"),
+])
+def test_a_params_file_that_cannot_be_read_is_one_line_saying_where(tmp_path, text, needle):
+    path = tmp_path / "params.yaml"
+    path.mkdir() if text is None else path.write_bytes(text)
+    with pytest.raises(ParamsError, match=f"^params: {re.escape(str(path))} {needle}$"):
+        load(path)
 
 
 @pytest.mark.parametrize("generator", ["resnet", "unet"])
