@@ -185,9 +185,9 @@ def ground_truth(p: Params, extractor: Extractor, cache: FeatureCache, names: li
 @cli
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--shards", type=Path, required=True)
-    ap.add_argument("--manifest", type=Path, required=True)
+    ap.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    ap.add_argument("--shards", type=Path, required=True, help="folder of the uint8 image shards (from ingest)")
+    ap.add_argument("--manifest", type=Path, required=True, help="the shards' index, CSV (from ingest)")
     ap.add_argument("--images", type=Path, required=True, help="folder of generated JPEGs")
     ap.add_argument("--generator", type=Path, required=True, help="identifies the MLflow run")
     ap.add_argument("--out", type=Path, required=True, help="metrics JSON to write")

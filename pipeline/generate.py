@@ -71,10 +71,10 @@ def generate(shards_dir: Path, manifest_path: Path, generator_path: Path, out: P
 @cli
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--shards", type=Path, required=True)
-    ap.add_argument("--manifest", type=Path, required=True)
-    ap.add_argument("--generator", type=Path, required=True)
+    ap.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    ap.add_argument("--shards", type=Path, required=True, help="folder of the uint8 image shards (from ingest)")
+    ap.add_argument("--manifest", type=Path, required=True, help="the shards' index, CSV (from ingest)")
+    ap.add_argument("--generator", type=Path, required=True, help="the photo→Monet generator (from train)")
     ap.add_argument("--out", type=Path, required=True, help="folder for the generated JPEGs")
     args = ap.parse_args(argv)
     p = load(args.params)

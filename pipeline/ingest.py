@@ -132,7 +132,7 @@ def ingest(p: Params, raw: Path, shards_dir: Path, manifest_path: Path, download
 @cli
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     ap.add_argument("--raw", type=Path, required=True, help="folder for the competition TFRecords")
     ap.add_argument("--shards", type=Path, required=True, help="folder for the uint8 tensor shards")
     ap.add_argument("--manifest", type=Path, required=True, help="CSV index of every image")

@@ -67,10 +67,10 @@ def write_zip(images: list[Path], out: Path) -> str:
 @cli
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     ap.add_argument("--images", type=Path, required=True, help="folder of generated JPEGs")
     ap.add_argument("--out", type=Path, required=True, help="the submission zip to write")
-    ap.add_argument("--metrics", type=Path, required=True)
+    ap.add_argument("--metrics", type=Path, required=True, help="package summary JSON to write")
     ap.add_argument("--generator", type=Path, required=True, help="identifies the MLflow run")
     ap.add_argument("--shards", type=Path, required=True, help="the data set, for a new MLflow run")
     ap.add_argument("--manifest", type=Path, required=True, help="the data set's index")

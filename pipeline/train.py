@@ -195,13 +195,13 @@ def _check_same_weights(trainer: Trainer, world: World, print_fn) -> None:
 @cli
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--shards", type=Path, required=True)
-    ap.add_argument("--manifest", type=Path, required=True)
+    ap.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    ap.add_argument("--shards", type=Path, required=True, help="folder of the uint8 image shards (from ingest)")
+    ap.add_argument("--manifest", type=Path, required=True, help="the shards' index, CSV (from ingest)")
     ap.add_argument("--generator", type=Path, required=True, help="the photo→Monet generator to write")
     ap.add_argument("--reverse-generator", type=Path, required=True, help="the Monet→photo generator to write")
     ap.add_argument("--checkpoint", type=Path, required=True, help="resumable training state (not a DVC output)")
-    ap.add_argument("--metrics", type=Path, required=True)
+    ap.add_argument("--metrics", type=Path, required=True, help="training summary JSON to write")
     ap.add_argument("--curve", type=Path, required=True, help="per-epoch losses (CSV, a DVC plot)")
     ap.add_argument("--grid", type=Path, required=True, help="photo | generated sample grid (PNG)")
     argv = sys.argv[1:] if argv is None else argv

@@ -77,3 +77,23 @@ def test_the_train_fingerprint_hashes_every_module_train_runs_but_the_mlflow_one
     runs = _closure(repo_root, "pipeline.train")
     assert mlflow_only <= runs
     assert {f"pipeline.{m}" for m in WEIGHTS_CODE} == runs - mlflow_only
+
+
+class _Parsed(Exception):
+    def __init__(self, parser):
+        self.parser = parser
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_option_of_a_stage_says_what_it_is_in_help(stage, monkeypatch):
+    import argparse
+    import importlib
+
+    def capture(parser, *args, **kwargs):
+        raise _Parsed(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(_Parsed) as parsed:
+        importlib.import_module(f"pipeline.{stage}").main([])
+    silent = [a.option_strings[0] for a in parsed.value.parser._actions if not a.help]
+    assert not silent, f"{stage}: no help for {silent}"
