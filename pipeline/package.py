@@ -44,7 +44,16 @@ def check_images(folder: Path, min_images: int, max_images: int) -> list[Path]:
             raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
         if fmt != "JPEG" or size != (256, 256) or mode != "RGB":
             raise DataError(f"{path}: {fmt} {size[0]}x{size[1]} {mode}; expected a 256x256 RGB JPEG")
+        if not _ends_whole(path):  # verify() reads the headers only: a cut-off JPEG passes it
+            raise DataError(f"{path}: a JPEG cut short (no end-of-image marker); run the generate stage again")
     return entries
+
+
+def _ends_whole(path: Path) -> bool:
+    """Does the JPEG end with its end-of-image marker (FF D9; some writers pad zeros after it)?"""
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 64))
+        return f.read().rstrip(b"\0").endswith(b"\xff\xd9")
 
 
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can say: entries carry no file times

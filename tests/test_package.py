@@ -64,3 +64,14 @@ def test_non_jpeg_entries_refused(tmp_path):
     (gen / "sub").mkdir()
     with pytest.raises(DataError, match="'sub' is not a .jpg"):
         check_images(gen, 5, 10)
+
+
+def test_a_jpeg_cut_short_is_refused(tmp_path):
+    # PIL's verify() reads a JPEG's headers only, and a truncated file passes it
+    gen = _jpegs(tmp_path / "gen", 5)
+    whole = (gen / "img002.jpg").read_bytes()
+    (gen / "img002.jpg").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError, match=r"img002\.jpg: a JPEG cut short \(no end-of-image marker\)"):
+        check_images(gen, 5, 10)
+    (gen / "img002.jpg").write_bytes(whole + bytes(16))  # zeros after the marker, as some writers pad
+    assert len(check_images(gen, 5, 10)) == 5
