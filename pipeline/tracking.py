@@ -228,18 +228,24 @@ def _new_run(mlflow, exp_id: str, params: Params, manifest: Path, tags: dict[str
     return run
 
 
-def start_training(params: Params, shards: Path, manifest: Path):
+def start_training(params: Params, shards: Path, manifest: Path, resuming: bool):
     """`train`, before its first step: this execution's row, to use as a context around training.
-    A training that was killed (or failed) and is run again resumes its row. (The stage has
-    called check_store before loading the data.)"""
+    A training that was killed (or failed) and is run again resumes its row, renamed after the
+    execution that resumes it (`dvc exp run -n NAME`). Only when the training itself resumes from
+    its checkpoint (`resuming`): one that starts afresh (the checkpoint deleted, or a queued
+    experiment of the same params training beside it in a folder of its own) makes its own row.
+    (The stage has called check_store before loading the data.)"""
     mlflow = _mlflow()
     with _serialized():
         exp_id = _experiment_id(mlflow)
         key = params_key(params)
         unfinished = [r for r in mlflow.search_runs([exp_id], filter_string=f"tags.training_of = '{key}'",
                                                     output_format="list") if "pipeline_key" not in r.data.tags]
-        if unfinished:
-            return _active(mlflow.start_run(run_id=unfinished[0].info.run_id))
+        if unfinished and resuming:
+            run = mlflow.start_run(run_id=unfinished[0].info.run_id)
+            mlflow.MlflowClient().update_run(run.info.run_id, name=run_name())
+            mlflow.set_tag("dvc_exp_name", os.environ.get("DVC_EXP_NAME") or "workspace")
+            return _active(run)
         return _active(_new_run(mlflow, exp_id, params, manifest, {"training_of": key}))
 
 
@@ -297,7 +303,8 @@ def complete_row_if_rest_holds(params: Params, generator_path: Path, stage: str,
 def failure_marks_row(params: Params, generator_path: Path):
     """`generate`, `evaluate`, `package`: around their work, done before any row is open. If it
     fails (or ^C), the row of this execution, when train made one, is marked FAILED (KILLED) as a
-    failing training marks it; none is made for it (no empty rows)."""
+    failing training marks it; none is made for it (no empty rows), and a complete row of an
+    earlier execution is left as it is."""
     try:
         yield
     except BaseException as e:
@@ -310,7 +317,11 @@ def failure_marks_row(params: Params, generator_path: Path):
                 mlflow.set_tracking_uri(uri)
                 exp = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
                 found = exp and _row_by_key(mlflow, exp.experiment_id, run_key(params, generator_path))
-                if found:
+                # a complete row (package, the last stage, logged into it) is an earlier execution's,
+                # found by a forced rerun (`dvc repro -f -s evaluate`): its results still stand, and
+                # DVC would restore them from its run-cache without a stage to mend the row
+                complete = found and any(k.startswith("package.") for k in found.data.metrics)
+                if found and not complete:
                     mlflow.MlflowClient().set_terminated(found.info.run_id, _failed_as(e))
         except Exception:  # the stage's own error is the line to show, not a second one about the store
             pass

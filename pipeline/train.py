@@ -85,6 +85,16 @@ def _read(checkpoint: Path) -> dict | None:
     return state
 
 
+def resumes(checkpoint: Path, resume_key: str) -> bool:
+    """Was `checkpoint` written for this training (its params, data and code), so that `train`
+    takes it up? Memory-mapped: only its fingerprint is read. Unreadable is False (train says why)."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    return isinstance(state, dict) and state.get("fingerprint") == resume_key
+
+
 def _resume(trainer: Trainer, checkpoint: Path, resume_key: str, world: World, total: int,
             data_gen: torch.Generator, print_fn) -> list[dict]:
     """Load a matching checkpoint into the trainer and this rank's RNGs; returns its history.
@@ -238,8 +248,10 @@ def run(p: Params, args: argparse.Namespace, world: World, device: torch.device)
     _, monets = shards.load_domain(args.shards, manifest, "monet", p.image_size)
 
     # rank 0 opens the MLflow row before the first step, so its duration includes training
-    with tracking.start_training(p, args.shards, args.manifest) if world.main else contextlib.nullcontext():
-        trainer, history = train(p, photos, monets, args.checkpoint, fingerprint(p, args.manifest), say, world, device)
+    key = fingerprint(p, args.manifest)
+    with (tracking.start_training(p, args.shards, args.manifest, resumes(args.checkpoint, key))
+          if world.main else contextlib.nullcontext()):
+        trainer, history = train(p, photos, monets, args.checkpoint, key, say, world, device)
         if not world.main:  # rank 0 alone writes outputs and logs
             return
         grid_photos = photos[: p.train.grid_size]

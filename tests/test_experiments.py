@@ -162,16 +162,38 @@ def test_a_training_run_again_resumes_its_row_until_it_finishes(tmp_path, monkey
     generator = tmp_path / "g.pt"
     generator.write_bytes(b"weights")
     p = parse({"train": {"lr": 1e-5}})
-    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest) as first:
+    monkeypatch.setenv("DVC_EXP_NAME", "killed")
+    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest, False) as first:
         raise KeyboardInterrupt
-    with tracking.start_training(p, tmp_path, manifest) as again:
+    monkeypatch.setenv("DVC_EXP_NAME", "resumed")
+    with tracking.start_training(p, tmp_path, manifest, resuming=True) as again:
         assert again.info.run_id == first.info.run_id
         tracking.finish_training(p, generator)
-    with tracking.start_training(p, tmp_path, manifest) as new:
+    # the row is the execution that finished it: named after it, not after the one killed
+    assert rows(tmp_path)[first.info.run_id]["name"] == "resumed"
+    assert rows(tmp_path)[first.info.run_id]["tags"]["dvc_exp_name"] == "resumed"
+    with tracking.start_training(p, tmp_path, manifest, resuming=True) as new:
         assert new.info.run_id != first.info.run_id
-    with tracking.start_training(parse({"train": {"lr": 2e-5}}), tmp_path, manifest) as other:
+    with tracking.start_training(parse({"train": {"lr": 2e-5}}), tmp_path, manifest, False) as other:
         assert other.info.run_id not in (first.info.run_id, new.info.run_id)  # other params: its own row
     assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"] * 3
+
+
+def test_a_training_that_starts_afresh_makes_its_own_row(tmp_path, monkeypatch):
+    # the killed training's checkpoint deleted, or a queued experiment of the same params training
+    # beside another in its own folder: no checkpoint to resume, so not the other's row either
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    manifest = _one_photo_one_painting_manifest(tmp_path)
+    p = parse({"train": {"lr": 1e-5}})
+    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest, False) as first:
+        raise KeyboardInterrupt
+    with tracking.start_training(p, tmp_path, manifest, resuming=False) as fresh:
+        assert fresh.info.run_id != first.info.run_id
+    assert {r["status"] for r in rows(tmp_path).values()} == {"KILLED", "FINISHED"}
 
 
 def test_a_failure_after_training_marks_the_row_and_makes_none(tmp_path, monkeypatch):
@@ -188,7 +210,7 @@ def test_a_failure_after_training_marks_the_row_and_makes_none(tmp_path, monkeyp
     assert not (tmp_path / "mlflow.db").exists()  # nothing made to mark nothing
     manifest = _one_photo_one_painting_manifest(tmp_path)
     generator.write_bytes(b"weights")
-    with tracking.start_training(p, tmp_path, manifest):
+    with tracking.start_training(p, tmp_path, manifest, False):
         tracking.finish_training(p, generator)
     for error, status in ((DataError("bad input"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
         with pytest.raises(type(error)), tracking.failure_marks_row(p, generator):
@@ -197,6 +219,30 @@ def test_a_failure_after_training_marks_the_row_and_makes_none(tmp_path, monkeyp
     with pytest.raises(DataError), tracking.failure_marks_row(parse({"train": {"lr": 2e-5}}), generator):
         raise DataError("another execution, no row")
     assert [r["status"] for r in rows(tmp_path).values()] == ["KILLED"]  # untouched, and no new row
+
+
+def test_a_forced_rerun_that_fails_leaves_an_earlier_complete_row_alone(tmp_path, monkeypatch):
+    # `dvc repro -f -s evaluate` finds the row of the execution that made these weights; if it fails,
+    # that row's results still stand (and DVC restores them from its run-cache, with no stage to mend it)
+    import json
+
+    from pipeline import tracking
+    from pipeline.errors import DataError
+    from pipeline.params import parse
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    manifest = _one_photo_one_painting_manifest(tmp_path)
+    p, generator = parse({"train": {"lr": 1e-5}}), tmp_path / "g.pt"
+    generator.write_bytes(b"weights")
+    with tracking.start_training(p, tmp_path, manifest, False):
+        tracking.finish_training(p, generator)
+    (tmp_path / "package.json").write_text(json.dumps({"images": 7028, "zip_mb": 70.0}))
+    with tracking.open_run(p, generator, "package", tmp_path, manifest):
+        tracking.log_metrics_file(tmp_path / "package.json")
+    with pytest.raises(DataError), tracking.failure_marks_row(p, generator):
+        raise DataError("the weights file replaced by a bad one")
+    assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"]
 
 
 def test_a_new_row_whose_filling_fails_ends_failed(tmp_path, monkeypatch):
