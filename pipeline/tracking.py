@@ -195,10 +195,13 @@ def _experiment_id(mlflow) -> str:
 
 
 def _row_by_key(mlflow, exp_id: str, key: str):
-    """The row tagged with this execution's `pipeline_key` (see run_key), or None."""
-    found = mlflow.search_runs([exp_id], filter_string=f"tags.pipeline_key = '{key}'", max_results=1,
-                               output_format="list")
-    return found[0] if found else None
+    """The row tagged with this execution's `pipeline_key` (see run_key), or None. Two executions
+    of the same params train the same weights (queued side by side, say): the key is theirs both,
+    so the row of this DVC experiment comes first, then the newest."""
+    found = mlflow.search_runs([exp_id], filter_string=f"tags.pipeline_key = '{key}'",
+                               order_by=["attributes.start_time DESC"], output_format="list")
+    name = os.environ.get("DVC_EXP_NAME") or "workspace"
+    return next((r for r in found if r.data.tags.get("dvc_exp_name") == name), found[0] if found else None)
 
 
 def _failed_as(e: BaseException) -> str:

@@ -221,6 +221,31 @@ def test_a_failure_after_training_marks_the_row_and_makes_none(tmp_path, monkeyp
     assert [r["status"] for r in rows(tmp_path).values()] == ["KILLED"]  # untouched, and no new row
 
 
+def test_two_executions_of_the_same_params_log_their_later_stages_each_into_its_own_row(tmp_path, monkeypatch):
+    # two queued experiments of the same params, side by side: the same weights, so the same key
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    manifest = _one_photo_one_painting_manifest(tmp_path)
+    p, generator = parse({"train": {"lr": 1e-5}}), tmp_path / "g.pt"
+    generator.write_bytes(b"weights")
+    ids = {}
+    for name in ("q3a", "q3b"):
+        monkeypatch.setenv("DVC_EXP_NAME", name)
+        with tracking.start_training(p, tmp_path, manifest, False) as run:
+            tracking.finish_training(p, generator)
+        ids[name] = run.info.run_id
+    (tmp_path / "evaluate.json").write_text('{"fid": 1.5}')
+    for name in ("q3a", "q3b"):  # the first to finish training evaluates first
+        monkeypatch.setenv("DVC_EXP_NAME", name)
+        with tracking.open_run(p, generator, "evaluate", tmp_path, manifest) as run:
+            tracking.log_metrics_file(tmp_path / "evaluate.json")
+        assert run.info.run_id == ids[name]
+    assert all("evaluate.fid" in row["metrics"] for row in rows(tmp_path).values())
+
+
 def test_a_forced_rerun_that_fails_leaves_an_earlier_complete_row_alone(tmp_path, monkeypatch):
     # `dvc repro -f -s evaluate` finds the row of the execution that made these weights; if it fails,
     # that row's results still stand (and DVC restores them from its run-cache, with no stage to mend it)
