@@ -150,17 +150,24 @@ def _one_photo_one_painting_manifest(folder):
     return manifest
 
 
-def test_a_training_run_again_resumes_its_row_until_it_finishes(tmp_path, monkeypatch):
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """An empty MLflow store in tmp_path, the working folder (no dvc.lock there: no other stage's
+    results to copy); the manifest of the rows' data set and a generator file."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    generator = tmp_path / "g.pt"
+    generator.write_bytes(b"weights")
+    return _one_photo_one_painting_manifest(tmp_path), generator
+
+
+def test_a_training_run_again_resumes_its_row_until_it_finishes(store, tmp_path, monkeypatch):
     # kill -9 leaves the row RUNNING, ^C marks it KILLED: either way the next training of the same
     # params continues that row; once keyed (finish_training), the next training makes a new one
     from pipeline import tracking
     from pipeline.params import parse
 
-    monkeypatch.chdir(tmp_path)  # no dvc.lock here: no other stage's results to copy
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    manifest = _one_photo_one_painting_manifest(tmp_path)
-    generator = tmp_path / "g.pt"
-    generator.write_bytes(b"weights")
+    manifest, generator = store
     p = parse({"train": {"lr": 1e-5}})
     monkeypatch.setenv("DVC_EXP_NAME", "killed")
     with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest, False) as first:
@@ -179,15 +186,13 @@ def test_a_training_run_again_resumes_its_row_until_it_finishes(tmp_path, monkey
     assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"] * 3
 
 
-def test_a_training_that_starts_afresh_makes_its_own_row(tmp_path, monkeypatch):
+def test_a_training_that_starts_afresh_makes_its_own_row(store, tmp_path, monkeypatch):
     # the killed training's checkpoint deleted, or a queued experiment of the same params training
     # beside another in its own folder: no checkpoint to resume, so not the other's row either
     from pipeline import tracking
     from pipeline.params import parse
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    manifest = _one_photo_one_painting_manifest(tmp_path)
+    manifest, _ = store
     p = parse({"train": {"lr": 1e-5}})
     with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest, False) as first:
         raise KeyboardInterrupt
@@ -196,20 +201,17 @@ def test_a_training_that_starts_afresh_makes_its_own_row(tmp_path, monkeypatch):
     assert {r["status"] for r in rows(tmp_path).values()} == {"KILLED", "FINISHED"}
 
 
-def test_a_failure_after_training_marks_the_row_and_makes_none(tmp_path, monkeypatch):
+def test_a_failure_after_training_marks_the_row_and_makes_none(store, tmp_path, monkeypatch):
     # generate, evaluate and package work before they open the row: a failure there marks training's
     from pipeline import tracking
     from pipeline.errors import DataError
     from pipeline.params import parse
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    p, generator = parse({"train": {"lr": 1e-5}}), tmp_path / "g.pt"
+    manifest, generator = store
+    p = parse({"train": {"lr": 1e-5}})
     with pytest.raises(DataError), tracking.failure_marks_row(p, generator):
         raise DataError("no store yet")
     assert not (tmp_path / "mlflow.db").exists()  # nothing made to mark nothing
-    manifest = _one_photo_one_painting_manifest(tmp_path)
-    generator.write_bytes(b"weights")
     with tracking.start_training(p, tmp_path, manifest, False):
         tracking.finish_training(p, generator)
     for error, status in ((DataError("bad input"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
@@ -221,16 +223,13 @@ def test_a_failure_after_training_marks_the_row_and_makes_none(tmp_path, monkeyp
     assert [r["status"] for r in rows(tmp_path).values()] == ["KILLED"]  # untouched, and no new row
 
 
-def test_two_executions_of_the_same_params_log_their_later_stages_each_into_its_own_row(tmp_path, monkeypatch):
+def test_two_executions_of_the_same_params_log_their_later_stages_each_into_its_own_row(store, tmp_path, monkeypatch):
     # two queued experiments of the same params, side by side: the same weights, so the same key
     from pipeline import tracking
     from pipeline.params import parse
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    manifest = _one_photo_one_painting_manifest(tmp_path)
-    p, generator = parse({"train": {"lr": 1e-5}}), tmp_path / "g.pt"
-    generator.write_bytes(b"weights")
+    manifest, generator = store
+    p = parse({"train": {"lr": 1e-5}})
     ids = {}
     for name in ("q3a", "q3b"):
         monkeypatch.setenv("DVC_EXP_NAME", name)
@@ -246,7 +245,7 @@ def test_two_executions_of_the_same_params_log_their_later_stages_each_into_its_
     assert all("evaluate.fid" in row["metrics"] for row in rows(tmp_path).values())
 
 
-def test_a_forced_rerun_that_fails_leaves_an_earlier_complete_row_alone(tmp_path, monkeypatch):
+def test_a_forced_rerun_that_fails_leaves_an_earlier_complete_row_alone(store, tmp_path, monkeypatch):
     # `dvc repro -f -s evaluate` finds the row of the execution that made these weights; if it fails,
     # that row's results still stand (and DVC restores them from its run-cache, with no stage to mend it)
     import json
@@ -255,11 +254,8 @@ def test_a_forced_rerun_that_fails_leaves_an_earlier_complete_row_alone(tmp_path
     from pipeline.errors import DataError
     from pipeline.params import parse
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    manifest = _one_photo_one_painting_manifest(tmp_path)
-    p, generator = parse({"train": {"lr": 1e-5}}), tmp_path / "g.pt"
-    generator.write_bytes(b"weights")
+    manifest, generator = store
+    p = parse({"train": {"lr": 1e-5}})
     with tracking.start_training(p, tmp_path, manifest, False):
         tracking.finish_training(p, generator)
     (tmp_path / "package.json").write_text(json.dumps({"images": 7028, "zip_mb": 70.0}))
@@ -270,7 +266,7 @@ def test_a_forced_rerun_that_fails_leaves_an_earlier_complete_row_alone(tmp_path
     assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"]
 
 
-def test_a_new_row_whose_filling_fails_ends_failed(tmp_path, monkeypatch):
+def test_a_new_row_whose_filling_fails_ends_failed(store, tmp_path, monkeypatch):
     # open_run starts the row, then logs the model: an error there ended the stage with the row
     # still open, and MLflow closed it FINISHED at exit (seen with DVC's symlink cache)
     import mlflow
@@ -278,10 +274,7 @@ def test_a_new_row_whose_filling_fails_ends_failed(tmp_path, monkeypatch):
     from pipeline import tracking
     from pipeline.params import parse
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    manifest = _one_photo_one_painting_manifest(tmp_path)
-    (tmp_path / "g.pt").write_bytes(b"weights")
+    manifest, _ = store
     with pytest.raises(Exception):  # no shard to take the model's input example from
         tracking.open_run(parse({}), tmp_path / "g.pt", "evaluate", tmp_path / "no-shards", manifest)
     assert mlflow.active_run() is None
