@@ -198,7 +198,7 @@ def main(argv=None) -> None:
     p = load(args.params)
     tracking.check_store()  # an unreachable MLflow server stops the stage before the work
     tracking.check_generator(args.generator, "evaluate")
-    with tracking.failure_marks_row(p, args.generator):
+    with tracking.failure_marks_row(p, args.generator, "evaluate"):
         result, extractor = evaluate(p, args.shards, args.manifest, args.images,
                                      main_repo() / args.features_cache, args.memorization)
         # numbers to 7 significant digits and short ids only: `dvc exp show` stays readable

@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     p = load(args.params)
     tracking.check_store()  # an unreachable MLflow server stops the stage before the work
-    with tracking.failure_marks_row(p, args.generator):
+    with tracking.failure_marks_row(p, args.generator, "generate"):
         count = generate(args.shards, args.manifest, args.generator, args.out, p.device, p.precision,
                          p.generate.batch_size, p.generate.jpeg_quality)
     print(f"generate: {count} JPEGs ({OUTPUT_SIZE}×{OUTPUT_SIZE}) -> {args.out}")

@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     p = load(args.params)
     tracking.check_store()  # an unreachable MLflow server stops the stage before the work
     tracking.check_generator(args.generator, "package")
-    with tracking.failure_marks_row(p, args.generator):
+    with tracking.failure_marks_row(p, args.generator, "package"):
         images = check_images(args.images, p.package.min_images, p.package.max_images)
         digest = write_zip(images, args.out)
         summary = {"images": len(images), "zip_mb": round(args.out.stat().st_size / 2**20, 2)}  # numbers only

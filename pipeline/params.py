@@ -231,7 +231,8 @@ def load(path: str | Path = "params.yaml") -> Params:
     except IsADirectoryError:
         raise ParamsError(f"params: {path} is a folder, not a params file") from None
     except UnicodeDecodeError as e:
-        raise ParamsError(f"params: {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
+        byte = e.object[e.start:e.start + 1]
+        raise ParamsError(f"params: {path} is not UTF-8 text (byte {e.start}: {byte!r})") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"params: {path} is not valid YAML: {yaml12.one_line(e)}") from None
     return parse(raw)

@@ -100,7 +100,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     offsets = pd.to_numeric(manifest["offset"], errors="coerce")
     refuse(offsets.isna() | (offsets < 0) | (offsets != offsets.round()), "offset")
     manifest["offset"] = offsets.astype("int64")
-    own = [bool(SHARD_NAME.fullmatch(s)) and s.startswith(f"{d}-") for s, d in zip(manifest["shard"], manifest["domain"])]
+    own = [bool(SHARD_NAME.fullmatch(s)) and s.startswith(f"{d}-")
+           for s, d in zip(manifest["shard"], manifest["domain"])]
     refuse(~pd.Series(own, index=manifest.index), "shard")
     photos = manifest["domain"] == "photo"
     for i in photos.to_numpy().nonzero()[0]:

@@ -303,11 +303,11 @@ def complete_row_if_rest_holds(params: Params, generator_path: Path, stage: str,
 
 
 @contextlib.contextmanager
-def failure_marks_row(params: Params, generator_path: Path):
+def failure_marks_row(params: Params, generator_path: Path, stage: str):
     """`generate`, `evaluate`, `package`: around their work, done before any row is open. If it
     fails (or ^C), the row of this execution, when train made one, is marked FAILED (KILLED) as a
-    failing training marks it; none is made for it (no empty rows), and a complete row of an
-    earlier execution is left as it is."""
+    failing training marks it; none is made for it (no empty rows). A row that already holds this
+    stage's results is left as it is: the stage succeeded for it before, and this is a forced rerun."""
     try:
         yield
     except BaseException as e:
@@ -320,11 +320,11 @@ def failure_marks_row(params: Params, generator_path: Path):
                 mlflow.set_tracking_uri(uri)
                 exp = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
                 found = exp and _row_by_key(mlflow, exp.experiment_id, run_key(params, generator_path))
-                # a complete row (package, the last stage, logged into it) is an earlier execution's,
-                # found by a forced rerun (`dvc repro -f -s evaluate`): its results still stand, and
-                # DVC would restore them from its run-cache without a stage to mend the row
-                complete = found and any(k.startswith("package.") for k in found.data.metrics)
-                if found and not complete:
+                # a row with this stage's results already in it is found by a forced rerun (`dvc repro
+                # -f -s evaluate`): those results still stand, and DVC restores them from its run-cache
+                # afterwards, with no stage run to mend the row
+                succeeded = found and any(k.startswith(f"{stage}.") for k in found.data.metrics)
+                if found and not succeeded:
                     mlflow.MlflowClient().set_terminated(found.info.run_id, _failed_as(e))
         except Exception:  # the stage's own error is the line to show, not a second one about the store
             pass

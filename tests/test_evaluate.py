@@ -238,8 +238,10 @@ def test_the_metrics_file_holds_numbers_and_short_ids(data, tmp_path, monkeypatc
     params.write_text(json.dumps({"seed": SEED, "evaluate": {"batch_size": 16, "baseline_images": 16,
                                                              "kid_subsets": 5}}))
     out = tmp_path / "evaluate.json"
+    generator = tmp_path / "g.pt"  # names the row only, and there is none here
+    generator.write_bytes(b"weights")
     stage.main(["--params", str(params), "--shards", str(root / "shards"), "--manifest", str(root / "manifest.csv"),
-                "--images", str(root / "generated"), "--generator", "unused", "--out", str(out),
+                "--images", str(root / "generated"), "--generator", str(generator), "--out", str(out),
                 "--memorization", str(tmp_path / "m.png"), "--features-cache", str(tmp_path / "cache")])
     metrics = json.loads(out.read_text())
     assert metrics["extractor"] == "offline"

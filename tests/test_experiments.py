@@ -209,16 +209,17 @@ def test_a_failure_after_training_marks_the_row_and_makes_none(store, tmp_path, 
 
     manifest, generator = store
     p = parse({"train": {"lr": 1e-5}})
-    with pytest.raises(DataError), tracking.failure_marks_row(p, generator):
+    with pytest.raises(DataError), tracking.failure_marks_row(p, generator, "evaluate"):
         raise DataError("no store yet")
     assert not (tmp_path / "mlflow.db").exists()  # nothing made to mark nothing
     with tracking.start_training(p, tmp_path, manifest, False):
         tracking.finish_training(p, generator)
     for error, status in ((DataError("bad input"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
-        with pytest.raises(type(error)), tracking.failure_marks_row(p, generator):
+        with pytest.raises(type(error)), tracking.failure_marks_row(p, generator, "evaluate"):
             raise error
         assert [r["status"] for r in rows(tmp_path).values()] == [status]
-    with pytest.raises(DataError), tracking.failure_marks_row(parse({"train": {"lr": 2e-5}}), generator):
+    other = parse({"train": {"lr": 2e-5}})
+    with pytest.raises(DataError), tracking.failure_marks_row(other, generator, "evaluate"):
         raise DataError("another execution, no row")
     assert [r["status"] for r in rows(tmp_path).values()] == ["KILLED"]  # untouched, and no new row
 
@@ -245,7 +246,7 @@ def test_two_executions_of_the_same_params_log_their_later_stages_each_into_its_
     assert all("evaluate.fid" in row["metrics"] for row in rows(tmp_path).values())
 
 
-def test_a_forced_rerun_that_fails_leaves_an_earlier_complete_row_alone(store, tmp_path, monkeypatch):
+def test_a_forced_rerun_that_fails_leaves_the_row_it_succeeded_for_alone(store, tmp_path, monkeypatch):
     # `dvc repro -f -s evaluate` finds the row of the execution that made these weights; if it fails,
     # that row's results still stand (and DVC restores them from its run-cache, with no stage to mend it)
     import json
@@ -258,12 +259,15 @@ def test_a_forced_rerun_that_fails_leaves_an_earlier_complete_row_alone(store, t
     p = parse({"train": {"lr": 1e-5}})
     with tracking.start_training(p, tmp_path, manifest, False):
         tracking.finish_training(p, generator)
-    (tmp_path / "package.json").write_text(json.dumps({"images": 7028, "zip_mb": 70.0}))
-    with tracking.open_run(p, generator, "package", tmp_path, manifest):
-        tracking.log_metrics_file(tmp_path / "package.json")
-    with pytest.raises(DataError), tracking.failure_marks_row(p, generator):
+    (tmp_path / "evaluate.json").write_text(json.dumps({"fid": 1.5}))
+    with tracking.open_run(p, generator, "evaluate", tmp_path, manifest):
+        tracking.log_metrics_file(tmp_path / "evaluate.json")
+    with pytest.raises(DataError), tracking.failure_marks_row(p, generator, "evaluate"):
         raise DataError("the weights file replaced by a bad one")
     assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"]
+    with pytest.raises(DataError), tracking.failure_marks_row(p, generator, "package"):
+        raise DataError("package has not succeeded for this row: it fails it")
+    assert [r["status"] for r in rows(tmp_path).values()] == ["FAILED"]
 
 
 def test_a_new_row_whose_filling_fails_ends_failed(store, tmp_path, monkeypatch):
