@@ -54,8 +54,8 @@ def check_photo_name(name: str, where: str) -> None:
 
 
 def check_unique(group: pd.DataFrame, where) -> None:
-    """Each image_name once per domain; photo names also once ignoring case (each becomes a
-    JPEG). `where(row)` names a manifest row's file and record."""
+    """Each image_name once per domain; photo names also once ignoring case and Unicode
+    normalisation (each becomes a JPEG). `where(row)` names a manifest row's file and record."""
     names = group["image_name"]
     # macOS also takes a name and its other Unicode normalisation (é as one character or as e + ́)
     # for one file: compare photo names normalised and case-folded
@@ -72,6 +72,10 @@ def check_unique(group: pd.DataFrame, where) -> None:
                         f"({where(again)}) differ only in case or Unicode normalisation; their JPEGs would be one "
                         f"file where names ignore case (macOS, Windows) or normalisation (macOS)")
 
+
+_EXPECTED = {"domain": f"is not one of {', '.join(DOMAINS)}",
+             "offset": "is not a whole number from 0 up",
+             "shard": "is not a shard of its domain (photo-000.pt, monet-001.pt, ...)"}
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
@@ -94,7 +98,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     def refuse(bad: pd.Series, what: str) -> None:
         if bad.any():
             i = int(bad.to_numpy().nonzero()[0][0])
-            raise DataError(f"{row(i)}: {what} {manifest.iloc[i][what.split()[0]]!r} {_EXPECTED[what]}")
+            raise DataError(f"{row(i)}: {what} {manifest.iloc[i][what]!r} {_EXPECTED[what]}")
 
     refuse(~manifest["domain"].isin(DOMAINS), "domain")
     offsets = pd.to_numeric(manifest["offset"], errors="coerce")
@@ -109,11 +113,6 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     for _, group in manifest.groupby("domain"):
         check_unique(group, lambda r: row(int(r.name)))
     return manifest
-
-
-_EXPECTED = {"domain": f"is not one of {', '.join(DOMAINS)}",
-             "offset": "is not a whole number from 0 up",
-             "shard": "is not a shard of its domain (photo-000.pt, monet-001.pt, ...)"}
 
 
 def iter_domain(shards_dir: str | Path, manifest: pd.DataFrame, domain: str) -> Iterator[tuple[list[str], torch.Tensor]]:

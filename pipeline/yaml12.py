@@ -66,6 +66,10 @@ def _construct_mapping(loader: Loader, node: yaml.MappingNode, deep: bool = Fals
     seen: dict[object, yaml.Node] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            continue  # SafeLoader's own construct_mapping names an unhashable key
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark)
