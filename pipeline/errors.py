@@ -24,6 +24,11 @@ class ScoreError(PipelineError, ValueError):
     stay usable as pure functions (a ValueError), and one line from a stage."""
 
 
+def brief(e: BaseException) -> str:
+    """An exception as one short line (torch's messages run to many lines; some are empty)."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
+
+
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota
 NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)  # no rights, or a read-only file system
 

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, brief
 from pipeline.files import save_torch
 
 DOMAINS = ("monet", "photo")
@@ -87,7 +87,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     except FileNotFoundError:
         raise DataError(f"{path}: manifest not found (run the ingest stage first)") from None
     except (ValueError, UnicodeDecodeError) as e:  # pandas' ParserError and EmptyDataError are ValueErrors
-        raise DataError(f"{path}: not a readable manifest ({type(e).__name__}: {str(e).strip()[:120]})") from None
+        raise DataError(f"{path}: not a readable manifest ({brief(e)})") from None
     missing = set(MANIFEST_COLUMNS) - set(manifest.columns)
     if missing:
         raise DataError(f"{path}: manifest lacks columns {sorted(missing)}")
@@ -130,8 +130,7 @@ def iter_domain(shards_dir: str | Path, manifest: pd.DataFrame, domain: str) -> 
         except FileNotFoundError:
             raise DataError(f"{path}: shard listed in the manifest is missing") from None
         except Exception as e:  # truncated, overwritten, not torch's: its loader's own errors
-            first = (str(e).strip().splitlines() or [""])[0][:120]
-            raise DataError(f"{path}: not a readable shard ({type(e).__name__}: {first}); run the ingest "
+            raise DataError(f"{path}: not a readable shard ({brief(e)}); run the ingest "
                             f"stage again (dvc repro -f -s ingest)") from None
         if not torch.is_tensor(images):
             raise DataError(f"{path}: expected a uint8 N×H×W×3 tensor, got {type(images).__name__}")

@@ -176,6 +176,11 @@ def run_name() -> str:
     return f"workspace@{commit or 'no-commit'} {time.strftime('%Y-%m-%d %H:%M:%S')}"
 
 
+def _exp_name() -> str:
+    """The DVC experiment this execution is (the rows' `dvc_exp_name` tag), or "workspace"."""
+    return os.environ.get("DVC_EXP_NAME") or "workspace"
+
+
 def _experiment_id(mlflow) -> str:
     own_store = tracking_uri() == default_store()
     mlflow.set_tracking_uri(tracking_uri())
@@ -200,8 +205,7 @@ def _row_by_key(mlflow, exp_id: str, key: str):
     so the row of this DVC experiment comes first, then the newest."""
     found = mlflow.search_runs([exp_id], filter_string=f"tags.pipeline_key = '{key}'",
                                order_by=["attributes.start_time DESC"], output_format="list")
-    name = os.environ.get("DVC_EXP_NAME") or "workspace"
-    return next((r for r in found if r.data.tags.get("dvc_exp_name") == name), found[0] if found else None)
+    return next((r for r in found if r.data.tags.get("dvc_exp_name") == _exp_name()), found[0] if found else None)
 
 
 def _failed_as(e: BaseException) -> str:
@@ -224,7 +228,7 @@ def _failing_ends(mlflow):
 
 def _new_run(mlflow, exp_id: str, params: Params, manifest: Path, tags: dict[str, str]):
     run = mlflow.start_run(experiment_id=exp_id, run_name=run_name(),
-                           tags={**tags, "dvc_exp_name": os.environ.get("DVC_EXP_NAME") or "workspace"})
+                           tags={**tags, "dvc_exp_name": _exp_name()})
     with _failing_ends(mlflow):
         mlflow.log_params(flatten(params))
         log_dataset(params, manifest)
@@ -247,7 +251,7 @@ def start_training(params: Params, shards: Path, manifest: Path, resuming: bool)
         if unfinished and resuming:
             run = mlflow.start_run(run_id=unfinished[0].info.run_id)
             mlflow.MlflowClient().update_run(run.info.run_id, name=run_name())
-            mlflow.set_tag("dvc_exp_name", os.environ.get("DVC_EXP_NAME") or "workspace")
+            mlflow.set_tag("dvc_exp_name", _exp_name())
             return _active(run)
         return _active(_new_run(mlflow, exp_id, params, manifest, {"training_of": key}))
 

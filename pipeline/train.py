@@ -30,7 +30,7 @@ from tqdm import tqdm
 from pipeline import distributed, generator_file, shards, tracking
 from pipeline.cyclegan import LossMeter, Trainer, build_nets
 from pipeline.distributed import World
-from pipeline.errors import PipelineError, cli
+from pipeline.errors import PipelineError, brief, cli
 from pipeline.files import atomic_path, save_torch, write_json
 from pipeline.params import Params, flatten, load
 from pipeline.runtime import (autocast_dtype, pick_device, place, rng_state, seed_everything, set_rng_state,
@@ -66,11 +66,6 @@ def photo_grid(photos: torch.Tensor, generated: torch.Tensor, px: int = 128) -> 
     return Image.fromarray(grid.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
-def _why(e: Exception) -> str:
-    """An exception as one short line (torch's messages run to many lines; some are empty)."""
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
-
-
 def _read(checkpoint: Path) -> dict | None:
     """A checkpoint's state; None when there is none."""
     if not checkpoint.exists():
@@ -80,7 +75,7 @@ def _read(checkpoint: Path) -> dict | None:
         if not isinstance(state, dict):
             raise TypeError(f"holds a {type(state).__name__}")
     except Exception as e:  # truncated, not a torch file, or not a checkpoint: kept for the user to judge
-        raise PipelineError(f"train: {checkpoint} does not read back as a checkpoint ({_why(e)}); "
+        raise PipelineError(f"train: {checkpoint} does not read back as a checkpoint ({brief(e)}); "
                             f"delete it to start afresh") from None
     return state
 
@@ -130,7 +125,7 @@ def _resume(trainer: Trainer, checkpoint: Path, resume_key: str, world: World, t
         set_rng_state(mine["rng"], trainer.device)
     except Exception as e:  # same params and data, but written by code whose networks or state differ
         raise PipelineError(f"train: {checkpoint} matches these params and data but does not load into "
-                            f"this code's training state ({_why(e)}); finish it with the code that wrote it, "
+                            f"this code's training state ({brief(e)}); finish it with the code that wrote it, "
                             f"or delete it to start afresh") from None
     print_fn(f"train: resuming from {checkpoint} at step {trainer.step}")
     return state["history"]

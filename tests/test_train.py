@@ -9,7 +9,7 @@ from tqdm import tqdm
 from pipeline import runtime
 from pipeline import train as train_stage
 from pipeline.cyclegan import NonFiniteLoss, Trainer, build_nets
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, brief
 from pipeline.params import parse
 
 P = parse({"image_size": 32, "train": {"gen_filters": 4, "disc_filters": 4, "resnet_blocks": 1, "batch_size": 2,
@@ -188,9 +188,9 @@ def test_a_checkpoint_that_does_not_load_is_a_clear_error_and_kept(tmp_path, mon
 
 
 def test_an_exception_is_one_short_line_even_without_a_message():
-    assert train_stage._why(RuntimeError("first\nsecond")) == "RuntimeError: first"
-    assert train_stage._why(AssertionError()) == "AssertionError: "
-    assert len(train_stage._why(ValueError("x" * 500))) == len("ValueError: ") + 120
+    assert brief(RuntimeError("first\nsecond")) == "RuntimeError: first"
+    assert brief(AssertionError()) == "AssertionError: "
+    assert len(brief(ValueError("x" * 500))) == len("ValueError: ") + 120
 
 
 def _with_wider_first_conv(state):
