@@ -22,6 +22,10 @@ class ParamsError(PipelineError, ValueError):
 MIN_IMAGES = 2  # of each domain: FID and KID compare two sets' covariances, which need two images
 
 
+# Every default below is params.yaml's committed value (tested), so a params file that leaves a
+# key out runs the recipe params.yaml describes.
+
+
 @dataclass(frozen=True)
 class Ingest:
     source: str = "sample"
@@ -49,7 +53,7 @@ class Train:
     resnet_blocks: int = 4
     gan_loss: str = "lsgan"
     epochs: int = 4
-    steps_per_epoch: int = 150
+    steps_per_epoch: int = 80
     batch_size: int = 8
     lr: float = 2e-4
     beta1: float = 0.5
@@ -62,7 +66,7 @@ class Train:
     log_every: int = 50
     diffaugment: str = ""
     ema: float = 0.0
-    upsample: str = "transpose"
+    upsample: str = "resize"
 
     def check(self) -> None:
         _choice(self.generator, "train.generator", ("resnet", "unet"))

@@ -33,7 +33,7 @@ def saved(tmp_path):
 def test_saved_generator_loads_back_identical(saved):
     net, path = saved
     loaded, config = generator_file.load(path, CPU)
-    assert config == {"kind": "resnet", "image_size": 32, "filters": 4, "resnet_blocks": 1, "upsample": "transpose"}
+    assert config == {"kind": "resnet", "image_size": 32, "filters": 4, "resnet_blocks": 1, "upsample": "resize"}
     assert not loaded.training
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
