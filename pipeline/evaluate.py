@@ -17,7 +17,6 @@ The reference images' features are cached (`--features-cache`, under the main re
 """
 from __future__ import annotations
 
-import argparse
 import io
 import os
 from pathlib import Path
@@ -35,7 +34,7 @@ from pipeline.features import Extractor, extract, load_extractor, ordered_map
 from pipeline.fid_inception import FEATURE_DIM
 from pipeline.files import main_repo, write_json
 from pipeline.metrics import fid, kid, mifid, nearest_real
-from pipeline.params import Params, load
+from pipeline.params import Params, load, stage_arguments
 from pipeline.runtime import pick_device
 
 PAIR_IMAGES = 256  # ground-truth scenes for pair_l1
@@ -184,10 +183,7 @@ def ground_truth(p: Params, extractor: Extractor, cache: FeatureCache, names: li
 
 @cli
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    ap.add_argument("--shards", type=Path, required=True, help="folder of the uint8 image shards (from ingest)")
-    ap.add_argument("--manifest", type=Path, required=True, help="the shards' index, CSV (from ingest)")
+    ap = stage_arguments(__doc__)
     ap.add_argument("--images", type=Path, required=True, help="folder of generated JPEGs")
     ap.add_argument("--generator", type=Path, required=True, help="identifies the MLflow run")
     ap.add_argument("--out", type=Path, required=True, help="metrics JSON to write")

@@ -9,7 +9,6 @@ below 256 its output is upscaled to the 256×256 the competition requires.
 """
 from __future__ import annotations
 
-import argparse
 import io
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +20,7 @@ from tqdm import tqdm
 from pipeline import generator_file, shards, tracking
 from pipeline.errors import cli
 from pipeline.files import atomic_dir
-from pipeline.params import load
+from pipeline.params import load, stage_arguments
 from pipeline.runtime import autocast, autocast_dtype, pick_device
 
 OUTPUT_SIZE = 256
@@ -70,10 +69,7 @@ def generate(shards_dir: Path, manifest_path: Path, generator_path: Path, out: P
 
 @cli
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    ap.add_argument("--shards", type=Path, required=True, help="folder of the uint8 image shards (from ingest)")
-    ap.add_argument("--manifest", type=Path, required=True, help="the shards' index, CSV (from ingest)")
+    ap = stage_arguments(__doc__)
     ap.add_argument("--generator", type=Path, required=True, help="the photo→Monet generator (from train)")
     ap.add_argument("--out", type=Path, required=True, help="folder for the generated JPEGs")
     args = ap.parse_args(argv)

@@ -6,7 +6,6 @@ verified uint8 tensor shards + a manifest.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -16,7 +15,7 @@ from pipeline import competition, sample
 from pipeline.competition import TFREC_DIRS
 from pipeline.errors import DataError, cli
 from pipeline.files import atomic_dir, atomic_path, main_repo, under_main_repo
-from pipeline.params import MIN_IMAGES, Params, load
+from pipeline.params import MIN_IMAGES, Params, load, stage_arguments
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -131,8 +130,7 @@ def ingest(p: Params, raw: Path, shards_dir: Path, manifest_path: Path, download
 
 @cli
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    ap = stage_arguments(__doc__, reads_shards=False)
     ap.add_argument("--raw", type=Path, required=True, help="folder for the competition TFRecords")
     ap.add_argument("--shards", type=Path, required=True, help="folder for the uint8 tensor shards")
     ap.add_argument("--manifest", type=Path, required=True, help="CSV index of every image")

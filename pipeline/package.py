@@ -7,7 +7,6 @@ The competition wants 7,000–10,000 JPEGs of 256×256×3, flat (no folders) in 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import zipfile
 from pathlib import Path
@@ -18,7 +17,7 @@ from tqdm import tqdm
 from pipeline import tracking
 from pipeline.errors import DataError, cli
 from pipeline.files import atomic_path, write_json
-from pipeline.params import load
+from pipeline.params import load, stage_arguments
 
 
 def check_images(folder: Path, min_images: int, max_images: int) -> list[Path]:
@@ -75,14 +74,11 @@ def write_zip(images: list[Path], out: Path) -> str:
 
 @cli
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    ap = stage_arguments(__doc__)
     ap.add_argument("--images", type=Path, required=True, help="folder of generated JPEGs")
     ap.add_argument("--out", type=Path, required=True, help="the submission zip to write")
     ap.add_argument("--metrics", type=Path, required=True, help="package summary JSON to write")
     ap.add_argument("--generator", type=Path, required=True, help="identifies the MLflow run")
-    ap.add_argument("--shards", type=Path, required=True, help="the data set, for a new MLflow run")
-    ap.add_argument("--manifest", type=Path, required=True, help="the data set's index")
     args = ap.parse_args(argv)
     p = load(args.params)
     tracking.check_store()  # an unreachable MLflow server stops the stage before the work

@@ -2,6 +2,7 @@
 before any stage does work."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import typing
@@ -256,3 +257,14 @@ def flatten(params: Params) -> dict[str, object]:
 
     walk(params, "")
     return out
+
+
+def stage_arguments(doc: str, reads_shards: bool = True) -> argparse.ArgumentParser:
+    """A stage's command line: its description, --params and, for the stages after ingest, the
+    shards and manifest it reads."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    if reads_shards:
+        ap.add_argument("--shards", type=Path, required=True, help="folder of the uint8 image shards (from ingest)")
+        ap.add_argument("--manifest", type=Path, required=True, help="the shards' index, CSV (from ingest)")
+    return ap

@@ -32,7 +32,7 @@ from pipeline.cyclegan import LossMeter, Trainer, build_nets
 from pipeline.distributed import World
 from pipeline.errors import PipelineError, brief, cli
 from pipeline.files import atomic_path, save_torch, write_json
-from pipeline.params import Params, flatten, load
+from pipeline.params import Params, flatten, load, stage_arguments
 from pipeline.runtime import (autocast_dtype, pick_device, place, rng_state, seed_everything, set_rng_state,
                               uncompiled)
 
@@ -199,10 +199,7 @@ def _check_same_weights(trainer: Trainer, world: World, print_fn) -> None:
 
 @cli
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    ap.add_argument("--shards", type=Path, required=True, help="folder of the uint8 image shards (from ingest)")
-    ap.add_argument("--manifest", type=Path, required=True, help="the shards' index, CSV (from ingest)")
+    ap = stage_arguments(__doc__)
     ap.add_argument("--generator", type=Path, required=True, help="the photo→Monet generator to write")
     ap.add_argument("--reverse-generator", type=Path, required=True, help="the Monet→photo generator to write")
     ap.add_argument("--checkpoint", type=Path, required=True, help="resumable training state (not a DVC output)")
