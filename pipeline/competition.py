@@ -12,30 +12,24 @@ competition's data, whatever its names say. The same caps hold for a folder. A m
 zipfile cannot extract (encrypted, or compressed in a way it does not know) is refused from the
 listing too; one whose bytes turn out damaged while extracting is one error naming it.
 
-Kaggle's archive is downloaded once into a cache shared by every experiment (`--download-cache`),
-so changing an ingest param or re-running after a failure does not download again; it is
-downloaded into a temp folder there and renamed into place only when complete and checked.
+Kaggle's archive is downloaded by pipeline/kaggle_download.py.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
-import io
-import os
 import shutil
 import stat
-import sys
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from pipeline.errors import DataError, PipelineError
-from pipeline.files import atomic_path
 
 COMPETITION = "gan-getting-started"
 TFREC_DIRS = {"monet": "monet_tfrec", "photo": "photo_tfrec"}
+JPEG_DIRS = ("monet_jpg", "photo_jpg")  # the same images as JPEG files, beside the TFRecords in the zip
 MAX_FILE = 256 << 20
 MAX_TOTAL = 2 << 30
 # Kaggle names its files *.tfrec; TensorFlow's own writers and tutorials use the longer names
@@ -169,7 +163,9 @@ def open_checked(source: Path) -> Iterator[tuple[zipfile.ZipFile, list[tuple[zip
                 if not any(name.startswith(f"{folder}/") for _, name in taken):
                     inner = next((info.filename for info, name in members if name.lower().endswith(".zip")), None)
                     hint = (f"; it holds {inner}: extract that and give it as ingest.source" if inner
-                            else f" (is this the {COMPETITION} zip?)")
+                            else _jpeg_copies_hint(part for _, name in members
+                                                   for part in PurePosixPath(name).parts[:2])
+                            or f" (is this the {COMPETITION} zip?)")
                     raise DataError(f"{source}: no {folder}/*.tfrec inside{hint}")
             check_sizes(source, {info.filename: info.file_size for info, _ in taken})
             for info, name in taken:
@@ -221,6 +217,16 @@ def _read_member(src, source: Path, info: zipfile.ZipInfo) -> bytes:
                         f"get a fresh copy of the archive") from None
 
 
+def _jpeg_copies_hint(folder_names) -> str:
+    """For a zip or folder with the competition's JPEG copies (at the top or one folder down) but
+    not its TFRecords."""
+    copies = sorted(set(folder_names) & set(JPEG_DIRS))
+    if not copies:
+        return ""
+    return (f"; it holds {' and '.join(f'{d}/' for d in copies)}, the JPEG copies, which ingest does not "
+            f"read: it takes {TFREC_DIRS['monet']}/ and {TFREC_DIRS['photo']}/, as the {COMPETITION} zip has them")
+
+
 def _folder_root(source: Path) -> Path:
     """`source` if it holds the TFRecord folders, else its one subfolder that does (the folder a
     zip of the data was extracted into)."""
@@ -247,7 +253,8 @@ def from_folder(source: Path, raw: Path) -> dict[str, str]:
         if not found:
             zips = sorted(f.name for f in source.glob("*.zip") if f.is_file())
             hint = (f"; it holds {zips[0]}: give that zip as ingest.source" if zips
-                    else f" (is this the {COMPETITION} folder?)")
+                    else _jpeg_copies_hint(d.name for d in [*source.glob("*"), *source.glob("*/*")] if d.is_dir())
+                    or f" (is this the {COMPETITION} folder?)")
             raise DataError(f"{source / folder}: no .tfrec files{hint}")
         files.update({f"{folder}/{f.name}": f for f in found})
     check_sizes(source, {name: f.stat().st_size for name, f in files.items()})
@@ -271,78 +278,3 @@ def copy_local(source: Path, raw: Path) -> dict[str, str]:
                         f"holds {TFREC_DIRS['monet']}/ and {TFREC_DIRS['photo']}/ (here perhaps "
                         f"{source.parent if source.is_dir() else source.parent.parent})")
     return (from_folder if source.is_dir() else from_zip)(source, raw)
-
-
-def kaggle_api():
-    """An authenticated KaggleApi. Imported here: `import kaggle` itself tries to authenticate.
-    Both print a page of sign-up help when no credentials are found (twice, the import's and
-    ours), which the one error line below replaces; what they print otherwise is passed on."""
-    help_text = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(help_text), contextlib.redirect_stderr(help_text):
-            from kaggle.api.kaggle_api_extended import KaggleApi
-
-            api = KaggleApi()
-            api.authenticate()
-    except SystemExit:  # the package exits when it finds no credentials
-        token = _access_token_source()
-        if token:  # the client checks a token online and passes over one Kaggle does not know
-            raise PipelineError(f"ingest.source=kaggle: Kaggle did not accept the token in {token} (expired or "
-                                f"mistyped?); create a new one at https://www.kaggle.com/settings") from None
-        raise PipelineError("ingest.source=kaggle: no Kaggle credentials found; set KAGGLE_API_TOKEN "
-                            "or KAGGLE_USERNAME/KAGGLE_KEY, or save ~/.kaggle/kaggle.json") from None
-    except Exception as e:  # a token is checked online: no network, or a token Kaggle does not know
-        status = _http_status(e)
-        why = f"Kaggle refused the credentials (HTTP {status})" if status in (401, 403) else f"{type(e).__name__}: {e}"
-        raise PipelineError(f"ingest.source=kaggle: signing in to Kaggle failed: {why}") from None
-    print(help_text.getvalue(), end="", file=sys.stderr)  # what it says when it signs in (a warning, say)
-    return api
-
-
-def _access_token_source() -> str | None:
-    """Where an API token is set for the client to find (its own order), or None."""
-    if os.environ.get("KAGGLE_API_TOKEN"):
-        return "KAGGLE_API_TOKEN"
-    for name in ("access_token", "access_token.txt"):
-        if (Path.home() / ".kaggle" / name).is_file():
-            return f"~/.kaggle/{name}"
-    return None
-
-
-def download(cache: Path, api_factory=kaggle_api) -> Path:
-    """The competition's zip in `cache`: the one downloaded before, else downloaded now."""
-    archive = cache / f"{COMPETITION}.zip"
-    if archive.is_file():
-        print(f"ingest: {COMPETITION} from the download cache ({archive}; delete it to download again)")
-        return archive
-    api = api_factory()
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".download.") as tmp:
-        try:
-            api.competition_download_files(COMPETITION, path=tmp, quiet=False)
-        except SystemExit:
-            raise PipelineError(f"ingest.source=kaggle: the Kaggle client gave up downloading {COMPETITION}") from None
-        except Exception as e:
-            if _http_status(e) in (401, 403):
-                raise PipelineError(
-                    f"ingest.source=kaggle: Kaggle refused {COMPETITION} (HTTP {_http_status(e)}); accept the "
-                    f"rules at https://www.kaggle.com/competitions/{COMPETITION}/rules") from None
-            raise PipelineError(f"ingest.source=kaggle: download of {COMPETITION} failed: {e}") from None
-        zips = sorted(Path(tmp).glob("*.zip"))
-        if not zips:
-            raise DataError(f"ingest.source=kaggle: the download of {COMPETITION} produced no zip")
-        with open_checked(zips[0]):  # a download that fails the checks is never cached
-            pass
-        with atomic_path(archive) as final:
-            zips[0].replace(final)
-    print(f"ingest: downloaded {COMPETITION} into the cache ({archive})")
-    return archive
-
-
-def _http_status(e: Exception) -> int | None:
-    for obj in (e, getattr(e, "response", None)):
-        for attr in ("status", "status_code"):
-            value = getattr(obj, attr, None)
-            if isinstance(value, int):
-                return value
-    return None

@@ -109,16 +109,27 @@ def save_torch(obj: object, path: str | Path) -> None:
 
 
 @contextlib.contextmanager
+def scratch_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temp folder beside `path`, removed afterwards (or, after a kill -9, by the
+    next writer of `path`: see _temp_beside)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_beside(path), suffix=".tmp", dir=path.parent))
+    tmp.chmod(DIR_MODE)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temp folder beside `path`; on success it replaces `path` whole.
 
     A stage that fills a folder (shards, generated JPEGs) builds it here first, so a killed
     run never leaves a folder that looks complete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_beside(path), suffix=".tmp", dir=path.parent))
-    tmp.chmod(DIR_MODE)
-    try:
+    with scratch_dir(path) as tmp:
         with _full_disk_names(path):
             yield tmp
         old = path.with_name(f".{path.name}.old")
@@ -127,8 +138,6 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main_repo() -> Path:

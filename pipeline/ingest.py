@@ -11,7 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline import competition, sample
+from pipeline import competition, kaggle_download, sample
 from pipeline.competition import TFREC_DIRS
 from pipeline.errors import DataError, cli
 from pipeline.files import atomic_dir, atomic_path, main_repo, under_main_repo
@@ -104,7 +104,7 @@ def read_raw(raw: Path, shards_dir: Path, shard_size: int,
 
 
 def ingest(p: Params, raw: Path, shards_dir: Path, manifest_path: Path, download_cache: Path,
-           api_factory=competition.kaggle_api) -> pd.DataFrame:
+           api_factory=kaggle_download.kaggle_api) -> pd.DataFrame:
     source = p.ingest.source
     with atomic_dir(raw) as tmp_raw:
         origins: dict[str, str] = {}  # the user's file or zip member of each TFRecord, for error lines
@@ -112,7 +112,7 @@ def ingest(p: Params, raw: Path, shards_dir: Path, manifest_path: Path, download
             counts = {"monet": p.ingest.sample_paintings, "photo": p.ingest.sample_photos}
             write_sample(tmp_raw, p.seed, counts, workers=os.cpu_count() or 1)
         elif source == "kaggle":
-            archive = competition.download(download_cache, api_factory)
+            archive = kaggle_download.download(download_cache, api_factory)
             try:
                 origins = competition.from_zip(archive, tmp_raw)
             except DataError as e:  # checked from its listing when cached: its bytes are damaged

@@ -3,15 +3,17 @@ import struct
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import requests
 import torch
 
-from pipeline import competition, ingest, shards, tfrecords
+from pipeline import competition, ingest, kaggle_download, shards, tfrecords
 from pipeline.errors import DataError, PipelineError
 from pipeline.params import parse
 
@@ -284,6 +286,26 @@ def test_missing_source_and_wrong_folder(tmp_path):
         _run(tmp_path, tmp_path / "empty")
 
 
+NO_NETWORK = (r"; with no network here, download gan-getting-started\.zip elsewhere and put it at "
+              r"\S*cache/gan-getting-started\.zip, or give its path as ingest\.source$")
+
+
+def test_the_jpeg_copies_alone_are_named_as_such(tmp_path):
+    # Kaggle's zip holds each image twice; a user who kept only the JPEG folders was asked "is this
+    # the gan-getting-started folder?", which it is
+    jpegs = tmp_path / "gan-getting-started"
+    for folder in competition.JPEG_DIRS:
+        (jpegs / folder).mkdir(parents=True)
+        (jpegs / folder / "a.jpg").write_bytes(tfrecords.encode_jpeg(_image(1)))
+    needle = (r"it holds monet_jpg/ and photo_jpg/, the JPEG copies, which ingest does not read: it takes "
+              r"monet_tfrec/ and photo_tfrec/, as the gan-getting-started zip has them$")
+    with pytest.raises(DataError, match=needle):
+        _run(tmp_path / "a", jpegs)
+    archive = shutil.make_archive(str(tmp_path / "jpegs"), "zip", tmp_path, jpegs.name)
+    with pytest.raises(DataError, match=needle):
+        _run(tmp_path / "b", archive)
+
+
 class _FakeApi:
     """Kaggle's client as the pipeline uses it; `downloads` counts the archives it handed out."""
     downloads = 0
@@ -332,7 +354,8 @@ def test_kaggle_download_path_downloads_once(tmp_path, monkeypatch, capsys):
 def test_interrupted_download_never_looks_complete(tmp_path, monkeypatch):
     monkeypatch.setattr(_FakeApi, "downloads", 0)
     zpath = _competition_zip(tmp_path)
-    with pytest.raises(PipelineError, match="download of gan-getting-started failed: connection reset"):
+    with pytest.raises(PipelineError, match=r"the download of gan-getting-started broke off \(ConnectionError: "
+                                            r"connection reset by peer\)" + NO_NETWORK):
         _run(tmp_path, "kaggle", api_factory=lambda: _FakeApi(zpath, cut_after=100))
     cache = tmp_path / "cache"
     assert not (cache / "gan-getting-started.zip").exists() and not list(cache.iterdir())
@@ -414,7 +437,12 @@ def test_a_token_kaggle_does_not_accept_is_said_so(where, tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize("error, needle", [
-    (ConnectionError("Failed to resolve 'api.kaggle.com'"), "signing in to Kaggle failed: ConnectionError: Failed"),
+    (ConnectionError("Failed to resolve 'api.kaggle.com'"),
+     r"cannot reach Kaggle to sign in \(ConnectionError: Failed to resolve 'api\.kaggle\.com'\)" + NO_NETWORK),
+    (requests.ConnectionError(
+        "HTTPSConnectionPool(host='api.kaggle.com', port=443): Max retries exceeded with url: /v1/x (Caused by "
+        "NameResolutionError(\"<urllib3.connection.HTTPSConnection object>: Failed to resolve 'api.kaggle.com'\"))"),
+     r"cannot reach Kaggle to sign in \(NameResolutionError\)" + NO_NETWORK),
     (_Unauthorized("Unauthorized"), "signing in to Kaggle failed: Kaggle refused the credentials \\(HTTP 401\\)"),
 ])
 def test_kaggle_sign_in_that_fails_online_is_one_line(error, needle, tmp_path, monkeypatch):
@@ -429,6 +457,88 @@ def test_kaggle_sign_in_that_fails_online_is_one_line(error, needle, tmp_path, m
     with pytest.raises(PipelineError, match=needle):
         _run(tmp_path, "kaggle")
     assert not list((tmp_path / "data").iterdir())  # nothing written, no temp folder left
+
+
+@pytest.mark.parametrize("kaggle_json, env, needle", [
+    ('{"username": "bob", "key": ', {}, r"kaggle\.json is not valid JSON \(Expecting value: line 1 column 28"),
+    ('{"username": "bob"}', {}, r"a Kaggle username is set \('username' in \S+kaggle\.json\) but no key; set "
+                               r"KAGGLE_KEY or add 'key' to \S+kaggle\.json$"),
+    ("[]", {}, r"kaggle\.json is not a JSON object with 'username' and 'key'$"),
+    ("{}", {}, r"kaggle\.json holds no 'username' and 'key'$"),
+    (None, {"KAGGLE_USERNAME": "bob"}, r"a Kaggle username is set \(KAGGLE_USERNAME\) but no key"),
+    (None, {"KAGGLE_KEY": "0123"}, r"a Kaggle key is set \(KAGGLE_KEY\) but no username; set KAGGLE_USERNAME"),
+])
+def test_broken_or_half_given_kaggle_credentials_say_what_is_wrong(kaggle_json, env, needle, tmp_path,
+                                                                     monkeypatch):
+    # the client reads them as no credentials at all: "save ~/.kaggle/kaggle.json" was the line, to a
+    # user who had saved it with a typo
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    _no_kaggle_credentials(tmp_path, monkeypatch)
+    config = tmp_path / ".kaggle/kaggle.json"
+    config.parent.mkdir()
+    if kaggle_json is not None:
+        config.write_text(kaggle_json)
+        config.chmod(0o600)
+    monkeypatch.setattr(KaggleApi, "config", str(config))  # read once, when the client is first imported
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(PipelineError, match=r"^ingest\.source=kaggle: .*" + needle):
+        _run(tmp_path, "kaggle")
+
+
+def _blocked(event):
+    """A Kaggle client call on a network that takes the connection and never answers."""
+    def call(*args, **kwargs):
+        event.wait(60)
+    return call
+
+
+def test_a_kaggle_that_never_answers_is_given_up_on(tmp_path, monkeypatch):
+    # the client sets no timeout on its requests: the stage hung, silent, until killed
+    monkeypatch.setattr(kaggle_download, "STALL_SECONDS", 0.5)
+    never = __import__("threading").Event()
+    try:
+        with pytest.raises(PipelineError, match=r"no answer from Kaggle for 0\.5 s while signing in" + NO_NETWORK):
+            _run(tmp_path / "a", "kaggle", api_factory=_blocked(never))
+
+        class Stalling(_FakeApi):
+            def competition_download_files(self, competition, path, quiet):
+                (Path(path) / f"{competition}.zip").write_bytes(b"PK" * 1000)  # a first part, then silence
+                never.wait(60)
+
+        with pytest.raises(PipelineError, match=r"no answer from Kaggle for 0\.5 s while downloading "
+                                                r"gan-getting-started" + NO_NETWORK):
+            _run(tmp_path / "b", "kaggle", api_factory=Stalling)
+        assert not list((tmp_path / "b/cache").iterdir())  # no part of a zip, no temp folder
+        assert not (tmp_path / "b/data/raw").exists()
+    finally:
+        never.set()
+
+
+def test_a_download_killed_outright_leaves_nothing_the_next_one_keeps(tmp_path, repo_root):
+    # kill -9 (or SIGTERM, or SIGHUP: no `finally` runs) left the part in .cache/downloads for good:
+    # up to 386 MB a time
+    cache = tmp_path / "cache"
+    script = (f"from pathlib import Path\nimport time\nfrom pipeline import kaggle_download\n"
+              f"class Api:\n"
+              f"    def competition_download_files(self, competition, path, quiet):\n"
+              f"        (Path(path) / 'part.zip').write_bytes(bytes(1 << 20))\n"
+              f"        time.sleep(600)\n"
+              f"kaggle_download.download(Path({str(cache)!r}), api_factory=Api)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=repo_root)
+    try:
+        for _ in range(600):
+            if list(cache.glob(".*.tmp/part.zip")):
+                break
+            time.sleep(0.1)
+        assert list(cache.glob(".*.tmp/part.zip")), "the download never started"
+    finally:
+        proc.kill()
+        proc.wait()
+    zpath = _competition_zip(tmp_path)
+    assert len(_run(tmp_path, "kaggle", api_factory=lambda: _FakeApi(zpath))) == 7
+    assert [f.name for f in cache.iterdir()] == ["gan-getting-started.zip"]
 
 
 def test_kaggle_missing_credentials_is_one_line_from_the_stage(tmp_path, monkeypatch, repo_root):
