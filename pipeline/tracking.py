@@ -284,7 +284,10 @@ def open_run(params: Params, generator_path: Path, stage: str, shards: Path, man
                 _copy_held_results(stage, logged=found.data.metrics)
                 _copy_restored_results(stage, params, generator_path,
                                        found.data.tags.get(GENERATOR_TAG) or generator_sha(generator_path))
-            return _active(run)
+            # a forced rerun (`dvc repro -f -s package`) of a row that is complete already: the row is
+            # the execution that made it, and keeps its duration
+            complete = found.info.status == "FINISHED" and any(k.startswith("package.") for k in found.data.metrics)
+            return _active(run, keep_end_time=found.info.end_time if complete else None)
         sha = generator_sha(generator_path)
         run = _new_run(mlflow, exp_id, params, manifest, {"pipeline_key": key, GENERATOR_TAG: sha})
         with _failing_ends(mlflow):
@@ -327,7 +330,9 @@ def failure_marks_row(params: Params, generator_path: Path, stage: str):
                 # a row with this stage's results already in it is found by a forced rerun (`dvc repro
                 # -f -s evaluate`): those results still stand, and DVC restores them from its run-cache
                 # afterwards, with no stage run to mend the row
-                succeeded = found and any(k.startswith(f"{stage}.") for k in found.data.metrics)
+                # (generate logs nothing of its own: the results of the stages that read its JPEGs say it)
+                proof = ("evaluate.", "package.") if stage == "generate" else (f"{stage}.",)
+                succeeded = found and any(k.startswith(proof) for k in found.data.metrics)
                 if found and not succeeded:
                     mlflow.MlflowClient().set_terminated(found.info.run_id, _failed_as(e))
         except Exception:  # the stage's own error is the line to show, not a second one about the store
@@ -336,14 +341,17 @@ def failure_marks_row(params: Params, generator_path: Path, stage: str):
 
 
 @contextlib.contextmanager
-def _active(run):
+def _active(run, keep_end_time: int | None = None):
     """The run as a context, ended under the store's lock: FINISHED, or FAILED (KILLED on ^C)
-    when the stage raised, so a broken execution is visible as such in the UI."""
+    when the stage raised, so a broken execution is visible as such in the UI. With
+    `keep_end_time`, FINISHED at that time (ms) instead of now."""
     mlflow = _mlflow()
     with _failing_ends(mlflow):
         yield run
     with _serialized():
         mlflow.end_run()
+        if keep_end_time is not None:
+            mlflow.MlflowClient().set_terminated(run.info.run_id, "FINISHED", end_time=keep_end_time)
 
 
 def _metric_prefixes(files: list[Path]) -> tuple[str, ...]:

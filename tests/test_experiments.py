@@ -265,9 +265,38 @@ def test_a_forced_rerun_that_fails_leaves_the_row_it_succeeded_for_alone(store, 
     with pytest.raises(DataError), tracking.failure_marks_row(p, generator, "evaluate"):
         raise DataError("the weights file replaced by a bad one")
     assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"]
+    # generate logs nothing of its own: evaluate's results in the row say it succeeded (`dvc repro -f
+    # -s generate` after a shard was damaged marked the complete row FAILED)
+    with pytest.raises(DataError), tracking.failure_marks_row(p, generator, "generate"):
+        raise DataError("a shard damaged since")
+    assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"]
     with pytest.raises(DataError), tracking.failure_marks_row(p, generator, "package"):
         raise DataError("package has not succeeded for this row: it fails it")
     assert [r["status"] for r in rows(tmp_path).values()] == ["FAILED"]
+
+
+def test_a_forced_rerun_keeps_the_duration_of_a_complete_row(store, tmp_path, monkeypatch):
+    # the row is the execution from training to package; `dvc repro -f -s package` a day later
+    # stretched it to a day
+    import time
+
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    manifest, generator = store
+    p = parse({"train": {"lr": 1e-5}})
+    with tracking.start_training(p, tmp_path, manifest, False) as run:
+        tracking.finish_training(p, generator)
+    (tmp_path / "evaluate.json").write_text('{"fid": 1.5}')
+    (tmp_path / "package.json").write_text('{"images": 7028}')
+    ends = []
+    for stage in ("evaluate", "package", "package", "evaluate"):  # the execution, then two forced reruns
+        time.sleep(0.05)
+        with tracking.open_run(p, generator, stage, tmp_path, manifest):
+            tracking.log_metrics_file(tmp_path / f"{stage}.json")
+        ends.append(rows(tmp_path)[run.info.run_id]["end_time"])
+    assert ends[0] < ends[1] == ends[2] == ends[3]
+    assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"]
 
 
 def test_a_new_row_whose_filling_fails_ends_failed(store, tmp_path, monkeypatch):
