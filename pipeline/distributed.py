@@ -8,8 +8,12 @@ so the weights stay identical on every rank, and rank 0 alone writes outputs.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
 import signal
+import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.errors import PipelineError
 
 TIMEOUT = timedelta(minutes=10)  # a collective that waits longer than this fails instead of hanging
+LAUNCHED = "PIPELINE_TRAIN_LAUNCHED"  # set for the workers the stage starts itself: it reports their failures
 
 
 @dataclass(frozen=True)
@@ -52,11 +57,13 @@ def launch(processes: int, module: str, argv: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    stage = module.rsplit(".", 1)[-1]
     # each worker's share of the cores (torchrun would set 1 and warn); `start` sets torch's too
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    os.environ[LAUNCHED] = "1"
     # the launcher keeps its workers' error reports in a log folder, by default a new /tmp/torchelastic_*
     # that every run leaves behind: here one that goes when the run ends (the reports are read by then)
-    with tempfile.TemporaryDirectory(prefix="torchelastic_") as logs:
+    with tempfile.TemporaryDirectory(prefix="torchelastic_") as logs, _quiet_launcher():
         args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={processes}", "--max_restarts=0",
                                              f"--log-dir={logs}", "--module", module, *argv])
         try:
@@ -64,13 +71,54 @@ def launch(processes: int, module: str, argv: list[str]) -> None:
         except ChildFailedError as e:
             rank, failure = e.get_first_failure()
             how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-            raise PipelineError(f"{module}: worker {rank} of {processes} failed ({how}); every worker was "
+            raise PipelineError(f"{stage}: worker {rank} of {processes} failed ({how}); every worker was "
                                 f"stopped") from None
         except SignalException as e:  # the launcher itself was signalled; it stopped the workers
             if e.sigval == signal.SIGINT:
                 raise KeyboardInterrupt from None  # Ctrl-C: said in one line by the stage, as without DDP
-            raise PipelineError(f"{module}: stopped by {signal.Signals(e.sigval).name}; every worker was "
+            raise PipelineError(f"{stage}: stopped by {signal.Signals(e.sigval).name}; every worker was "
                                 f"stopped") from None
+
+
+@contextlib.contextmanager
+def _quiet_launcher():
+    """The launcher's own log lines (a worker 'failed (exitcode: -9)', 'sending process closing
+    signal') off: the stage says what happened in one line. Each of its loggers has a level of its
+    own, so each is set."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"))]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def lost_peer_line(e: BaseException, world: World) -> str | None:
+    """What a worker whose collective failed because another went away says, or None to say
+    nothing: under the stage's own launcher, which names the process that died in one line."""
+    if os.environ.get(LAUNCHED):
+        return None
+    # gloo's messages start with its source file: "[/__w/pytorch/.../pair.cc:545] Read error ..."
+    why = re.sub(r"^\[[^\]]*\] ", "", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    return f"train: process {world.rank} lost contact with the others ({why[:100]})"
+
+
+def _die_with_launcher() -> None:
+    """torchrun starts each worker in a session of its own, so a kill -9 of the launcher, or of the
+    process group DVC runs it in, left the workers training, and rank 0 writing outputs for a stage
+    that had failed. On Linux the kernel now kills a worker when its launcher dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the line above: orphans are init's
+        os._exit(1)
 
 
 def check_devices(processes: int, device: torch.device) -> None:
@@ -94,6 +142,7 @@ def start(world: World, device: torch.device) -> torch.device:
     elif world.size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
     if world.size > 1:
+        _die_with_launcher()
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank,
                                 world_size=world.size, timeout=TIMEOUT)
     return device

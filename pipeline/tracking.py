@@ -256,6 +256,34 @@ def start_training(params: Params, shards: Path, manifest: Path, resuming: bool)
         return _active(_new_run(mlflow, exp_id, params, manifest, {"training_of": key}))
 
 
+def _existing_experiment(mlflow):
+    """The pipeline's experiment in the store, or None; never makes a store (opening a SQLite file
+    that is not there would create one, with no row to mark)."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return None
+    mlflow.set_tracking_uri(uri)
+    return mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+
+
+def end_lost_training(params: Params, error: BaseException) -> None:
+    """The stage's DDP launcher, after a worker failed: rank 0's row of this training is left
+    RUNNING when rank 0 itself was killed outright; end it FAILED (KILLED on ^C). The unfinished
+    rows of these params in this DVC experiment (or the workspace) are this training's."""
+    try:
+        mlflow = _mlflow()
+        with _serialized():
+            exp = _existing_experiment(mlflow)
+            found = exp and mlflow.search_runs(
+                [exp.experiment_id], filter_string=f"tags.training_of = '{params_key(params)}' and "
+                f"attributes.status = 'RUNNING'", output_format="list")
+            for r in found or []:
+                if "pipeline_key" not in r.data.tags and r.data.tags.get("dvc_exp_name") == _exp_name():
+                    mlflow.MlflowClient().set_terminated(r.info.run_id, _failed_as(error))
+    except Exception:  # the stage's own error is the line to show, not a second one about the store
+        pass
+
+
 def finish_training(params: Params, generator_path: Path) -> None:
     """`train`, with its outputs on disk: key the row, so the later stages find it, and copy in the
     results of the later stages that still hold (a retraining to the same weights skips them)."""
@@ -318,14 +346,10 @@ def failure_marks_row(params: Params, generator_path: Path, stage: str):
     try:
         yield
     except BaseException as e:
-        uri = tracking_uri()
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-            raise  # no store, so no row (opening it would create one)
         try:
             mlflow = _mlflow()
             with _serialized():
-                mlflow.set_tracking_uri(uri)
-                exp = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+                exp = _existing_experiment(mlflow)
                 found = exp and _row_by_key(mlflow, exp.experiment_id, run_key(params, generator_path))
                 # a row with this stage's results already in it is found by a forced rerun (`dvc repro
                 # -f -s evaluate`): those results still stand, and DVC restores them from its run-cache

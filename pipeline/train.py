@@ -213,8 +213,18 @@ def main(argv=None) -> None:
     if p.train.processes > 1 and world.size == 1:  # the stage itself starts the DDP workers
         tracking.check_store()
         distributed.check_devices(p.train.processes, pick_device(p.device))
-        distributed.launch(p.train.processes, "pipeline.train", argv)
+        try:
+            distributed.launch(p.train.processes, "pipeline.train", argv)
+        except (PipelineError, KeyboardInterrupt) as e:
+            tracking.end_lost_training(p, e)
+            raise
         return
+    if world.size > 1 and world.size != p.train.processes:  # a plain torchrun: DVC records the params
+        if not world.main:
+            sys.exit(2)  # rank 0 says it
+        raise PipelineError(f"train: torchrun started {world.size} processes, and train.processes is "
+                            f"{p.train.processes}: set train.processes={world.size} (a run records the "
+                            f"process count it trained with; the global batch is batch_size × processes)")
     if world.main:
         tracking.check_store()  # an unreachable MLflow server stops the stage before any training
     device = distributed.start(world, pick_device(p.device))
@@ -225,9 +235,11 @@ def main(argv=None) -> None:
             sys.exit(130)
         raise
     except Exception as e:
-        if distributed.peer_lost(e, world):  # one line here; the launcher names the process that died
-            raise PipelineError(f"train: process {world.rank} lost contact with the others "
-                                f"({str(e).splitlines()[0][:120]})") from None
+        if distributed.peer_lost(e, world):
+            line = distributed.lost_peer_line(e, world)
+            if line is None:  # the stage's launcher names the process that died, in one line
+                sys.exit(1)
+            raise PipelineError(line) from None
         raise
     finally:
         distributed.finish(world)

@@ -1,7 +1,9 @@
 """Training in two processes on the CPU (gloo), as the train stage starts them under DVC and as a
 plain torchrun does; and a killed worker that must fail the stage at once, not hang it."""
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,11 +59,28 @@ def test_two_processes_through_dvc(repo, tmp_path):
 def test_plain_torchrun_works_too(repo, tmp_path):
     root, env = repo
     env = {**env, "TMPDIR": str(tmp_path)}  # torchrun's own log folder, which it leaves behind
-    set_params(root, {"train": {**TINY["train"], "processes": 1, "epochs": 1, "decay_from_epoch": 1}})
+    set_params(root, {"train": {**TINY["train"], "epochs": 1, "decay_from_epoch": 1}})
     res = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "pipeline.train", *TRAIN_ARGS], root, env, timeout=600)
     assert "weights identical on all 2 processes" in res.stdout
     assert json.loads((root / "metrics/train.json").read_text())["processes"] == 2
+
+
+def test_torchrun_with_another_process_count_than_the_params_is_one_line(repo, tmp_path):
+    # it trained 2 processes (a global batch twice the size) while params.yaml, dvc.lock and the
+    # MLflow params said 1: DVC's run-cache then gave these weights to the 1-process params
+    root, env = repo
+    env = {**env, "TMPDIR": str(tmp_path)}
+    set_params(root, {"train": {**TINY["train"], "processes": 1}})
+    before = {p: p.stat().st_mtime_ns for p in (root / "metrics").iterdir()}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "pipeline.train", *TRAIN_ARGS], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode != 0
+    said = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("error:")]
+    assert said == ["error: train: torchrun started 2 processes, and train.processes is 1: set train.processes=2 "
+                    "(a run records the process count it trained with; the global batch is batch_size × processes)"]
+    assert {p: p.stat().st_mtime_ns for p in (root / "metrics").iterdir()} == before
 
 
 def _worker(rank: int, timeout: float = 120) -> psutil.Process:
@@ -78,24 +97,60 @@ def _worker(rank: int, timeout: float = 120) -> psutil.Process:
     raise AssertionError(f"no worker of rank {rank} appeared")
 
 
-def test_a_killed_worker_fails_the_stage_with_a_clear_error(repo, tmp_path):
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_worker_fails_the_stage_with_a_clear_error(repo, tmp_path, victim):
     root, env = repo
     env = {**env, "TMPDIR": str(tmp_path)}
     set_params(root, {"train": {**TINY["train"], "steps_per_epoch": 100_000}})  # hours, unless stopped
+    before = rows(root)
     stage = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=root, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        survivor, victim = _worker(0), _worker(1)
-        time.sleep(5)  # let it train a little
-        victim.send_signal(signal.SIGKILL)
+        workers = [_worker(0), _worker(1)]
+        deadline = time.time() + 120
+        while not new_rows(root, before) and time.time() < deadline:  # training, its row open
+            time.sleep(1)
+        time.sleep(2)
+        workers[victim].send_signal(signal.SIGKILL)
         out, err = stage.communicate(timeout=120)  # no hang: the others are stopped at once
     finally:
         if stage.poll() is None:
             stage.kill()
     assert stage.returncode != 0
-    assert "error: pipeline.train: worker 1 of 2 failed (signal SIGKILL); every worker was stopped" in out + err
-    assert not survivor.is_running() or survivor.status() == psutil.STATUS_ZOMBIE
+    # one line: not also the survivor's (with gloo's source path) nor the launcher's own log line
+    # (rank 0 killed mid-way through its progress bar leaves the line open: the error follows it)
+    said = re.findall(r"error: [^\r\n]*", out + err) + [line for line in (out + err).splitlines() if "exitcode" in line]
+    assert said == [f"error: train: worker {victim} of 2 failed (signal SIGKILL); every worker was stopped"], out + err
+    assert all(not w.is_running() or w.status() == psutil.STATUS_ZOMBIE for w in workers)
     assert not list(tmp_path.glob("torchelastic_*"))  # the failure was read from it before it went
+    # rank 0 killed outright could not end its row: the launcher does
+    assert [row["status"] for row in new_rows(root, before)] == ["FAILED"]
+
+
+def test_workers_die_with_a_launcher_killed_outright(repo, tmp_path):
+    # torchrun puts each worker in a session of its own: kill -9 of the stage (or of DVC's process
+    # group) left them training, and rank 0 wrote the outputs of a stage DVC had called failed
+    root, env = repo
+    env = {**env, "TMPDIR": str(tmp_path)}
+    set_params(root, {"train": {**TINY["train"], "steps_per_epoch": 30, "epochs": 2}})  # a minute or so
+    outputs = [root / "models/photo2monet.pt", root / "metrics/train.json"]
+    before = [p.stat().st_mtime_ns if p.exists() else None for p in outputs]
+    launcher = subprocess.Popen([sys.executable, "-m", "pipeline.train", *TRAIN_ARGS], cwd=root, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    workers = []
+    try:
+        workers = [_worker(0), _worker(1)]
+        time.sleep(3)
+        launcher.kill()
+        launcher.wait()
+        _, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, "workers outlived their launcher"
+    finally:
+        for proc in [*workers, psutil.Process(launcher.pid) if launcher.poll() is None else None]:
+            with contextlib.suppress(AttributeError, psutil.NoSuchProcess):
+                proc.kill()
+    time.sleep(2)
+    assert [p.stat().st_mtime_ns if p.exists() else None for p in outputs] == before
 
 
 def test_ctrl_c_stops_every_worker_and_says_so_once(repo):
