@@ -399,9 +399,10 @@ def _copy_restored_results(stage: str, params: Params, generator_path: Path, sha
     newest earlier FINISHED row of the same generator whose params that stage's results depend on
     are the same. DVC runs such a stage only if its inputs changed; otherwise it restores its
     outputs from the run-cache, the outputs that earlier execution logged, and nothing logs them
-    here (a retraining to the weights of an experiment run before, `dvc exp run -S lambda_cycle=10`
-    after one of 5). A stage that does run logs its own results over these. `sha` is the
-    generator's generator_sha (computed once by the caller, which tags the row with it)."""
+    here (a retraining to the weights of an execution run before: `dvc exp run -S
+    train.log_every=25` changes no weight but reruns train). A stage that does run logs its own
+    results over these. `sha` is the generator's generator_sha (computed once by the caller, which
+    tags the row with it)."""
     mlflow = _mlflow()
     run = mlflow.active_run()
     logged = mlflow.get_run(run.info.run_id).data.metrics

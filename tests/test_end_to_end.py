@@ -217,7 +217,7 @@ def test_a_retraining_to_weights_made_before_gets_the_restored_stages_results_in
     # training is deterministic: back to params trained before (with a train-only param changed,
     # so train itself runs), it makes the same weights, and DVC restores generate, evaluate and
     # package from its run-cache instead of running them. Nothing logged their results into the
-    # new row, which held train's alone (as the README's `cycle-10` after `cycle-5` did)
+    # new row, which held train's alone
     root, env, _ = reproduced
     dvc(root, env, "repro", "-f")  # every stage runs: each in DVC's run-cache (another test empties it)
     params = yaml.safe_load((root / "params.yaml").read_text())

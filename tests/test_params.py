@@ -22,6 +22,15 @@ def test_every_field_appears_in_params_yaml(repo_root):
     assert flat_yaml == set(flatten(Params()))
 
 
+def test_whole_numbers_in_params_yaml_are_written_without_a_point(repo_root):
+    # DVC keys its run-cache by the values as written: with `lambda_cycle: 10.0` committed, the
+    # README's `dvc exp run -S lambda_cycle=10` (DVC writes 10) trained the committed recipe again
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    written = {f"{s}.{k}": v for s, section in raw.items() if isinstance(section, dict) for k, v in section.items()}
+    written.update({s: v for s, v in raw.items() if not isinstance(v, dict)})
+    assert [k for k, v in written.items() if isinstance(v, float) and v.is_integer()] == []
+
+
 def test_a_key_left_out_of_params_yaml_takes_the_committed_value(repo_root):
     # a stage run directly with a params file that lacks a key (an older one, a hand-written one)
     # must train the recipe params.yaml describes, not another one hidden in code
