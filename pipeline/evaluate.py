@@ -39,6 +39,9 @@ from pipeline.runtime import pick_device
 
 PAIR_IMAGES = 256  # ground-truth scenes for pair_l1
 SHOWN = 8          # generated images shown beside their nearest painting
+# Kaggle and the sample have 300 paintings; against a handful the scores grow by orders of
+# magnitude (2 sample paintings: FID 1.6e11) and say little, so below this count evaluate says so
+FEW_PAINTINGS = 100
 
 
 def read_jpegs(folder: Path, names: list[str], batch_size: int, threads: int = 1) -> Iterator[torch.Tensor]:
@@ -123,6 +126,10 @@ def evaluate(p: Params, shards_dir: Path, manifest_path: Path, images: Path, cac
 
     real = cache.get("paintings", images_key(paintings), lambda: features(paintings, "paintings"),
                      shape=(len(paintings), FEATURE_DIM))
+    if len(real) < FEW_PAINTINGS:
+        said = " (the offline extractor's BatchNorm statistics come from them too)" if extractor.id == "offline" else ""
+        say(f"evaluate: warning: {len(real)} paintings: scores against so few are far larger and noisier "
+            f"than against hundreds{said}; compare runs on the same image sets only")
     # on the CPU the network takes every core; beside a GPU the host's cores are free to decode
     # (one thread decoded 850 images/s on an H200 machine: over a quarter of the stage)
     decoders = 1 if device.type == "cpu" else os.cpu_count() or 1

@@ -63,6 +63,7 @@ def test_reference_features_are_cached_and_reused(data, capsys, monkeypatch):
     said = []
     first, _ = _evaluate(data, cache="cache-b", say=said.append)
     assert sum("features computed and cached" in s for s in said) == 3  # paintings, photos, ground truth
+    assert sum(s.startswith("evaluate: warning: 12 paintings: scores against so few are far larger") for s in said) == 1
     assert sum("ground-truth pixels computed and cached" in s for s in said) == 1  # pair_l1's renders
     said.clear()
     rendered = []
