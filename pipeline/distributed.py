@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.errors import PipelineError
 
 TIMEOUT = timedelta(minutes=10)  # a collective that waits longer than this fails instead of hanging
-LAUNCHED = "PIPELINE_TRAIN_LAUNCHED"  # set for the workers the stage starts itself: it reports their failures
+LAUNCHER = "PIPELINE_TRAIN_LAUNCHER"  # the pid of the stage that started the workers (it reports their failures)
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def launch(processes: int, module: str, argv: list[str]) -> None:
     stage = module.rsplit(".", 1)[-1]
     # each worker's share of the cores (torchrun would set 1 and warn); `start` sets torch's too
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    os.environ[LAUNCHED] = "1"
+    os.environ[LAUNCHER] = str(os.getpid())
     # the launcher keeps its workers' error reports in a log folder, by default a new /tmp/torchelastic_*
     # that every run leaves behind: here one that goes when the run ends (the reports are read by then)
     with tempfile.TemporaryDirectory(prefix="torchelastic_") as logs, _quiet_launcher():
@@ -100,7 +100,7 @@ def _quiet_launcher():
 def lost_peer_line(e: BaseException, world: World) -> str | None:
     """What a worker whose collective failed because another went away says, or None to say
     nothing: under the stage's own launcher, which names the process that died in one line."""
-    if os.environ.get(LAUNCHED):
+    if os.environ.get(LAUNCHER):
         return None
     # gloo's messages start with its source file: "[/__w/pytorch/.../pair.cc:545] Read error ..."
     why = re.sub(r"^\[[^\]]*\] ", "", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
@@ -117,7 +117,9 @@ def _die_with_launcher() -> None:
 
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the launcher died before the line above: orphans are init's
+    # the stage's launcher died before the line above (a plain torchrun's worker finds no one at
+    # the rendezvous instead: torchrun may be a container's pid 1, so its pid says nothing)
+    if os.environ.get(LAUNCHER, str(os.getppid())) != str(os.getppid()):
         os._exit(1)
 
 
