@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Stopped
 
 TIMEOUT = timedelta(minutes=10)  # a collective that waits longer than this fails instead of hanging
 LAUNCHER = "PIPELINE_TRAIN_LAUNCHER"  # the pid of the stage that started the workers (it reports their failures)
@@ -76,6 +76,8 @@ def launch(processes: int, module: str, argv: list[str]) -> None:
         except SignalException as e:  # the launcher itself was signalled; it stopped the workers
             if e.sigval == signal.SIGINT:
                 raise KeyboardInterrupt from None  # Ctrl-C: said in one line by the stage, as without DDP
+            if e.sigval == signal.SIGTERM:
+                raise Stopped from None
             raise PipelineError(f"{stage}: stopped by {signal.Signals(e.sigval).name}; every worker was "
                                 f"stopped") from None
 

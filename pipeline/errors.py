@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 
@@ -24,6 +27,15 @@ class ScoreError(PipelineError, ValueError):
     stay usable as pure functions (a ValueError), and one line from a stage."""
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM: what `kill`, `timeout` and job schedulers send to stop a stage. Taken like Ctrl-C, so
+    the temp outputs go and the MLflow row is marked KILLED (the default was to die on the spot)."""
+
+
+def _stop(signum, frame):
+    raise Stopped
+
+
 def brief(e: BaseException) -> str:
     """An exception as one short line (torch's messages run to many lines; some are empty)."""
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
@@ -39,10 +51,14 @@ def _stage() -> str:
 
 def cli(main):
     """Run a stage's main(): a PipelineError becomes `error: <message>` on stderr and exit 2,
-    never a traceback (bugs still get their traceback); Ctrl-C one line too, and exit 130."""
+    never a traceback (bugs still get their traceback); Ctrl-C one line too, and exit 130, and
+    SIGTERM, exit 143."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        # not in a worker of torchrun's: its launcher stops the workers with SIGTERM, and reports
+        catch = threading.current_thread() is threading.main_thread() and "WORLD_SIZE" not in os.environ
+        previous = signal.signal(signal.SIGTERM, _stop) if catch else None
         try:
             return main(*args, **kwargs)
         except PipelineError as e:
@@ -64,11 +80,15 @@ def cli(main):
             print(f"error: {_stage()}: {e.strerror}{where}; free some space and run it again (no output "
                   f"was left half-written)", file=sys.stderr)
             sys.exit(2)
-        except KeyboardInterrupt:  # every output is written to a temp name and renamed when whole
+        except KeyboardInterrupt as e:  # every output is written to a temp name and renamed when whole
             stage = _stage()
             resume = ": it resumes from its last finished epoch" if stage == "train" else ""
-            print(f"error: {stage}: interrupted; no output was left half-written (run it again{resume})",
+            what = "stopped by SIGTERM" if isinstance(e, Stopped) else "interrupted"
+            print(f"error: {stage}: {what}; no output was left half-written (run it again{resume})",
                   file=sys.stderr)
-            sys.exit(130)  # 128 + SIGINT, as a shell reports it
+            sys.exit(128 + (signal.SIGTERM if isinstance(e, Stopped) else signal.SIGINT))  # as a shell reports it
+        finally:
+            if catch:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper

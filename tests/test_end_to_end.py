@@ -260,6 +260,37 @@ def test_a_training_killed_outright_resumes_when_dvc_runs_it_again(reproduced):
     assert json.loads((root / "metrics/train.json").read_text())["steps"] == 2 * steps
 
 
+def test_sigterm_stops_a_stage_as_ctrl_c_does(reproduced):
+    # what `kill`, `timeout` and job schedulers send: the stage died on the spot, its row left
+    # RUNNING, its temp files left for the next run, and not a word said
+    root, env, _ = reproduced
+    steps = 150
+    set_params(root, {"train": {"epochs": 2, "steps_per_epoch": steps, "decay_from_epoch": 1}})
+    checkpoint = root / ".cache/train/checkpoint.pt"
+    checkpoint.unlink(missing_ok=True)
+    before = rows(root)
+    cmd = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["train"]["cmd"].split()
+    stage = subprocess.Popen([sys.executable, *cmd[1:]], cwd=root, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not checkpoint.exists() and stage.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        stage.send_signal(signal.SIGTERM)
+        out, err = stage.communicate(timeout=60)
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+    assert stage.returncode == 143, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.rstrip().endswith("\nerror: train: stopped by SIGTERM; no output was left half-written (run it "
+                                 "again: it resumes from its last finished epoch)"), err[-3000:]
+    assert [row["status"] for row in new_rows(root, before)] == ["KILLED"]
+    assert not [p for p in root.rglob(".*.tmp") if ".dvc" not in p.parts]  # every temp output removed
+    res = dvc(root, env, "repro")  # every stage: later tests start from a reproduced workspace
+    assert f"resuming from .cache/train/checkpoint.pt at step {steps}" in res.stdout, res.stdout
+
+
 def test_a_generate_param_that_leaves_the_jpegs_alone_still_makes_a_complete_row(reproduced):
     # another generate batch size: the same JPEGs, so DVC skips evaluate and package, and generate
     # is the one stage that runs; it makes the experiment's row from what the others left

@@ -1,6 +1,7 @@
 """The stages' one place for errors: a user's mistake or Ctrl-C is one line and an exit code."""
 import errno
 import sys
+import time
 
 import pytest
 
@@ -29,6 +30,23 @@ def test_ctrl_c_is_one_line_and_exit_130(name, hint, monkeypatch, capsys):
     assert _stage(KeyboardInterrupt(), monkeypatch, name) == 130
     said = capsys.readouterr().err
     assert said == f"error: {name}: interrupted; no output was left half-written (run it again{hint})\n"
+
+
+def test_sigterm_is_one_line_and_exit_143(monkeypatch, capsys):
+    import os
+    import signal
+
+    def main():
+        os.kill(os.getpid(), signal.SIGTERM)  # what `kill` and job schedulers send
+        time.sleep(10)
+
+    monkeypatch.setattr(sys, "argv", ["/repo/pipeline/generate.py"])
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        cli(main)()
+    assert e.value.code == 143
+    assert capsys.readouterr().err == "error: generate: stopped by SIGTERM; no output was left half-written (run it again)\n"
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler back
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
