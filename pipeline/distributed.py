@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import signal
-import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.errors import PipelineError, Stopped
+from pipeline.processes import die_with_parent
 
 TIMEOUT = timedelta(minutes=10)  # a collective that waits longer than this fails instead of hanging
 LAUNCHER = "PIPELINE_TRAIN_LAUNCHER"  # the pid of the stage that started the workers (it reports their failures)
@@ -113,12 +113,7 @@ def _die_with_launcher() -> None:
     """torchrun starts each worker in a session of its own, so a kill -9 of the launcher, or of the
     process group DVC runs it in, left the workers training, and rank 0 writing outputs for a stage
     that had failed. On Linux the kernel now kills a worker when its launcher dies."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent()
     # the stage's launcher died before the line above (a plain torchrun's worker finds no one at
     # the rendezvous instead: torchrun may be a container's pid 1, so its pid says nothing)
     if os.environ.get(LAUNCHER, str(os.getppid())) != str(os.getppid()):

@@ -7,7 +7,6 @@ verified uint8 tensor shards + a manifest.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +15,7 @@ from pipeline.competition import TFREC_DIRS
 from pipeline.errors import DataError, cli
 from pipeline.files import atomic_dir, atomic_path, main_repo, under_main_repo
 from pipeline.params import MIN_IMAGES, Params, load, stage_arguments
+from pipeline.processes import worker_pool
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,7 +41,7 @@ def write_sample(raw: Path, seed: int, counts: dict[str, int], workers: int) -> 
     """Render the embedded sample in the Kaggle layout and TFRecord schema."""
     from pipeline import tfrecords
 
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with worker_pool(workers) as pool:
         for domain, count in counts.items():
             files = min(SAMPLE_FILES[domain], count)
             for k in range(files):
@@ -123,6 +123,10 @@ def ingest(p: Params, raw: Path, shards_dir: Path, manifest_path: Path, download
             manifest = read_raw(tmp_raw, tmp_shards, p.ingest.shard_size, origins)
             check_counts(manifest, source)
             manifest["tfrecord"] = manifest["tfrecord"].map(lambda t: f"{raw.name}/{t}")
+            # the new shards go into place now and the manifest that indexes them last: killed in
+            # between, ingest must not leave the old manifest beside the new shards, which the later
+            # stages would read without a word (a missing manifest they refuse)
+            manifest_path.unlink(missing_ok=True)
     with atomic_path(manifest_path) as tmp:
         manifest.to_csv(tmp, index=False)
     return manifest

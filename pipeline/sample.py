@@ -26,10 +26,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from concurrent.futures import ProcessPoolExecutor
 from typing import Sequence
 
 import numpy as np
+
+from pipeline.processes import worker_pool
 
 PHOTO_COUNT = 7028
 MONET_COUNT = 300
@@ -102,7 +103,7 @@ def render_parallel(seed: int, indices: Sequence[int], style: str, workers: int 
     chunks = [(seed, indices[i:i + 32], style) for i in range(0, len(indices), 32)]
     if len(chunks) <= 1:
         return render_batch(seed, indices, style)
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+    with worker_pool(workers or os.cpu_count() or 1) as pool:
         return np.concatenate(list(pool.map(_render_args, chunks)))
 
 

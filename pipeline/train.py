@@ -44,7 +44,7 @@ NOT_TRAINING = ("train.processes", "train.log_every", "train.grid_size")  # chan
 # stage_results, served_model; tests/test_layout.py keeps the list whole). DVC reruns train when
 # any module changes; a finished checkpoint of other training code must not stand in for a new run.
 WEIGHTS_CODE = ("train", "cyclegan", "networks", "diffaugment", "distributed", "runtime", "generator_file",
-                "shards", "sample", "params", "yaml12", "files", "errors")
+                "shards", "sample", "processes", "params", "yaml12", "files", "errors")
 CODE_DIR = Path(__file__).parent
 
 

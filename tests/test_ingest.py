@@ -290,6 +290,25 @@ NO_NETWORK = (r"; with no network here, download gan-getting-started\.zip elsewh
               r"\S*cache/gan-getting-started\.zip, or give its path as ingest\.source$")
 
 
+def test_killed_before_its_manifest_is_written_ingest_leaves_no_old_one_beside_the_new_shards(tmp_path, monkeypatch):
+    # the new shards went into place, then the new manifest: a kill in between left the old manifest
+    # over the new shards, and generate named one seed's pixels after the other seed's photos
+    first = parse({"seed": 0, "ingest": {"sample_photos": 5, "sample_paintings": 3}})
+    out = [tmp_path / "raw", tmp_path / "shards", tmp_path / "manifest.csv", tmp_path / "cache"]
+    ingest.ingest(first, *out)
+    old_shards = (tmp_path / "shards/photo-000.pt").read_bytes()
+
+    def killed(path):
+        raise KeyboardInterrupt  # where kill -9 would stop it, the shards just renamed
+
+    monkeypatch.setattr(ingest, "atomic_path", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ingest.ingest(parse({"seed": 1, "ingest": {"sample_photos": 5, "sample_paintings": 3}}), *out)
+    assert (tmp_path / "shards/photo-000.pt").read_bytes() != old_shards  # the new ones
+    with pytest.raises(DataError, match="manifest not found"):
+        shards.read_manifest(tmp_path / "manifest.csv")
+
+
 def test_the_jpeg_copies_alone_are_named_as_such(tmp_path):
     # Kaggle's zip holds each image twice; a user who kept only the JPEG folders was asked "is this
     # the gan-getting-started folder?", which it is

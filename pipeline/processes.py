@@ -1,0 +1,56 @@
+"""Child processes that leave with their stage.
+
+A stage's worker processes (the sample's renderers, torchrun's training workers) must not outlive
+it: Ctrl-C and SIGTERM reach the whole process group and the stage says what happened once, and
+a stage killed outright (kill -9, out of memory) runs no code at all to stop them, so on Linux
+the kernel does it.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Iterator
+
+from pipeline.errors import PipelineError
+
+
+def die_with_parent() -> None:
+    """The kernel kills this process when the one that started it dies (Linux's PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _pool_worker() -> None:
+    # the stage got the same Ctrl-C: it stops the workers, and a worker's own traceback (20 lines
+    # of KeyboardInterrupt from inside the pool) would bury the stage's one line. SIGTERM ends a
+    # worker silently, as by default (the stage's handler for it came along with fork)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent()
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """A ProcessPoolExecutor whose workers stop with the stage: at once when it is interrupted or
+    fails (not after their tasks), and with it when it is killed outright. A worker killed on its
+    own (out of memory) is one line."""
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_pool_worker)
+    try:
+        yield pool
+    except BaseException as e:
+        # stopped now, not after their tasks; Python 3.14 has pool.kill_workers(), before it the
+        # processes are in _processes
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        if isinstance(e, BrokenProcessPool):
+            raise PipelineError("a worker process of this stage ended abruptly (killed, or out of memory?); "
+                                "no output was left half-written") from None
+        raise
+    pool.shutdown()

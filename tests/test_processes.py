@@ -1,0 +1,76 @@
+"""A stage's worker processes leave with it: Ctrl-C stops them at once and silently (the stage
+says it once), a stage killed outright takes them along, and a worker killed on its own is one line."""
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+SCRIPT = """
+import time
+from pipeline.errors import cli
+from pipeline.processes import worker_pool
+
+def nap(_):
+    time.sleep(120)
+
+@cli
+def main():
+    with worker_pool(2) as pool:
+        result = pool.map(nap, range(2))
+        print("started", flush=True)
+        list(result)
+
+main()
+"""
+
+
+@pytest.fixture
+def stage(repo_root):
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=repo_root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline() == "started\n"
+    parent = psutil.Process(proc.pid)
+    for _ in range(100):  # both workers up
+        workers = parent.children()
+        if len(workers) == 2:
+            break
+        psutil.wait_procs([], timeout=0.1)
+    yield proc, workers
+    for p in [parent, *workers]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                              (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_ctrl_c_stops_the_workers_at_once_and_only_the_stage_speaks(stage, sig, code, said):
+    proc, workers = stage
+    os.killpg(proc.pid, sig)  # a terminal's Ctrl-C (a job scheduler's SIGTERM) reaches the whole group
+    _, err = proc.communicate(timeout=30)  # not after the workers' two-minute tasks
+    assert proc.returncode == code
+    assert "Traceback" not in err, err  # the workers' KeyboardInterrupt tracebacks, 20 lines each
+    assert err.strip().splitlines() == [f"error: -c: {said}; no output was left half-written (run it again)"]
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+
+
+def test_workers_die_with_a_stage_killed_outright(stage):
+    proc, workers = stage
+    proc.kill()  # kill -9 or the OOM killer: no code of the stage's runs
+    proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, "workers outlived their stage"
+
+
+def test_a_worker_killed_on_its_own_is_one_line(stage):
+    proc, workers = stage
+    workers[0].kill()  # the OOM killer's choice
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert err.strip().splitlines() == ["error: a worker process of this stage ended abruptly (killed, or out of "
+                                        "memory?); no output was left half-written"]
