@@ -49,6 +49,15 @@ def _stage() -> str:
     return Path(sys.argv[0]).stem or "stage"
 
 
+def _resume_hint() -> str:
+    from pipeline.files import main_repo  # here: files imports this module
+
+    if main_repo() == Path.cwd().resolve():
+        return ": it resumes from its last finished epoch"
+    # DVC runs queued and --temp experiments in a folder of their own, and deletes it
+    return "; as a queued or --temp experiment it trains afresh: its checkpoint was in DVC's temp folder"
+
+
 def cli(main):
     """Run a stage's main(): a PipelineError becomes `error: <message>` on stderr and exit 2,
     never a traceback (bugs still get their traceback); Ctrl-C one line too, and exit 130, and
@@ -82,7 +91,7 @@ def cli(main):
             sys.exit(2)
         except KeyboardInterrupt as e:  # every output is written to a temp name and renamed when whole
             stage = _stage()
-            resume = ": it resumes from its last finished epoch" if stage == "train" else ""
+            resume = _resume_hint() if stage == "train" else ""
             what = "stopped by SIGTERM" if isinstance(e, Stopped) else "interrupted"
             print(f"error: {stage}: {what}; no output was left half-written (run it again{resume})",
                   file=sys.stderr)

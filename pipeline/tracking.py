@@ -247,7 +247,7 @@ def start_training(params: Params, shards: Path, manifest: Path, resuming: bool)
         exp_id = _experiment_id(mlflow)
         key = params_key(params)
         unfinished = [r for r in mlflow.search_runs([exp_id], filter_string=f"tags.training_of = '{key}'",
-                                                    output_format="list") if "pipeline_key" not in r.data.tags]
+                                                    output_format="list") if _training_unfinished(r)]
         if unfinished and resuming:
             run = mlflow.start_run(run_id=unfinished[0].info.run_id)
             mlflow.MlflowClient().update_run(run.info.run_id, name=run_name())
@@ -282,6 +282,15 @@ def end_lost_training(params: Params, error: BaseException) -> None:
                     mlflow.MlflowClient().set_terminated(r.info.run_id, _failed_as(error))
     except Exception:  # the stage's own error is the line to show, not a second one about the store
         pass
+
+
+def _training_unfinished(row) -> bool:
+    """A row whose training stopped before its results were logged: not keyed yet (finish_training),
+    or keyed and then stopped while logging the rest (not FINISHED, and no later stage's results)."""
+    if "pipeline_key" not in row.data.tags:
+        return True
+    return row.info.status != "FINISHED" and not any(k.startswith(("evaluate.", "package."))
+                                                     for k in row.data.metrics)
 
 
 def finish_training(params: Params, generator_path: Path) -> None:

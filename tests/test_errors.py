@@ -32,6 +32,16 @@ def test_ctrl_c_is_one_line_and_exit_130(name, hint, monkeypatch, capsys):
     assert said == f"error: {name}: interrupted; no output was left half-written (run it again{hint})\n"
 
 
+def test_ctrl_c_of_a_queued_training_does_not_promise_a_resume(tmp_path, monkeypatch, capsys):
+    # DVC ran it in .dvc/tmp/exps/..., which it deletes with the checkpoint in it
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path.parent))
+    assert _stage(KeyboardInterrupt(), monkeypatch, "train") == 130
+    assert capsys.readouterr().err == ("error: train: interrupted; no output was left half-written (run it again; "
+                                       "as a queued or --temp experiment it trains afresh: its checkpoint was in "
+                                       "DVC's temp folder)\n")
+
+
 def test_sigterm_is_one_line_and_exit_143(monkeypatch, capsys):
     import os
     import signal

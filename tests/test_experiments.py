@@ -186,6 +186,23 @@ def test_a_training_run_again_resumes_its_row_until_it_finishes(store, tmp_path,
     assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"] * 3
 
 
+def test_a_training_stopped_while_logging_its_results_resumes_its_row(store, tmp_path, monkeypatch):
+    # Ctrl-C (or kill -9) in the seconds of logging after the weights are saved: the row was keyed
+    # already, so the resumed training made a second row beside it
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    manifest, generator = store
+    p = parse({"train": {"lr": 1e-5}})
+    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest, False) as first:
+        tracking.finish_training(p, generator)
+        raise KeyboardInterrupt  # while logging the model, say
+    with tracking.start_training(p, tmp_path, manifest, resuming=True) as again:
+        tracking.finish_training(p, generator)
+    assert again.info.run_id == first.info.run_id
+    assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"]
+
+
 def test_a_training_that_starts_afresh_makes_its_own_row(store, tmp_path, monkeypatch):
     # the killed training's checkpoint deleted, or a queued experiment of the same params training
     # beside another in its own folder: no checkpoint to resume, so not the other's row either
