@@ -130,7 +130,11 @@ def _fetch(api, into: Path) -> list[Path]:
         api.competition_download_files(COMPETITION, path=str(into), quiet=False)
 
     def received():
-        return sum(f.stat().st_size for f in into.rglob("*") if f.is_file())
+        total = 0
+        for f in into.rglob("*"):
+            with contextlib.suppress(OSError):  # a part renamed by the client while we look
+                total += f.stat().st_size if f.is_file() else 0
+        return total
 
     try:
         _watched(fetch, f"while downloading {COMPETITION}", progress=received)

@@ -278,7 +278,7 @@ def end_lost_training(params: Params, error: BaseException) -> None:
                 [exp.experiment_id], filter_string=f"tags.training_of = '{params_key(params)}' and "
                 f"attributes.status = 'RUNNING'", output_format="list")
             for r in found or []:
-                if "pipeline_key" not in r.data.tags and r.data.tags.get("dvc_exp_name") == _exp_name():
+                if _training_unfinished(r) and r.data.tags.get("dvc_exp_name") == _exp_name():
                     mlflow.MlflowClient().set_terminated(r.info.run_id, _failed_as(error))
     except Exception:  # the stage's own error is the line to show, not a second one about the store
         pass

@@ -55,7 +55,8 @@ def test_sigterm_is_one_line_and_exit_143(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli(main)()
     assert e.value.code == 143
-    assert capsys.readouterr().err == "error: generate: stopped by SIGTERM; no output was left half-written (run it again)\n"
+    assert capsys.readouterr().err == ("error: generate: stopped by SIGTERM; no output was left half-written "
+                                       "(run it again)\n")
     assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler back
 
 
