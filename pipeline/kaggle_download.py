@@ -33,13 +33,20 @@ def kaggle_api():
     """An authenticated KaggleApi. Imported here: `import kaggle` itself tries to authenticate.
     Both print a page of sign-up help when no credentials are found (twice, the import's and
     ours), which the one error line below replaces; what they print otherwise is passed on."""
+    def sign_in():
+        from kaggle.api.kaggle_api_extended import KaggleApi
+
+        api = KaggleApi()
+        api.authenticate()  # online, for a token
+        return api
+
     help_text = io.StringIO()
     try:
+        # redirected here, in the main thread: a sign-in given up on keeps running in its thread
         with contextlib.redirect_stdout(help_text), contextlib.redirect_stderr(help_text):
-            from kaggle.api.kaggle_api_extended import KaggleApi
-
-            api = KaggleApi()
-            api.authenticate()
+            api = _watched(sign_in, "while signing in")
+    except Unreachable:
+        raise
     except SystemExit:  # the package exits when it finds no credentials
         token = _access_token_source()
         if token:  # the client checks a token online and passes over one Kaggle does not know
@@ -113,7 +120,7 @@ def download(cache: Path, api_factory=kaggle_api) -> Path:
     offline = (f"; with no network here, download {COMPETITION}.zip elsewhere and put it at {archive}, "
                f"or give its path as ingest.source")
     try:
-        api = _watched(api_factory, "while signing in")
+        api = api_factory()
         with scratch_dir(archive) as tmp:
             zips = _fetch(api, tmp)
             with open_checked(zips[0]):  # a download that fails the checks is never cached

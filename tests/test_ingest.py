@@ -515,11 +515,19 @@ def _blocked(event):
 
 def test_a_kaggle_that_never_answers_is_given_up_on(tmp_path, monkeypatch):
     # the client sets no timeout on its requests: the stage hung, silent, until killed
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
     monkeypatch.setattr(kaggle_download, "STALL_SECONDS", 0.5)
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "checked-online")
     never = __import__("threading").Event()
+    monkeypatch.setattr(KaggleApi, "authenticate", _blocked(never))
+    streams = sys.stdout, sys.stderr
     try:
         with pytest.raises(PipelineError, match=r"no answer from Kaggle for 0\.5 s while signing in" + NO_NETWORK):
-            _run(tmp_path / "a", "kaggle", api_factory=_blocked(never))
+            _run(tmp_path / "a", "kaggle")
+        # the sign-in's output is held back while it runs; given up on, it must not keep the stage's
+        # own error line from the terminal
+        assert (sys.stdout, sys.stderr) == streams
 
         class Stalling(_FakeApi):
             def competition_download_files(self, competition, path, quiet):
