@@ -44,6 +44,8 @@ def load(path: Path, device: torch.device) -> tuple[nn.Module, dict]:
     """The generator saved at `path`, in eval mode on `device`, and its config."""
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(saved, dict):  # a bare tensor or list in a .pt file
+            raise TypeError(f"holds a {type(saved).__name__}")
         net = build(saved["config"])
         net.load_state_dict(saved["state_dict"])
     except FileNotFoundError:

@@ -80,8 +80,16 @@ def _without_password(uri: str) -> str:
 
 def check_store() -> None:
     """Fail fast, before a stage does any work, when MLFLOW_TRACKING_URI names a server that does
-    not answer (MLflow itself would retry for minutes, and only after training)."""
+    not answer (MLflow itself would retry for minutes, and only after training), or a SQLite file
+    in a folder that is not there."""
     uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():  # MLflow would create the file, not the folder: a traceback after the work
+            raise PipelineError(f"tracking: MLFLOW_TRACKING_URI={_without_password(uri)} is in {folder}, which "
+                                f"does not exist; create it, correct the address, or unset it to log into "
+                                f"{default_store()}")
+        return
     if not uri.startswith(("http://", "https://")):
         return
     try:

@@ -472,6 +472,19 @@ def test_a_store_mlflow_will_not_open_stops_train_before_any_step(reproduced, tm
     assert not checkpoint.exists() and not (tmp_path / "g.pt").exists()
 
 
+def test_a_sqlite_store_in_a_folder_that_is_not_there_is_one_line_before_the_work(tmp_path, monkeypatch):
+    # MLflow makes the file, not its folder: a FileNotFoundError traceback after training (package:
+    # after its zip was written)
+    from pipeline import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/typo/mlflow.db")
+    with pytest.raises(PipelineError, match=rf"^tracking: MLFLOW_TRACKING_URI=sqlite:///{tmp_path}/typo/mlflow\.db "
+                                            rf"is in {tmp_path}/typo, which does not exist; create it"):
+        tracking.check_store()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    tracking.check_store()  # a file not made yet, in a folder that is there: MLflow makes it
+
+
 def test_a_store_that_fails_to_open_is_one_line_without_its_password(monkeypatch):
     import mlflow
 

@@ -52,7 +52,9 @@ def test_compiled_wrapper_saves_the_plain_module(tmp_path):
 @pytest.mark.parametrize("content, needle", [(None, "generator not found"),
                                              (b"garbage", "not a generator saved by the train stage"),
                                              (b"", "not a generator saved by the train stage"),
-                                             ({"config": {"kind": "resnet"}}, "not a generator")])
+                                             ({"config": {"kind": "resnet"}}, "not a generator"),
+                                             (torch.zeros(3), "not a generator .*TypeError"),  # IndexError's traceback
+                                             ([1, 2], "not a generator .*TypeError")])
 def test_bad_generator_file_is_one_clear_error(tmp_path, content, needle):
     path = tmp_path / "g.pt"
     if isinstance(content, bytes):
