@@ -48,10 +48,12 @@ WEIGHTS_CODE = ("train", "cyclegan", "networks", "diffaugment", "distributed", "
 CODE_DIR = Path(__file__).parent
 
 
-def fingerprint(p: Params, manifest_path: Path, code_dir: Path = CODE_DIR) -> str:
-    """What a checkpoint must match to be resumed: the training params, the data and the code."""
+def fingerprint(p: Params, manifest_path: Path, arithmetic: str, code_dir: Path = CODE_DIR) -> str:
+    """What a checkpoint must match to be resumed: the training params, the data, the code, and
+    `arithmetic`, the device and autocast dtype it trains in (`device: auto` and `precision: auto`
+    resolve per machine: a CPU checkpoint did not load on CUDA, and a bf16 one went on in fp32)."""
     relevant = {k: v for k, v in flatten(p).items() if k.startswith(TRAIN_KEYS) and k not in NOT_TRAINING}
-    h = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({**relevant, "arithmetic": arithmetic}, sort_keys=True).encode())
     h.update(manifest_path.read_bytes())
     for module in WEIGHTS_CODE:
         h.update((code_dir / f"{module}.py").read_bytes())
@@ -252,7 +254,7 @@ def run(p: Params, args: argparse.Namespace, world: World, device: torch.device)
     _, monets = shards.load_domain(args.shards, manifest, "monet", p.image_size)
 
     # rank 0 opens the MLflow row before the first step, so its duration includes training
-    key = fingerprint(p, args.manifest)
+    key = fingerprint(p, args.manifest, f"{device.type} {autocast_dtype(p.precision, device)}")
     with (tracking.start_training(p, args.shards, args.manifest, resumes(args.checkpoint, key))
           if world.main else contextlib.nullcontext()):
         trainer, history = train(p, photos, monets, args.checkpoint, key, say, world, device)

@@ -170,9 +170,9 @@ def test_a_resize_generator_file_rebuilds_as_saved(tmp_path):
 def test_upsample_and_options_change_the_fingerprint(tmp_path):
     m = tmp_path / "manifest.csv"
     m.write_text("a\n")
-    base = train_stage.fingerprint(_params(), m)
+    base = train_stage.fingerprint(_params(), m, "cpu None")
     for change in ({"upsample": "resize"}, {"ema": 0.99}, {"diffaugment": "color"}):
-        assert train_stage.fingerprint(_params(**change), m) != base, change
+        assert train_stage.fingerprint(_params(**change), m, "cpu None") != base, change
 
 
 def test_a_file_saved_before_the_option_loads_as_the_transposed_network_it_holds(tmp_path):

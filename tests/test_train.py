@@ -77,12 +77,14 @@ def test_checkpoint_for_other_params_is_not_resumed(tmp_path):
 def test_fingerprint_follows_training_params_and_data(tmp_path):
     m = tmp_path / "manifest.csv"
     m.write_text("a\n")
-    base = train_stage.fingerprint(P, m)
-    assert train_stage.fingerprint(dataclasses.replace(P, lambda_cycle=5.0), m) != base
+    base = train_stage.fingerprint(P, m, "cpu None")
+    assert train_stage.fingerprint(dataclasses.replace(P, lambda_cycle=5.0), m, "cpu None") != base
     other_generate = dataclasses.replace(P, generate=dataclasses.replace(P.generate, batch_size=7))
-    assert train_stage.fingerprint(other_generate, m) == base  # not a training param
+    assert train_stage.fingerprint(other_generate, m, "cpu None") == base  # not a training param
+    # `device: auto` and `precision: auto` resolve per machine: a CPU checkpoint did not load on CUDA
+    assert train_stage.fingerprint(P, m, "cuda torch.bfloat16") != base
     m.write_text("b\n")
-    assert train_stage.fingerprint(P, m) != base
+    assert train_stage.fingerprint(P, m, "cpu None") != base
 
 
 def test_fingerprint_follows_the_training_code_but_not_the_mlflow_code(tmp_path):
@@ -92,14 +94,14 @@ def test_fingerprint_follows_the_training_code_but_not_the_mlflow_code(tmp_path)
     m.write_text("a\n")
     code = tmp_path / "pipeline"
     shutil.copytree(train_stage.CODE_DIR, code, ignore=shutil.ignore_patterns("__pycache__"))
-    base = train_stage.fingerprint(P, m, code)
-    assert base == train_stage.fingerprint(P, m)
+    base = train_stage.fingerprint(P, m, "cpu None", code)
+    assert base == train_stage.fingerprint(P, m, "cpu None")
     with open(code / "tracking.py", "a") as f:
         f.write("# logging changed\n")
-    assert train_stage.fingerprint(P, m, code) == base
+    assert train_stage.fingerprint(P, m, "cpu None", code) == base
     with open(code / "cyclegan.py", "a") as f:
         f.write("# the loss changed\n")
-    assert train_stage.fingerprint(P, m, code) != base
+    assert train_stage.fingerprint(P, m, "cpu None", code) != base
 
 
 def test_learning_rate_is_constant_then_linear_to_zero_at_the_end():
