@@ -243,24 +243,28 @@ def _new_run(mlflow, exp_id: str, params: Params, manifest: Path, tags: dict[str
     return run
 
 
-def start_training(params: Params, shards: Path, manifest: Path, resuming: bool):
+def start_training(params: Params, shards: Path, manifest: Path, resumed_row: str | None):
     """`train`, before its first step: this execution's row, to use as a context around training.
     A training that was killed (or failed) and is run again resumes its row, renamed after the
     execution that resumes it (`dvc exp run -n NAME`). Only when the training itself resumes from
-    its checkpoint (`resuming`): one that starts afresh (the checkpoint deleted, or a queued
-    experiment of the same params training beside it in a folder of its own) makes its own row.
+    its checkpoint, and only the row that checkpoint names (`resumed_row`; "" for a checkpoint
+    from before it named one: the newest unfinished row of these params): one that starts afresh
+    (the checkpoint deleted, or a queued experiment of the same params training beside it in a
+    folder of its own) makes its own row, and never takes over another execution's unfinished one.
     (The stage has called check_store before loading the data.)"""
     mlflow = _mlflow()
     with _serialized():
         exp_id = _experiment_id(mlflow)
         key = params_key(params)
-        unfinished = [r for r in mlflow.search_runs([exp_id], filter_string=f"tags.training_of = '{key}'",
-                                                    output_format="list") if _training_unfinished(r)]
-        if unfinished and resuming:
-            run = mlflow.start_run(run_id=unfinished[0].info.run_id)
-            mlflow.MlflowClient().update_run(run.info.run_id, name=run_name())
-            mlflow.set_tag("dvc_exp_name", _exp_name())
-            return _active(run)
+        if resumed_row is not None:
+            unfinished = [r for r in mlflow.search_runs([exp_id], filter_string=f"tags.training_of = '{key}'",
+                                                        output_format="list")
+                          if _training_unfinished(r) and r.info.run_id == (resumed_row or r.info.run_id)]
+            if unfinished:
+                run = mlflow.start_run(run_id=unfinished[0].info.run_id)
+                mlflow.MlflowClient().update_run(run.info.run_id, name=run_name())
+                mlflow.set_tag("dvc_exp_name", _exp_name())
+                return _active(run)
         return _active(_new_run(mlflow, exp_id, params, manifest, {"training_of": key}))
 
 

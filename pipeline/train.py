@@ -82,14 +82,17 @@ def _read(checkpoint: Path) -> dict | None:
     return state
 
 
-def resumes(checkpoint: Path, resume_key: str) -> bool:
-    """Was `checkpoint` written for this training (its params, data and code), so that `train`
-    takes it up? Memory-mapped: only its fingerprint is read. Unreadable is False (train says why)."""
+def resumed_row(checkpoint: Path, resume_key: str) -> str | None:
+    """When `checkpoint` was written for this training (its params, data and code), so that `train`
+    takes it up: the MLflow run it logged into ("" if it names none), else None. Memory-mapped:
+    only these two are read. Unreadable is None (train says why)."""
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
-        return False
-    return isinstance(state, dict) and state.get("fingerprint") == resume_key
+        return None
+    if not isinstance(state, dict) or state.get("fingerprint") != resume_key:
+        return None
+    return str(state.get("row", ""))
 
 
 def _resume(trainer: Trainer, checkpoint: Path, resume_key: str, world: World, total: int,
@@ -134,10 +137,12 @@ def _resume(trainer: Trainer, checkpoint: Path, resume_key: str, world: World, t
 
 
 def train(p: Params, photos: torch.Tensor, monets: torch.Tensor, checkpoint: Path, resume_key: str,
-          print_fn=print, world: World = World(), device: torch.device | None = None) -> tuple[Trainer, list[dict]]:
+          print_fn=print, world: World = World(), device: torch.device | None = None,
+          row: str = "") -> tuple[Trainer, list[dict]]:
     """Train on uint8 N×H×W×3 photos and paintings at p.image_size, checkpointing every epoch;
     a checkpoint whose `resume_key` matches is resumed. Returns the trainer and per-epoch mean losses.
-    In a DDP world every rank calls this; rank 0 alone writes the checkpoint."""
+    In a DDP world every rank calls this; rank 0 alone writes the checkpoint, with `row`, the MLflow
+    run it logs into (the run a resumed training goes on with)."""
     t = p.train
     device = device or pick_device(p.device)
     seed_everything(p.seed)
@@ -181,7 +186,7 @@ def train(p: Params, photos: torch.Tensor, monets: torch.Tensor, checkpoint: Pat
                                         **trainer.pools_state()}, world)
             if world.main:
                 save_torch({"fingerprint": resume_key, "processes": world.size, "trainer": trainer.state_dict(),
-                            "ranks": ranks, "history": history}, checkpoint)
+                            "ranks": ranks, "history": history, "row": row}, checkpoint)
     if world.size > 1:
         _check_same_weights(trainer, world, print_fn)
     return trainer, history
@@ -255,9 +260,10 @@ def run(p: Params, args: argparse.Namespace, world: World, device: torch.device)
 
     # rank 0 opens the MLflow row before the first step, so its duration includes training
     key = fingerprint(p, args.manifest, f"{device.type} {autocast_dtype(p.precision, device)}")
-    with (tracking.start_training(p, args.shards, args.manifest, resumes(args.checkpoint, key))
-          if world.main else contextlib.nullcontext()):
-        trainer, history = train(p, photos, monets, args.checkpoint, key, say, world, device)
+    with (tracking.start_training(p, args.shards, args.manifest, resumed_row(args.checkpoint, key))
+          if world.main else contextlib.nullcontext()) as row:
+        trainer, history = train(p, photos, monets, args.checkpoint, key, say, world, device,
+                                 row=row.info.run_id if row else "")
         if not world.main:  # rank 0 alone writes outputs and logs
             return
         grid_photos = photos[: p.train.grid_size]

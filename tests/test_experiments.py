@@ -170,18 +170,18 @@ def test_a_training_run_again_resumes_its_row_until_it_finishes(store, tmp_path,
     manifest, generator = store
     p = parse({"train": {"lr": 1e-5}})
     monkeypatch.setenv("DVC_EXP_NAME", "killed")
-    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest, False) as first:
+    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest, None) as first:
         raise KeyboardInterrupt
     monkeypatch.setenv("DVC_EXP_NAME", "resumed")
-    with tracking.start_training(p, tmp_path, manifest, resuming=True) as again:
+    with tracking.start_training(p, tmp_path, manifest, first.info.run_id) as again:
         assert again.info.run_id == first.info.run_id
         tracking.finish_training(p, generator)
     # the row is the execution that finished it: named after it, not after the one killed
     assert rows(tmp_path)[first.info.run_id]["name"] == "resumed"
     assert rows(tmp_path)[first.info.run_id]["tags"]["dvc_exp_name"] == "resumed"
-    with tracking.start_training(p, tmp_path, manifest, resuming=True) as new:
+    with tracking.start_training(p, tmp_path, manifest, first.info.run_id) as new:
         assert new.info.run_id != first.info.run_id
-    with tracking.start_training(parse({"train": {"lr": 2e-5}}), tmp_path, manifest, False) as other:
+    with tracking.start_training(parse({"train": {"lr": 2e-5}}), tmp_path, manifest, None) as other:
         assert other.info.run_id not in (first.info.run_id, new.info.run_id)  # other params: its own row
     assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"] * 3
 
@@ -194,13 +194,31 @@ def test_a_training_stopped_while_logging_its_results_resumes_its_row(store, tmp
 
     manifest, generator = store
     p = parse({"train": {"lr": 1e-5}})
-    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest, False) as first:
+    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest, None) as first:
         tracking.finish_training(p, generator)
         raise KeyboardInterrupt  # while logging the model, say
-    with tracking.start_training(p, tmp_path, manifest, resuming=True) as again:
+    with tracking.start_training(p, tmp_path, manifest, first.info.run_id) as again:
         tracking.finish_training(p, generator)
     assert again.info.run_id == first.info.run_id
     assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"]
+
+
+def test_a_resumed_training_takes_up_its_own_row_not_the_newest_unfinished_one(store, tmp_path, monkeypatch):
+    # the row of the checkpoint it resumes: the newest unfinished row of the same params may be a
+    # queued experiment's, training right now (it was taken over), or one abandoned days ago
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    manifest, generator = store
+    p = parse({"train": {"lr": 1e-5}})
+    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest, None) as own:
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest, None) as other:
+        raise KeyboardInterrupt  # newer, and another execution's
+    with tracking.start_training(p, tmp_path, manifest, own.info.run_id) as again:
+        assert again.info.run_id == own.info.run_id
+    with tracking.start_training(p, tmp_path, manifest, "") as legacy:  # a checkpoint that names no row
+        assert legacy.info.run_id == other.info.run_id  # as before: the newest unfinished one
 
 
 def test_a_training_that_starts_afresh_makes_its_own_row(store, tmp_path, monkeypatch):
@@ -211,9 +229,9 @@ def test_a_training_that_starts_afresh_makes_its_own_row(store, tmp_path, monkey
 
     manifest, _ = store
     p = parse({"train": {"lr": 1e-5}})
-    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest, False) as first:
+    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest, None) as first:
         raise KeyboardInterrupt
-    with tracking.start_training(p, tmp_path, manifest, resuming=False) as fresh:
+    with tracking.start_training(p, tmp_path, manifest, None) as fresh:
         assert fresh.info.run_id != first.info.run_id
     assert {r["status"] for r in rows(tmp_path).values()} == {"KILLED", "FINISHED"}
 
@@ -229,7 +247,7 @@ def test_a_failure_after_training_marks_the_row_and_makes_none(store, tmp_path, 
     with pytest.raises(DataError), tracking.failure_marks_row(p, generator, "evaluate"):
         raise DataError("no store yet")
     assert not (tmp_path / "mlflow.db").exists()  # nothing made to mark nothing
-    with tracking.start_training(p, tmp_path, manifest, False):
+    with tracking.start_training(p, tmp_path, manifest, None):
         tracking.finish_training(p, generator)
     for error, status in ((DataError("bad input"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
         with pytest.raises(type(error)), tracking.failure_marks_row(p, generator, "evaluate"):
@@ -251,7 +269,7 @@ def test_two_executions_of_the_same_params_log_their_later_stages_each_into_its_
     ids = {}
     for name in ("q3a", "q3b"):
         monkeypatch.setenv("DVC_EXP_NAME", name)
-        with tracking.start_training(p, tmp_path, manifest, False) as run:
+        with tracking.start_training(p, tmp_path, manifest, None) as run:
             tracking.finish_training(p, generator)
         ids[name] = run.info.run_id
     (tmp_path / "evaluate.json").write_text('{"fid": 1.5}')
@@ -274,7 +292,7 @@ def test_a_forced_rerun_that_fails_leaves_the_row_it_succeeded_for_alone(store, 
 
     manifest, generator = store
     p = parse({"train": {"lr": 1e-5}})
-    with tracking.start_training(p, tmp_path, manifest, False):
+    with tracking.start_training(p, tmp_path, manifest, None):
         tracking.finish_training(p, generator)
     (tmp_path / "evaluate.json").write_text(json.dumps({"fid": 1.5}))
     with tracking.open_run(p, generator, "evaluate", tmp_path, manifest):
@@ -302,7 +320,7 @@ def test_a_forced_rerun_keeps_the_duration_of_a_complete_row(store, tmp_path, mo
 
     manifest, generator = store
     p = parse({"train": {"lr": 1e-5}})
-    with tracking.start_training(p, tmp_path, manifest, False) as run:
+    with tracking.start_training(p, tmp_path, manifest, None) as run:
         tracking.finish_training(p, generator)
     (tmp_path / "evaluate.json").write_text('{"fid": 1.5}')
     (tmp_path / "package.json").write_text('{"images": 7028}')

@@ -131,9 +131,12 @@ def test_no_decay_keeps_the_learning_rate(tmp_path):
 
 def test_checkpoint_loads_with_weights_only_and_holds_the_rng_states(tmp_path):
     photos, monets = _data()
-    train_stage.train(P, photos, monets, tmp_path / "c.pt", "key", print_fn=lambda *_: None)
+    train_stage.train(P, photos, monets, tmp_path / "c.pt", "key", print_fn=lambda *_: None, row="run-1")
     state = torch.load(tmp_path / "c.pt", weights_only=True)  # plain tensors and containers only
-    assert set(state) == {"fingerprint", "processes", "trainer", "ranks", "history"}
+    assert set(state) == {"fingerprint", "processes", "trainer", "ranks", "history", "row"}
+    # the MLflow row it logs into: the one a resumed training takes up
+    assert train_stage.resumed_row(tmp_path / "c.pt", "key") == "run-1"
+    assert train_stage.resumed_row(tmp_path / "c.pt", "other params") is None
     assert state["processes"] == 1 and len(state["ranks"]) == 1 and state["trainer"]["step"] == 6
     mine = state["ranks"][0]  # what is this process's own: RNGs and pools
     assert mine["rng"]["cpu"].dtype == torch.uint8 and mine["data_rng"].dtype == torch.uint8
