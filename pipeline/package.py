@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import tracking
+from pipeline import shards, tracking
 from pipeline.errors import DataError, cli
 from pipeline.files import atomic_path, write_json
 from pipeline.params import load, stage_arguments
@@ -83,6 +83,7 @@ def main(argv=None) -> None:
     p = load(args.params)
     tracking.check_store()  # an unreachable MLflow server stops the stage before the work
     tracking.check_generator(args.generator, "package")
+    shards.read_manifest(args.manifest)  # the row's data set: none (a killed ingest) stops it before the work
     with tracking.failure_marks_row(p, args.generator, "package"):
         images = check_images(args.images, p.package.min_images, p.package.max_images)
         digest = write_zip(images, args.out)

@@ -48,6 +48,10 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
         # processes are in _processes
         for process in list((getattr(pool, "_processes", None) or {}).values()):
             process.kill()
+        # a worker killed while sending its result leaves the pool's reader waiting for the rest,
+        # and the exit waits for that reader: closing the stage's own end of the pipe ends the wait
+        with contextlib.suppress(Exception):
+            pool._result_queue._writer.close()
         pool.shutdown(wait=False, cancel_futures=True)
         if isinstance(e, BrokenProcessPool):
             raise PipelineError("a worker process of this stage ended abruptly (killed, or out of memory?); "

@@ -105,3 +105,19 @@ def test_a_missing_generator_stops_evaluate_and_package_before_their_work(stage,
     assert err == f"error: {stage}: {tmp_path / 'photo2monet.pt'}: no generator (run the train stage first); " \
                   f"{stage} finds its MLflow row by the generator's bytes\n"
     assert not list(tmp_path.iterdir())  # nothing written, no store opened
+
+
+def test_a_missing_manifest_stops_package_before_its_work(tmp_path, repo_root, capsys, monkeypatch):
+    # a kill -9 of ingest between its shards and its manifest leaves none: package wrote the zip of
+    # the old JPEGs, made a FAILED row, then stopped on a FileNotFoundError traceback
+    from pipeline import package
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    (tmp_path / "photo2monet.pt").write_bytes(b"weights")
+    with pytest.raises(SystemExit) as e:
+        package.main(["--params", str(repo_root / "params.yaml"), "--generator", str(tmp_path / "photo2monet.pt"),
+                      "--images", "g", "--out", f"{tmp_path}/out.zip", "--metrics", f"{tmp_path}/out.json",
+                      "--shards", "s", "--manifest", f"{tmp_path}/manifest.csv"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}/manifest.csv: manifest not found (run the ingest stage first)\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["photo2monet.pt"]  # nothing written, no store opened

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -37,7 +38,7 @@ def stage(repo_root):
         workers = parent.children()
         if len(workers) == 2:
             break
-        psutil.wait_procs([], timeout=0.1)
+        time.sleep(0.1)
     yield proc, workers
     for p in [parent, *workers]:
         try:
@@ -57,6 +58,41 @@ def test_ctrl_c_stops_the_workers_at_once_and_only_the_stage_speaks(stage, sig, 
     assert err.strip().splitlines() == [f"error: -c: {said}; no output was left half-written (run it again)"]
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive
+
+
+BIG_RESULTS = """
+from pipeline.errors import cli
+from pipeline.processes import worker_pool
+
+def big(_):
+    return bytes(64 << 20)  # a result that takes a while to send through the pool's pipe
+
+@cli
+def main():
+    with worker_pool(2) as pool:
+        print("started", flush=True)
+        for _ in pool.map(big, range(10000)):
+            pass
+
+main()
+"""
+
+
+def test_a_worker_killed_while_sending_its_result_does_not_hang_the_stage(repo_root):
+    # the pool's reader waited for the rest of the result forever, and the stage's exit waited for it
+    # (evaluate, Ctrl-C while it rendered the ground truth)
+    proc = subprocess.Popen([sys.executable, "-c", BIG_RESULTS], cwd=repo_root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "started\n"
+        time.sleep(2)  # results streaming
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err[-2000:]
 
 
 def test_workers_die_with_a_stage_killed_outright(stage):
