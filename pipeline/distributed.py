@@ -113,11 +113,10 @@ def _die_with_launcher() -> None:
     """torchrun starts each worker in a session of its own, so a kill -9 of the launcher, or of the
     process group DVC runs it in, left the workers training, and rank 0 writing outputs for a stage
     that had failed. On Linux the kernel now kills a worker when its launcher dies."""
-    die_with_parent()
-    # the stage's launcher died before the line above (a plain torchrun's worker finds no one at
-    # the rendezvous instead: torchrun may be a container's pid 1, so its pid says nothing)
-    if os.environ.get(LAUNCHER, str(os.getppid())) != str(os.getppid()):
-        os._exit(1)
+    # the stage's launcher passes its pid, to end a worker it left before this was armed (a plain
+    # torchrun's worker finds no one at the rendezvous instead: torchrun may be a container's pid 1)
+    launcher = os.environ.get(LAUNCHER)
+    die_with_parent(int(launcher) if launcher else None)
 
 
 def check_devices(processes: int, device: torch.device) -> None:

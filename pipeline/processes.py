@@ -8,6 +8,7 @@ the kernel does it.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -17,22 +18,25 @@ from typing import Iterator
 from pipeline.errors import PipelineError
 
 
-def die_with_parent() -> None:
-    """The kernel kills this process when the one that started it dies (Linux's PR_SET_PDEATHSIG)."""
+def die_with_parent(parent: int | None = None) -> None:
+    """The kernel kills this process when the one that started it dies (Linux's PR_SET_PDEATHSIG).
+    With `parent`, its pid: if it died before this was armed, this process ends now."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
-def _pool_worker() -> None:
+def _pool_worker(parent: int) -> None:
     # the stage got the same Ctrl-C: it stops the workers, and a worker's own traceback (20 lines
     # of KeyboardInterrupt from inside the pool) would bury the stage's one line. SIGTERM ends a
     # worker silently, as by default (the stage's handler for it came along with fork)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    die_with_parent()
+    die_with_parent(parent)
 
 
 @contextlib.contextmanager
@@ -40,7 +44,7 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
     """A ProcessPoolExecutor whose workers stop with the stage: at once when it is interrupted or
     fails (not after their tasks), and with it when it is killed outright. A worker killed on its
     own (out of memory) is one line."""
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_pool_worker)
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_pool_worker, initargs=(os.getpid(),))
     try:
         yield pool
     except BaseException as e:

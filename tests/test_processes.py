@@ -15,6 +15,7 @@ from pipeline.errors import cli
 from pipeline.processes import worker_pool
 
 def nap(_):
+    print("napping", flush=True)  # in its task: set up as a worker
     time.sleep(120)
 
 @cli
@@ -32,13 +33,14 @@ main()
 def stage(repo_root):
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=repo_root, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    assert proc.stdout.readline() == "started\n"
+    said = ""
+    while said.count("napping") < 2 or "started" not in said:  # (two processes' lines may interleave)
+        line = proc.stdout.readline()
+        assert line, said
+        said += line
     parent = psutil.Process(proc.pid)
-    for _ in range(100):  # both workers up
-        workers = parent.children()
-        if len(workers) == 2:
-            break
-        time.sleep(0.1)
+    workers = parent.children()
+    assert len(workers) == 2
     yield proc, workers
     for p in [parent, *workers]:
         try:
