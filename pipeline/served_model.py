@@ -7,8 +7,6 @@ beside it, so the model loads wherever torch and mlflow are installed, with no p
 """
 from __future__ import annotations
 
-import contextlib
-
 import mlflow.models
 import mlflow.pyfunc
 import numpy as np
@@ -20,10 +18,15 @@ IMAGE_SIZE = 256  # what the competition takes and what generate writes
 class PhotoToMonet(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from pipeline import generator_file
-        from pipeline.runtime import pick_device
+        from pipeline.runtime import autocast, autocast_dtype, pick_device
 
         self.device = pick_device("auto")
         self.net, self.config = generator_file.load(context.artifacts["generator"], self.device)
+        # the `precision` param it was trained with, resolved here as `generate` resolves it (bf16
+        # where the device runs it fast): the same paintings as the pipeline's. Models logged
+        # before it was recorded ran in fp32
+        precision = (context.model_config or {}).get("precision", "fp32")
+        self.autocast = autocast(self.device, autocast_dtype(precision, self.device))
 
     # The np.ndarray hint tells MLflow the input is an array whose schema it cannot infer from the
     # hint: it then uses the signature below and does not warn "Add type hints to `predict`" (a
@@ -36,7 +39,7 @@ class PhotoToMonet(mlflow.pyfunc.PythonModel):
             raise ValueError(f"photo2monet takes uint8 N×{IMAGE_SIZE}×{IMAGE_SIZE}×3 photos, "
                              f"got {photos.dtype} {tuple(photos.shape)}")
         paintings = generator_file.translate(self.net, torch.from_numpy(np.ascontiguousarray(photos)),
-                                             self.config["image_size"], self.device, contextlib.nullcontext,
+                                             self.config["image_size"], self.device, self.autocast,
                                              out_size=IMAGE_SIZE)
         return paintings.numpy()
 

@@ -340,7 +340,7 @@ def open_run(params: Params, generator_path: Path, stage: str, shards: Path, man
         sha = generator_sha(generator_path)
         run = _new_run(mlflow, exp_id, params, manifest, {"pipeline_key": key, GENERATOR_TAG: sha})
         with _failing_ends(mlflow):
-            log_generator_model(generator_path, shards, manifest)
+            log_generator_model(generator_path, shards, manifest, params.precision)
             _copy_held_results(stage)
             _copy_restored_results(stage, params, generator_path, sha)
         return _active(run)
@@ -485,10 +485,11 @@ def log_dataset(params: Params, manifest: Path) -> None:
                                "paintings": str(int(counts.get("monet", 0)))})
 
 
-def log_generator_model(generator_path: Path, shards: Path, manifest: Path) -> None:
+def log_generator_model(generator_path: Path, shards: Path, manifest: Path, precision: str) -> None:
     """The photo→Monet generator as an MLflow model (pyfunc) with its signature and the first
     photo as the input example: `mlflow.pyfunc.load_model("runs:/<id>/photo2monet")` and
-    `mlflow models serve -m runs:/<id>/photo2monet` work without this repository."""
+    `mlflow models serve -m runs:/<id>/photo2monet` work without this repository. `precision` (the
+    param) goes with it: the model then runs as `generate` does on the machine it is loaded on."""
     mlflow = _mlflow()
     import numpy as np
     import torch
@@ -514,7 +515,7 @@ def log_generator_model(generator_path: Path, shards: Path, manifest: Path) -> N
         mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=served_model.__file__,
                                 artifacts={"generator": str(generator)}, code_paths=[str(code)],
                                 signature=served_model.signature(), input_example=example,
-                                pip_requirements=requirements)
+                                pip_requirements=requirements, model_config={"precision": precision})
 
 
 @contextlib.contextmanager

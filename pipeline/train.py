@@ -274,7 +274,7 @@ def run(p: Params, args: argparse.Namespace, world: World, device: torch.device)
         tracking.log_metrics_file(args.metrics, step=trainer.step)  # the final values end the curves
         tracking.log_artifact(args.grid)
         tracking.log_tags({"train.device_description": trainer.describe()})
-        tracking.log_generator_model(args.generator, args.shards, args.manifest)
+        tracking.log_generator_model(args.generator, args.shards, args.manifest, p.precision)
     print(tracking.report("train"))
     print(f"train: {trainer.step} steps in {training_seconds(history):.0f} s -> {args.generator}, "
           f"{args.reverse_generator}")

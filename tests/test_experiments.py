@@ -69,14 +69,17 @@ def photos(root: Path, n: int) -> np.ndarray:
 
 
 def expected_paintings(root: Path, batch: np.ndarray) -> np.ndarray:
-    """What the pipeline's own code makes of `batch` with the trained generator."""
-    import contextlib
-
+    """What `generate` makes of `batch` with the trained generator: in the `precision` of the
+    params, as resolved here (bf16 on a CPU with AMX)."""
     from pipeline import generator_file
+    from pipeline.params import load
+    from pipeline.runtime import autocast, autocast_dtype
 
-    net, config = generator_file.load(root / "models/photo2monet.pt", torch.device("cpu"))
-    return generator_file.translate(net, torch.from_numpy(batch), config["image_size"], torch.device("cpu"),
-                                    contextlib.nullcontext, out_size=256).numpy()
+    cpu = torch.device("cpu")
+    net, config = generator_file.load(root / "models/photo2monet.pt", cpu)
+    ctx = autocast(cpu, autocast_dtype(load(root / "params.yaml").precision, cpu))
+    return generator_file.translate(net, torch.from_numpy(batch), config["image_size"], cpu, ctx,
+                                    out_size=256, batch_size=load(root / "params.yaml").generate.batch_size).numpy()
 
 
 def the_row(root: Path) -> tuple[str, dict]:
