@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import io
 import json
 import os
@@ -52,21 +53,37 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _pid_space() -> str:
+    """Where a writer's pid means something: the host name, and a digest of this boot's id and of
+    the pid namespace. Containers of one pod share a host name but not their pids; machines named
+    alike ("vm") may share a disk."""
+    ids = [socket.gethostname()]
+    for read, source in ((Path.read_text, "/proc/sys/kernel/random/boot_id"), (os.readlink, "/proc/self/ns/pid")):
+        try:
+            ids.append(str(read(Path(source))))
+        except OSError:  # not Linux: the host name alone
+            ids.append("")
+    return f"{ids[0]}.{hashlib.md5('|'.join(ids).encode()).hexdigest()[:8]}"
+
+
+PID_SPACE = _pid_space()
+
+
 def _temp_beside(path: Path) -> str:
-    """The prefix of a temp name beside `path` (hidden, with the writer's pid and host), after
-    removing the temp files and folders that earlier writers of `path` on this host left when they
-    were killed outright (kill -9, the OOM killer: no `finally` runs), which would pile up: ingest's
-    are 1.5 GB. Only those whose process is gone; a live writer's (a queue worker's feature cache)
-    stays, and so does any of another host or container (its pids are not ours to check)."""
-    beside, host = f".{path.name}.", socket.gethostname()
+    """The prefix of a temp name beside `path` (hidden, with the writer's pid and PID_SPACE), after
+    removing the temp files and folders that earlier writers of `path` in this pid space left when
+    they were killed outright (kill -9, the OOM killer: no `finally` runs), which would pile up:
+    ingest's are 1.5 GB. Only those whose process is gone; a live writer's (a queue worker's feature
+    cache) stays, and so does any of another host or container (its pids are not ours to check)."""
+    beside = f".{path.name}."
     for stale in path.parent.glob(f"{glob.escape(beside)}*.tmp"):
-        pid, _, writer_host = stale.name[len(beside):].partition("+")[0].partition("@")
-        if writer_host == host and pid.isdigit() and not _alive(int(pid)):
+        pid, _, writer_space = stale.name[len(beside):].partition("+")[0].partition("@")
+        if writer_space == PID_SPACE and pid.isdigit() and not _alive(int(pid)):
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
-    return f"{beside}{os.getpid()}@{host}+"
+    return f"{beside}{os.getpid()}@{PID_SPACE}+"
 
 
 @contextlib.contextmanager

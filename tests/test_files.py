@@ -1,7 +1,7 @@
 import errno
 import os
 import signal
-import socket
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,7 +13,7 @@ import torch
 
 from pipeline import files
 from pipeline.feature_cache import FeatureCache
-from pipeline.files import atomic_dir, atomic_path, save_torch, write_json
+from pipeline.files import PID_SPACE, atomic_dir, atomic_path, save_torch, write_json
 
 
 def test_atomic_path_keeps_old_file_when_writer_dies(tmp_path):
@@ -127,7 +127,7 @@ def test_what_a_writer_killed_outright_left_is_removed_by_the_next(tmp_path, rep
     # a live writer's temp (another queue worker's, of the same shared file) is not touched
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        busy = folder.parent / f".checkpoint.pt.{live.pid}@{socket.gethostname()}+x.tmp"
+        busy = folder.parent / f".checkpoint.pt.{live.pid}@{PID_SPACE}+x.tmp"
         busy.write_bytes(b"in progress")
         # and one of another host sharing the disk (or a container): its pid means nothing here
         elsewhere = folder.parent / ".checkpoint.pt.999999999@another-host+x.tmp"
@@ -137,6 +137,37 @@ def test_what_a_writer_killed_outright_left_is_removed_by_the_next(tmp_path, rep
         save_torch({"step": 1}, file)
         assert sorted(p.name for p in folder.parent.iterdir()) == sorted(["shards", "checkpoint.pt", busy.name,
                                                                           elsewhere.name])
+    finally:
+        live.kill()
+        live.wait()
+
+
+_LIVE_WRITER = """
+import sys, time
+from pipeline.files import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_bytes(b"in progress")
+    print(tmp.name, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_writer_in_another_pid_namespace_keeps_its_temp(tmp_path, repo_root):
+    # containers of one pod share the host name and a volume, not their pids: there the live
+    # writer's pid is not alive, and its temp (a feature cache being written) was removed under it
+    unshare = shutil.which("unshare")
+    if not unshare or subprocess.run([unshare, "-pf", "--mount-proc", "true"], capture_output=True).returncode:
+        pytest.skip("cannot make a pid namespace here (unshare -pf): the check across containers is not exercised")
+    target = tmp_path / "features.npy"
+    live = subprocess.Popen([sys.executable, "-c", _LIVE_WRITER, str(target)], cwd=repo_root, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        temp = tmp_path / live.stdout.readline().strip()
+        other = subprocess.run([unshare, "-pf", "--mount-proc", sys.executable, "-c",
+                                f"from pipeline.files import write_bytes; write_bytes({str(target)!r}, b'x')"],
+                               cwd=repo_root, capture_output=True, text=True)
+        assert other.returncode == 0, other.stderr
+        assert temp.read_bytes() == b"in progress"
     finally:
         live.kill()
         live.wait()
