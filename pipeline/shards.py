@@ -101,12 +101,19 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
             raise DataError(f"{row(i)}: {what} {manifest.iloc[i][what]!r} {_EXPECTED[what]}")
 
     refuse(~manifest["domain"].isin(DOMAINS), "domain")
-    offsets = pd.to_numeric(manifest["offset"], errors="coerce")
-    refuse(offsets.isna() | (offsets < 0) | (offsets != offsets.round()), "offset")
-    manifest["offset"] = offsets.astype("int64")
+    # digits as ingest writes them, and few enough for an int64 ('1e30' and 'inf' are numbers too)
+    refuse(~manifest["offset"].str.fullmatch(r"[0-9]{1,18}"), "offset")
+    manifest["offset"] = manifest["offset"].astype("int64")
     own = [bool(SHARD_NAME.fullmatch(s)) and s.startswith(f"{d}-")
            for s, d in zip(manifest["shard"], manifest["domain"])]
     refuse(~pd.Series(own, index=manifest.index), "shard")
+    # two rows at one place would give the second name the first one's pixels
+    again = manifest.duplicated(["shard", "offset"])
+    if again.any():
+        second = int(again.to_numpy().nonzero()[0][0])
+        shard, offset = manifest.at[second, "shard"], manifest.at[second, "offset"]
+        first = int(((manifest["shard"] == shard) & (manifest["offset"] == offset)).to_numpy().nonzero()[0][0])
+        raise DataError(f"{row(first)}: shard {shard!r} offset {offset} is listed twice (again at row {second + 1})")
     photos = manifest["domain"] == "photo"
     for i in photos.to_numpy().nonzero()[0]:
         check_photo_name(manifest.at[i, "image_name"], row(int(i)))
