@@ -180,7 +180,7 @@ def _build(cls, raw: object, prefix: str):
         raise ParamsError(f"params: '{where}' must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - known, key=str)  # keys may be numbers too (`1: 2`)
     if unknown:
         raise ParamsError(f"params: unknown key '{prefix}{unknown[0]}' (known: {', '.join(sorted(known))})")
     values = {}
@@ -202,7 +202,10 @@ def _coerce(value: object, kind: type, key: str):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        try:
+            value = float(value) if ok else value
+        except OverflowError:  # a whole number of 309 digits or more
+            value = math.inf
         if ok and not math.isfinite(value):  # .inf and .nan are YAML floats, but no rate or weight
             raise ParamsError(f"params: '{key}' must be a finite number, got {value!r}")
     elif kind is str:

@@ -15,6 +15,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import yaml
+
 from pipeline.params import read_yaml
 
 
@@ -23,7 +25,7 @@ def held_results(running: str, root: Path = Path(".")) -> dict[str, list[Path]]:
     hold, in dvc.yaml order; {} outside a DVC workspace or before anything is locked."""
     try:
         pipeline, lock = read_yaml(root / "dvc.yaml"), read_yaml(root / "dvc.lock")
-    except (OSError, ValueError):  # no dvc.yaml / dvc.lock, or one that does not parse
+    except (OSError, ValueError, yaml.YAMLError):  # no dvc.yaml / dvc.lock, or one that does not parse
         return {}
     check = _Checker(root, pipeline.get("stages") or {}, (lock or {}).get("stages") or {}, running)
     return {name: [root / path for path in _paths(stage, ("metrics", "plots"))]
@@ -37,7 +39,7 @@ def later_stages(running: str, made_by_running: str, root: Path = Path(".")) -> 
     generator), whose bytes stand for all of its inputs."""
     try:
         stages = read_yaml(root / "dvc.yaml").get("stages") or {}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
         return {}
     names = list(stages)
     if running not in names:
@@ -133,7 +135,7 @@ class _Checker:
         if file not in self.params:
             try:
                 self.params[file] = read_yaml(self.root / file)
-            except (OSError, ValueError):
+            except (OSError, ValueError, yaml.YAMLError):
                 self.params[file] = None
         value = self.params[file]
         for part in key.split("."):

@@ -48,7 +48,11 @@ def _construct_int(loader: Loader, node: yaml.ScalarNode) -> int:
     text = loader.construct_scalar(node).replace("_", "")
     sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
     base = {"0b": 2, "0x": 16, "0o": 8}.get(digits[:2].lower(), 10)
-    return sign * int(digits[2:] if base != 10 else digits, base)
+    try:
+        return sign * int(digits[2:] if base != 10 else digits, base)
+    except ValueError:  # `0x_`: the 1.2 pattern lets underscores stand for every digit
+        raise yaml.constructor.ConstructorError(None, None, f"cannot read {loader.construct_scalar(node)!r} "
+                                                f"as an integer", node.start_mark) from None
 
 
 def _construct_float(loader: Loader, node: yaml.ScalarNode) -> float:

@@ -59,6 +59,8 @@ def test_a_key_left_out_of_params_yaml_takes_the_committed_value(repo_root):
     ({"evaluate": {"offline_image_size": 100_000}}, "'evaluate.offline_image_size' must be in [75, 299]"),
     ({"lambda_cycle": float("inf")}, "'lambda_cycle' must be a finite number, got inf"),  # YAML's .inf
     ({"train": {"lr": float("nan")}}, "'train.lr' must be a finite number, got nan"),
+    ({"lambda_cycle": 10**400}, "'lambda_cycle' must be a finite number, got inf"),  # was an OverflowError
+    ({"lr_typo": 1, 1: 2}, "unknown key '1'"),  # keys of two types: sorting them was a TypeError
 ])
 def test_bad_params_are_one_clear_error(raw, needle):
     with pytest.raises(ParamsError) as e:
@@ -88,6 +90,7 @@ def test_missing_and_invalid_files(tmp_path):
     (b"seed: 0\n oops: 1\n", r"is not valid YAML: mapping values are not allowed here \(line 2, column 6\)"),
     (b"seed:\t0\n", r"is not valid YAML: found character '\\t' that cannot start any token \(line 1, column 6\)"),
     (b"seed: 0\nseed: 1\n", r"is not valid YAML: found duplicate key 'seed' \(line 2, column 1\)"),  # as DVC says
+    (b"seed: 0x_\n", r"is not valid YAML: cannot read '0x_' as an integer \(line 1, column 7\)"),  # DVC refuses it too
     (None, r"is a folder, not a params file"),
 ])
 def test_a_params_file_that_cannot_be_read_is_one_line_saying_where(tmp_path, text, needle):

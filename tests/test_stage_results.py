@@ -132,6 +132,16 @@ def test_outside_a_dvc_workspace_nothing_is_copied(ws):
     assert held_results("b", ws) == {}
 
 
+@pytest.mark.parametrize("damaged", ["dvc.lock", "dvc.yaml", "params.yaml"])
+def test_a_file_that_does_not_parse_confirms_nothing(ws, damaged):
+    # a merge left its conflict markers: DVC refuses the file; nothing is copied, and no traceback
+    text = (ws / damaged).read_text()
+    (ws / damaged).write_text(f"<<<<<<< HEAD\n{text}=======\n{text}>>>>>>> other\n")
+    assert held_results("nothing-running", ws) == {}
+    if damaged == "dvc.yaml":
+        assert later_stages("a", "out_a.bin", ws) == {}
+
+
 def test_later_stages_name_the_params_their_results_depend_on(repo_root):
     # evaluate's JPEGs come from generate and its images from ingest: their params count too, but
     # not train's, whose generator's bytes stand for all of its inputs
