@@ -37,14 +37,24 @@ TFREC_SUFFIXES = (".tfrec", ".tfrecord", ".tfrecords")
 
 
 def is_tfrecord(file_name: str) -> bool:
-    """A TFRecord by its name; macOS's resource-fork copies ('._<file>', which its Finder leaves
-    on USB disks and network shares, and its zips under __MACOSX/) are not data."""
-    return file_name.endswith(TFREC_SUFFIXES) and not file_name.startswith("._")
+    """A TFRecord by its name, in any case (copies from Windows tools: '.TFREC'); macOS's
+    resource-fork copies ('._<file>', which its Finder leaves on USB disks and network shares, and
+    its zips under __MACOSX/) are not data."""
+    return file_name.lower().endswith(TFREC_SUFFIXES) and not file_name.startswith("._")
 
 
 def tfrecord_files(folder: Path) -> list[Path]:
-    """The TFRecord files in `folder`, sorted (no devices, fifos)."""
-    return sorted(f for f in folder.glob("*") if is_tfrecord(f.name) and f.is_file())
+    """The TFRecord files in `folder`, sorted; [] when there is no such folder. A folder it may
+    not read is an error (PermissionError, which errors.cli says in one line), and so is a
+    TFRecord's name on a broken link, a fifo or a device: none is skipped without a word."""
+    if not folder.is_dir():
+        return []
+    found = sorted(f for f in folder.iterdir() if is_tfrecord(f.name))
+    for f in found:
+        if not f.is_file():
+            what = "a link to nothing readable" if f.is_symlink() else "not a regular file"
+            raise DataError(f"{f}: {what}; every TFRecord in {folder.name}/ is read, so put the file itself there")
+    return found
 
 
 def _mib(n: int) -> str:
@@ -270,6 +280,8 @@ def copy_local(source: Path, raw: Path) -> dict[str, str]:
     if not source.exists():
         raise PipelineError(f"ingest.source: {source} does not exist (expected 'sample', 'kaggle', "
                             f"or the competition zip / folder)")
+    if not source.is_dir() and not source.is_file():  # a fifo would hang the reader; /dev/zero fill memory
+        raise DataError(f"ingest.source: {source} is neither a file nor a folder")
     holds_both = source.is_dir() and any((source / folder).is_dir() for folder in TFREC_DIRS.values())
     part = "a TFRecord file" if is_tfrecord(source.name) and source.is_file() else (
         "a folder of TFRecords" if source.is_dir() and not holds_both and tfrecord_files(source) else None)

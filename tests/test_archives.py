@@ -1,9 +1,11 @@
 """Archives that fight back: refused from their listing, before a byte is extracted, with one
 line naming the archive and the member; and TFRecords read one record at a time."""
+import os
 import re
 import stat
 import struct
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -302,3 +304,48 @@ def test_a_zip_inside_the_zip_or_folder_is_named(tmp_path, good):
     inner.rename(downloads / inner.name)
     _refused(tmp_path / "b", downloads, r"downloads/monet_tfrec: no \.tfrec files; it holds gan-getting-started\.zip: "
                                         r"give that zip as ingest\.source")
+
+
+def test_capital_suffixes_are_tfrecords_too(tmp_path, good):
+    # a copy made by a Windows tool: one file of the folder named '.TFREC' was dropped without a word
+    renamed = {"monet_tfrec/monet00-2.TFREC": good["monet_tfrec/monet00-2.tfrec"],
+               "photo_tfrec/photo00-2.Tfrec": good["photo_tfrec/photo00-2.tfrec"]}
+    for source in (_folder(tmp_path / "comp", renamed), _zip(tmp_path / "capitals.zip", renamed)):
+        manifest = _ingest(tmp_path / f"out-{source.name}", source)
+        assert sorted(set(manifest["tfrecord"])) == sorted(f"raw/{name}" for name in renamed)
+        assert (manifest["domain"] == "photo").sum() == 2 and (manifest["domain"] == "monet").sum() == 2
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda f: f.symlink_to(f.parent / "gone.tfrec"), "a link to nothing readable"),
+    (lambda f: f.symlink_to(f), "a link to nothing readable"),  # a loop
+    (lambda f: os.mkfifo(f), "not a regular file"),
+])
+def test_a_tfrecord_name_on_no_readable_file_is_refused(tmp_path, good, make, needle):
+    # it was skipped, and its images left out of the data without a word
+    comp = _folder(tmp_path / "comp", good)
+    make(comp / "photo_tfrec/photo01-2.tfrec")
+    _refused(tmp_path, comp, re.escape(f"{comp / 'photo_tfrec/photo01-2.tfrec'}: {needle}"))
+
+
+def test_a_source_that_is_neither_file_nor_folder_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "gan-getting-started.zip")  # reading it hung for ever; /dev/zero filled memory
+    for source in (tmp_path / "gan-getting-started.zip", Path("/dev/zero")):
+        with pytest.raises(DataError, match=re.escape(f"ingest.source: {source} is neither a file nor a folder")):
+            _ingest(tmp_path, source)
+
+
+def test_a_tfrecord_folder_it_may_not_read_is_not_called_empty(tmp_path, good, monkeypatch):
+    # Path.glob took the folder it may not list for an empty one: "no .tfrec files (is this the
+    # gan-getting-started folder?)". Root reads any folder, so the refusal is simulated
+    comp = _folder(tmp_path / "comp", good)
+    listing = Path.iterdir
+
+    def refused(self):
+        if self.name == "photo_tfrec":
+            raise PermissionError(13, "Permission denied", str(self))
+        return listing(self)
+
+    monkeypatch.setattr(Path, "iterdir", refused)
+    with pytest.raises(PermissionError):
+        _ingest(tmp_path, comp)
