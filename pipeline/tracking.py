@@ -23,6 +23,7 @@ it started.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -84,16 +85,33 @@ def check_store() -> None:
     in a folder that is not there."""
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
-        if not folder.is_dir():  # MLflow would create the file, not the folder: a traceback after the work
-            raise PipelineError(f"tracking: MLFLOW_TRACKING_URI={_without_password(uri)} is in {folder}, which "
-                                f"does not exist; create it, correct the address, or unset it to log into "
-                                f"{default_store()}")
-        return
+        db = Path(uri.removeprefix("sqlite:///"))
+        # what MLflow would only find when it first writes, after the work, as a traceback (or,
+        # for a folder, after minutes of retries)
+        if db.is_dir():
+            problem = "names a folder, not a file; correct the address"
+        elif not db.parent.is_dir():
+            problem = f"is in {db.parent}, which does not exist; create it, correct the address"
+        elif not os.access(db.parent, os.W_OK | os.X_OK):  # SQLite writes its journal beside the file
+            problem = f"is in {db.parent}, where this user may not write; allow it, correct the address"
+        elif db.exists() and not os.access(db, os.R_OK | os.W_OK):
+            problem = "is a file this user may not write; allow it, correct the address"
+        else:
+            return
+        raise PipelineError(f"tracking: MLFLOW_TRACKING_URI={_without_password(uri)} {problem}, or unset it to "
+                            f"log into {default_store()}")
     if not uri.startswith(("http://", "https://")):
         return
+    # a server behind basic auth named as http://user:password@host: urllib takes 'user:password@host'
+    # for the host name; MLflow itself sends the credentials as a header
+    parts = urllib.parse.urlsplit(uri)
+    health = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+                                    .rstrip("/") + "/health")
+    if parts.username is not None:
+        token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        health.add_header("Authorization", "Basic " + base64.b64encode(token.encode()).decode())
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_SECONDS) as answer:
+        with urllib.request.urlopen(health, timeout=PROBE_SECONDS) as answer:
             answer.read()
     except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts and refused connections are OSErrors
         reason, shown = getattr(e, "reason", None) or e, _without_password(uri)
@@ -189,8 +207,18 @@ def _exp_name() -> str:
     return os.environ.get("DVC_EXP_NAME") or "workspace"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment in store `uri` keeps its artifacts: `mlartifacts/` beside a SQLite
+    file, under the main repository for another database; a server decides for itself (None).
+    MLflow's own default is ./mlruns under the working folder, which for a queued or --temp
+    experiment is DVC's temp folder: its models and pictures went with it."""
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    beside = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else main_repo()
+    return (beside / "mlartifacts").as_uri()
+
+
 def _experiment_id(mlflow) -> str:
-    own_store = tracking_uri() == default_store()
     mlflow.set_tracking_uri(tracking_uri())
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     try:  # the first call that opens the store: what fails here is the store, as the user named it
@@ -202,9 +230,7 @@ def _experiment_id(mlflow) -> str:
                             f"logs into {default_store()}): {type(e).__name__}: {said}") from None
     if exp is not None:
         return exp.experiment_id
-    # artifacts beside the db, not under the cwd (which may be a temp experiment folder)
-    location = (main_repo() / "mlartifacts").as_uri() if own_store else None
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=artifact_location(tracking_uri()))
 
 
 def _row_by_key(mlflow, exp_id: str, key: str):

@@ -3,6 +3,7 @@ params): queued sweeps with two workers, the row spanning the pipeline with its 
 model, the model loaded and served, a remote tracking server, and an unreachable one."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -187,6 +188,30 @@ def test_a_training_run_again_resumes_its_row_until_it_finishes(store, tmp_path,
     with tracking.start_training(parse({"train": {"lr": 2e-5}}), tmp_path, manifest, None) as other:
         assert other.info.run_id not in (first.info.run_id, new.info.run_id)  # other params: its own row
     assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"] * 3
+
+
+@pytest.mark.parametrize("uri, artifacts", [("sqlite:///team.db", "repo/mlartifacts"),
+                                            ("sqlite:///{tmp}/elsewhere/team.db", "elsewhere/mlartifacts")])
+def test_a_temp_experiment_keeps_its_artifacts_with_any_sqlite_store(tmp_path, monkeypatch, uri, artifacts):
+    # `MLFLOW_TRACKING_URI=sqlite:///team.db dvc exp run --temp`: the row went to the main repo's
+    # team.db, but its artifacts (the model, the pictures) to ./mlruns of DVC's temp folder, deleted after
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    repo = tmp_path / "repo"
+    temp = repo / ".dvc/tmp/exps/standalone/tmp1"  # where DVC runs a --temp experiment
+    temp.mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(temp)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(tmp=tmp_path))
+    picture = temp / "grid.png"
+    picture.write_bytes(b"png")
+    with tracking.start_training(parse({}), temp, _one_photo_one_painting_manifest(temp), None) as run:
+        tracking.log_artifact(picture)
+    assert run.info.artifact_uri == (tmp_path / artifacts).as_uri() + f"/{run.info.run_id}/artifacts"
+    assert (tmp_path / artifacts / run.info.run_id / "artifacts/grid.png").read_bytes() == b"png"
+    assert not (temp / "mlruns").exists()
 
 
 def test_a_training_stopped_while_logging_its_results_resumes_its_row(store, tmp_path, monkeypatch):
@@ -504,6 +529,69 @@ def test_a_sqlite_store_in_a_folder_that_is_not_there_is_one_line_before_the_wor
         tracking.check_store()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     tracking.check_store()  # a file not made yet, in a folder that is there: MLflow makes it
+
+
+def _immutable(path) -> bool:
+    """`path` made unwritable even for root (chattr +i), where this file system allows it."""
+    return shutil.which("chattr") is not None and subprocess.run(["chattr", "+i", str(path)],
+                                                                 capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_a_sqlite_store_this_user_may_not_write_is_one_line_before_the_work(tmp_path, monkeypatch, what):
+    # MLflow opened it, read it, and failed on its first INSERT: a traceback of 216 lines after the
+    # work; `sqlite:///` (the repository folder itself) was minutes of retries first
+    from pipeline import tracking
+
+    folder = tmp_path / "store"
+    folder.mkdir()
+    (folder / "mlflow.db").write_bytes(b"")
+    locked = folder / "mlflow.db" if what == "file" else folder
+    if os.geteuid() != 0:
+        locked.chmod(0o555 if what == "folder" else 0o444)
+    elif not _immutable(locked):
+        pytest.skip("root, and no chattr +i here: a store root may not write cannot be made")
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder}/mlflow.db")
+        with pytest.raises(PipelineError, match="where this user may not write" if what == "folder"
+                           else "is a file this user may not write"):
+            tracking.check_store()
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
+        locked.chmod(0o755)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}")
+    with pytest.raises(PipelineError, match=rf"^tracking: MLFLOW_TRACKING_URI=sqlite:///{tmp_path} names a folder"):
+        tracking.check_store()
+
+
+def test_a_server_behind_basic_auth_named_with_its_credentials_is_reached(monkeypatch):
+    # http://user:password@host (MLflow sends them as a header): urllib took 'user:password@host'
+    # for the host name, and the check said no server answers there
+    import http.server
+    import threading
+
+    from pipeline import tracking
+
+    heard = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            heard.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://me:p%40ss@127.0.0.1:{server.server_port}/")
+        tracking.check_store()
+    finally:
+        server.shutdown()
+    assert heard == [("/health", "Basic bWU6cEBzcw==")]  # me:p@ss
 
 
 def test_a_store_that_fails_to_open_is_one_line_without_its_password(monkeypatch):
