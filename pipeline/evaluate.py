@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from pipeline import memorization, sample, shards, tracking
-from pipeline.errors import DataError, cli
+from pipeline.errors import DataError, ScoreError, cli
 from pipeline.feature_cache import FeatureCache, code_key, images_key
 from pipeline.features import Extractor, extract, load_extractor, ordered_map
 from pipeline.fid_inception import FEATURE_DIM
@@ -118,14 +118,19 @@ def evaluate(p: Params, shards_dir: Path, manifest_path: Path, images: Path, cac
     extractor = load_extractor(e.extractor, e.weights, e.download, e.offline_image_size, paintings, device,
                                cache=cache_dir, say=say)
     say(f"evaluate: extractor {extractor.id}: {extractor.name}")
-    # the device too: its arithmetic rounds otherwise (features agree to float rounding, not bit for bit)
-    cache = FeatureCache(cache_dir, f"{extractor.key}/{device.type}", say)
+    # the device and the batch size too: the arithmetic rounds otherwise (features agree to float
+    # rounding, not bit for bit), and cached features of another batch size made the same params
+    # give scores that differed in their 7th digit, by what was cached first
+    cache = FeatureCache(cache_dir, f"{extractor.key}/{device.type}/batch{e.batch_size}", say)
 
     def features(images, desc: str) -> np.ndarray:
         return extract(extractor, images, e.batch_size, device, desc=f"features: {desc}")
 
     real = cache.get("paintings", images_key(paintings), lambda: features(paintings, "paintings"),
                      shape=(len(paintings), FEATURE_DIM))
+    if np.ptp(real, axis=0).max() == 0:  # every FID would be 0, every ratio 0/0
+        raise ScoreError(f"evaluate: the extractor gives all {len(real)} paintings the same features: it tells "
+                         f"no images apart (weights of the right shapes but degenerate?); nothing can be scored")
     if len(real) < FEW_PAINTINGS:
         said = " (the offline extractor's BatchNorm statistics come from them too)" if extractor.id == "offline" else ""
         say(f"evaluate: warning: {len(real)} paintings: scores against so few are far larger and noisier "

@@ -115,7 +115,9 @@ def _to_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 def recalibrate_batchnorm(model: nn.Module, reference: torch.Tensor, batch_size: int,
                           device: torch.device) -> None:
     """Recompute every BatchNorm's running mean/var as the plain average over the reference
-    batches (momentum=None), running the net in train mode for BatchNorm only; ends in eval."""
+    batches (momentum=None), running the net in train mode for BatchNorm only; ends in eval. On
+    the CPU on one thread, as the features are computed: with more, the statistics (so every
+    offline score after them) depended on the core count of the run that first cached them."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in bns:
         m.reset_running_stats()
@@ -123,11 +125,15 @@ def recalibrate_batchnorm(model: nn.Module, reference: torch.Tensor, batch_size:
     model.eval()
     for m in bns:
         m.train()
+    cores = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     try:
         for batch in _batches_uint8(reference, batch_size):
             model(_to_input(batch, device))
     finally:
         model.eval()
+        torch.set_num_threads(cores)
 
 
 # The recalibrated statistics are the average of each batch's own (BatchNorm in train mode), so

@@ -92,6 +92,14 @@ def test_the_scores_do_not_depend_on_the_batch_size(data):
         results.append(_evaluate(data, params=params, cache=f"cache-batch-{batch_size}")[0])
     for key in ("fid", "fid_identity", "fid_ground_truth", "kid_mean", "distance"):
         assert results[1][key] == pytest.approx(results[0][key], rel=1e-4), key
+    # features of one batch size are not taken for another's: the same params give the same scores
+    # whatever was cached first (they differed in the 7th digit)
+    said = []
+    params = parse({"seed": SEED, "ingest": {"sample_photos": 24, "sample_paintings": 12},
+                    "evaluate": {"batch_size": 4, "baseline_images": 16, "kid_subsets": 5}})
+    again = _evaluate(data, params=params, cache="cache-batch-16", say=said.append)[0]
+    assert not any("features from the cache" in line for line in said), said
+    assert again == results[1]
 
 
 def test_a_cache_file_that_does_not_read_back_is_recomputed(tmp_path):
@@ -247,3 +255,19 @@ def test_the_metrics_file_holds_numbers_and_short_ids(data, tmp_path, monkeypatc
     metrics = json.loads(out.read_text())
     assert metrics["extractor"] == "offline"
     assert all(isinstance(v, (int, float)) for k, v in metrics.items() if k != "extractor")
+
+
+def test_weights_that_tell_no_images_apart_are_one_line(data, tmp_path):
+    # the right shapes, every weight 0: every image the same features, and a ZeroDivisionError
+    # traceback (fid_vs_identity = 0 / 0) after all of the work
+    from pipeline.errors import ScoreError
+    from pipeline.fid_inception import build_fid_inception
+
+    weights = tmp_path / "zeros.pth"
+    torch.save({k: torch.ones_like(v) if k.endswith("running_var") else torch.zeros_like(v)
+                for k, v in build_fid_inception().state_dict().items()}, weights)
+    params = parse({"seed": SEED, "ingest": {"sample_photos": 24, "sample_paintings": 12},
+                    "evaluate": {"extractor": "fid-inception", "weights": str(weights), "batch_size": 16,
+                                 "baseline_images": 16, "kid_subsets": 5}})
+    with pytest.raises(ScoreError, match="the extractor gives all 12 paintings the same features"):
+        _evaluate(data, params=params, cache="cache-zeros", say=lambda s: None)
