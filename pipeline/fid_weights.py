@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
+import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping
 from urllib.parse import urlparse
@@ -60,6 +61,13 @@ def load_weights(path: Path, what: str) -> nn.Module:
     except PermissionError:
         raise FeatureError(f"{what} {path}: not readable (permission denied)") from None
     except Exception as e:  # truncated zip, pickle of arbitrary objects, garbage bytes, ...
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):  # torch's zip, or its older pickle
+            raise FeatureError(f"{what} {path}: not a torch file (neither torch's zip format nor a pickle)") from None
+        if "Weights only load failed" in str(e):  # torch's advice to load it as a pickle, which may run code
+            raise FeatureError(f"{what} {path}: holds Python objects besides tensors, which are not loaded; "
+                               f"expected a state dict of the FID Inception-v3 graph") from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise FeatureError(f"{what} {path}: not a readable torch state dict ({first})") from None
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
