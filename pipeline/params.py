@@ -213,7 +213,8 @@ def _coerce(value: object, kind: type, key: str):
     else:  # pragma: no cover - a new field type needs a rule here
         raise TypeError(f"no rule for {kind}")
     if not ok:
-        raise ParamsError(f"params: '{key}' must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+        expected = "true or false" if kind is bool else kind.__name__
+        raise ParamsError(f"params: '{key}' must be {expected}, got {value!r} ({type(value).__name__})")
     return value
 
 

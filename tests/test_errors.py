@@ -86,6 +86,27 @@ def test_an_output_the_stage_may_not_write_is_one_line_and_exit_2(error, shown, 
     assert capsys.readouterr().err == f"error: package: {shown} (no output was left half-written)\n"
 
 
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_file_where_a_folder_is_needed_is_one_line_naming_it(tmp_path, monkeypatch, capsys, inside):
+    # `touch .cache/features`: the feature cache's mkdir said FileExistsError, with a traceback
+    from pipeline.files import write_bytes
+
+    (tmp_path / "features").write_text("in the way")
+    target = tmp_path / "features" / ("sub/x.npy" if inside else "x.npy")
+
+    monkeypatch.setattr(sys, "argv", ["/repo/pipeline/evaluate.py"])
+
+    @cli
+    def main():
+        write_bytes(target, b"x")
+
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"error: evaluate: {tmp_path / 'features'} is a file where a folder is "
+                                       f"needed; move it away (no output was left half-written)\n")
+
+
 @pytest.mark.parametrize("stage", ["evaluate", "package"])
 def test_a_missing_generator_stops_evaluate_and_package_before_their_work(stage, tmp_path, repo_root, capsys,
                                                                           monkeypatch):

@@ -45,7 +45,7 @@ def test_a_key_left_out_of_params_yaml_takes_the_committed_value(repo_root):
     ({"lambda_cycle": "five"}, "'lambda_cycle' must be float"),
     ({"train": {"epochs": 2.5}}, "'train.epochs' must be int"),
     ({"train": {"epochs": True}}, "'train.epochs' must be int"),
-    ({"train": {"compile": 1}}, "'train.compile' must be bool"),
+    ({"train": {"compile": 1}}, "'train.compile' must be true or false, got 1 (int)"),
     ({"train": {"generator": "vit"}}, "'train.generator' is 'vit'"),
     ({"image_size": 100}, "'image_size' must be a multiple of 32"),
     ({"image_size": 96, "train": {"generator": "unet"}}, "'image_size' is 96; the unet generator halves it"),
