@@ -94,6 +94,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def stream_seed(seed: int, *stream: int) -> int:
+    """A 32-bit seed of its own for each `stream` (a rank, a purpose) of one run's `seed`: seeds
+    like seed + rank made the batches' stream on one rank the dropout and augmentation stream of
+    the next (and on rank 0 a replay of the weights' init). torch keeps 32 bits of a CPU seed."""
+    return int(np.random.SeedSequence([seed, *stream]).generate_state(1)[0])
+
+
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     """The torch RNG states that drive training on `device` (dropout, sampling), as tensors, so a
     checkpoint holding them loads with weights_only=True."""

@@ -34,9 +34,10 @@ from pipeline.errors import PipelineError, brief, cli
 from pipeline.files import atomic_path, save_torch, write_json
 from pipeline.params import Params, flatten, load, stage_arguments
 from pipeline.runtime import (autocast_dtype, pick_device, place, rng_state, seed_everything, set_rng_state,
-                              uncompiled)
+                              stream_seed, uncompiled)
 
 TRAIN_KEYS = ("seed", "image_size", "lambda_cycle", "lambda_identity", "precision", "train.")  # data: the manifest
+RANDOM_OPS, BATCHES = 0, 1  # the random streams of a rank besides the init (stream_seed)
 NOT_TRAINING = ("train.processes", "train.log_every", "train.grid_size")  # change no weight (processes: checked apart)
 
 
@@ -148,8 +149,8 @@ def train(p: Params, photos: torch.Tensor, monets: torch.Tensor, checkpoint: Pat
     seed_everything(p.seed)
     nets = build_nets(p)  # the same init on every rank (and DDP starts from rank 0's)
     if world.rank:
-        torch.manual_seed(p.seed + world.rank)  # each rank its own dropout stream
-    data_gen = torch.Generator(device).manual_seed(p.seed + world.rank)  # and its own batches
+        torch.manual_seed(stream_seed(p.seed, world.rank, RANDOM_OPS))  # each rank its own dropout, augmentation
+    data_gen = torch.Generator(device).manual_seed(stream_seed(p.seed, world.rank, BATCHES))  # and its own batches
     # compiled inside DDP, so the generators' step can look through a discriminator's compiled
     # forward without joining DDP's gradient sync (runtime.local)
     nets = nets.map(lambda m: distributed.wrap(place(m, device, t.channels_last, t.compile), world, device))

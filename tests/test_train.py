@@ -285,3 +285,18 @@ def test_the_cpu_description_names_the_threads_that_shape_the_arithmetic():
         assert runtime.describe(torch.device("cpu"), torch.bfloat16).endswith(", 2 threads), bf16 autocast")
     finally:
         torch.set_num_threads(before)
+
+
+def test_each_rank_draws_its_batches_and_random_ops_from_streams_of_their_own():
+    # seeds of seed + rank made rank 0's batches replay the weights' init and rank r's batches the
+    # dropout and DiffAugment draws of rank r (with DDP on the CPU; on CUDA of every rank): the
+    # first batch's flips and the saturation draws came out the same bits
+    seed = 5
+    streams = [runtime.stream_seed(seed, rank, s) for rank in range(8)
+               for s in (train_stage.RANDOM_OPS, train_stage.BATCHES)]
+    assert len(set(streams)) == len(streams) and not set(streams) & set(range(seed, seed + 9))
+    assert all(0 <= s < 2**32 for s in streams)  # torch keeps 32 bits of a CPU seed
+    init = torch.rand(8, generator=torch.Generator().manual_seed(seed))
+    batches = torch.rand(8, generator=torch.Generator().manual_seed(runtime.stream_seed(seed, 0, train_stage.BATCHES)))
+    assert not torch.equal(init, batches)
+    assert runtime.stream_seed(seed, 1, 0) == runtime.stream_seed(seed, 1, 0)  # reproducible
