@@ -30,7 +30,7 @@ from PIL import Image
 from pipeline import memorization, sample, shards, tracking
 from pipeline.errors import DataError, ScoreError, cli
 from pipeline.feature_cache import FeatureCache, code_key, images_key
-from pipeline.features import Extractor, extract, load_extractor, ordered_map
+from pipeline.features import OTHER_FID_WEIGHTS, Extractor, extract, load_extractor, ordered_map
 from pipeline.fid_inception import FEATURE_DIM
 from pipeline.files import main_repo, write_json
 from pipeline.metrics import fid, kid, mifid, nearest_real
@@ -218,7 +218,7 @@ def main(argv=None) -> None:
         tracking.log_tags({"evaluate.extractor_description": extractor.name})
     print(tracking.report("evaluate"))
     label = ("FID Inception" if extractor.comparable else
-             "FID Inception, NOT the published weights: not comparable to Kaggle" if extractor.id == "fid-inception"
+             "FID Inception, NOT the published weights: not comparable to Kaggle" if extractor.id == OTHER_FID_WEIGHTS
              else "OFFLINE extractor: not comparable to Kaggle")
     truth = f"  FID/ground truth {result['fid_vs_ground_truth']:.3f}" if "fid_vs_ground_truth" in result else ""
     print(f"evaluate: MiFID {result['mifid']:.2f}  FID {result['fid']:.2f}  KID {result['kid_mean']:.4g}"

@@ -45,6 +45,7 @@ def code_version() -> str:
 
 
 EXTRACTORS = ("offline", "fid-inception")
+OTHER_FID_WEIGHTS = "fid-inception-other"  # the id of fid-inception with weights that are not the published file
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,9 @@ def fid_extractor(path: Path, what: str, device: torch.device) -> Extractor:
     note = "" if published else (f"; sha256 {digest[:8]}, NOT the published {expected}: not comparable to "
                                  f"Kaggle's MiFID")
     model = FIDInceptionPool(net, FID_IMAGE_SIZE).to(device).eval()
-    return Extractor(model=model, id="fid-inception",
+    # its own id: in evaluate.json, `dvc exp show` and the MLflow tag, scores of other weights are not
+    # filed with Kaggle-comparable ones (the note alone was in the log and the description only)
+    return Extractor(model=model, id="fid-inception" if published else OTHER_FID_WEIGHTS,
                      name=f"fid-inception-v3 ({fid_weights.FID_WEIGHTS_NAME}, from {path}{note})",
                      comparable=published, image_size=FID_IMAGE_SIZE,
                      key=f"fid-inception/{digest}/{FID_IMAGE_SIZE}/{code_version()}",

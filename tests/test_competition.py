@@ -61,7 +61,7 @@ def test_readme_recipe_runs_all_five_stages_at_256_px(name, generator, tmp_path,
         with zf.open(zf.namelist()[0]) as f, Image.open(f) as img:
             assert img.size == (256, 256) and img.mode == "RGB"
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
-    assert metrics["extractor"] == "fid-inception"  # at 299 px, with the weights named
+    assert metrics["extractor"] == "fid-inception-other"  # at 299 px; weights not the published ones
     assert "[FID Inception, NOT the published weights: not comparable to Kaggle]" in res.stdout  # they are not
     assert all(metrics[k] == metrics[k] for k in ("fid", "mifid", "kid_mean", "fid_vs_ground_truth"))  # not NaN
     train = json.loads((root / "metrics/train.json").read_text())
