@@ -260,11 +260,22 @@ def _failing_ends(mlflow):
         raise
 
 
+def logged_params(params: Params) -> dict[str, str]:
+    """Every param as a row shows it: a whole number as params.yaml and `dvc exp show` write it
+    (`lambda_cycle` 10, not the 10.0 the float field holds), so `params.lambda_cycle = '10'` in
+    the UI's search box finds the runs `dvc exp run -S lambda_cycle=10` made."""
+    def shown(value: object) -> str:
+        whole = isinstance(value, float) and value.is_integer() and abs(value) < 1e15
+        return str(int(value)) if whole else str(value)
+
+    return {key: shown(value) for key, value in flatten(params).items()}
+
+
 def _new_run(mlflow, exp_id: str, params: Params, manifest: Path, tags: dict[str, str]):
     run = mlflow.start_run(experiment_id=exp_id, run_name=run_name(),
                            tags={**tags, "dvc_exp_name": _exp_name()})
     with _failing_ends(mlflow):
-        mlflow.log_params(flatten(params))
+        mlflow.log_params(logged_params(params))
         log_dataset(params, manifest)
     return run
 
@@ -453,7 +464,7 @@ def _copy_restored_results(stage: str, params: Params, generator_path: Path, sha
     mlflow = _mlflow()
     run = mlflow.active_run()
     logged = mlflow.get_run(run.info.run_id).data.metrics
-    flat = {k: str(v) for k, v in flatten(params).items()}  # as log_params wrote them
+    flat = logged_params(params)
     earlier = [r for r in mlflow.search_runs(
         [run.info.experiment_id], filter_string=f"tags.{GENERATOR_TAG} = '{sha}' "
         f"and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], output_format="list")

@@ -59,7 +59,7 @@ def test_dvc_repro_runs_all_five_stages(reproduced):
 
 def test_first_repro_makes_one_complete_row(reproduced):
     root, env, _ = reproduced
-    first = [r for r in rows(root).values() if r["params"].get("lambda_cycle") == "10.0"
+    first = [r for r in rows(root).values() if r["params"].get("lambda_cycle") == "10"
              and r["params"]["evaluate.batch_size"] == "16" and r["params"]["package.min_images"] == "20"]
     assert len(first) == 1
     assert_complete(first[0], root / "metrics")
@@ -320,7 +320,7 @@ def test_exp_run_is_a_new_complete_row_named_after_the_experiment(reproduced):
     before = rows(root)
     dvc(root, env, "exp", "run", "-n", "cycle-five", "-S", "lambda_cycle=5")
     new = new_rows(root, before)
-    assert len(new) == 1 and new[0]["params"]["lambda_cycle"] == "5.0"
+    assert len(new) == 1 and new[0]["params"]["lambda_cycle"] == "5"
     assert new[0]["name"] == "cycle-five" and new[0]["tags"]["dvc_exp_name"] == "cycle-five"
     assert_complete(new[0], root / "metrics")
 
@@ -336,7 +336,7 @@ def test_exp_run_takes_every_float_form_dvc_writes(reproduced):
     new = new_rows(root, before)
     assert len(new) == 1 and new[0]["name"] == "small-lr"
     assert (new[0]["params"]["train.lr"], new[0]["params"]["lambda_cycle"],
-            new[0]["params"]["lambda_identity"]) == ("1e-05", "10.0", "0.5")
+            new[0]["params"]["lambda_identity"]) == ("1e-05", "10", "0.5")
     assert_complete(new[0], root / "metrics")
 
 
@@ -346,7 +346,7 @@ def test_temp_experiment_logs_into_the_main_store(reproduced):
     before = rows(root)
     dvc(root, env, "exp", "run", "--temp", "-S", "lambda_cycle=3")
     new = new_rows(root, before)
-    assert len(new) == 1 and new[0]["params"]["lambda_cycle"] == "3.0"
+    assert len(new) == 1 and new[0]["params"]["lambda_cycle"] == "3"
     assert new[0]["status"] == "FINISHED" and "evaluate.fid" in new[0]["metrics"]
     assert not list((root / ".dvc/tmp").rglob("mlflow.db"))
 

@@ -214,6 +214,20 @@ def test_a_temp_experiment_keeps_its_artifacts_with_any_sqlite_store(tmp_path, m
     assert not (temp / "mlruns").exists()
 
 
+def test_a_row_shows_each_param_as_params_yaml_and_dvc_write_it(store, tmp_path):
+    # `dvc exp run -S lambda_cycle=5` writes 5; the row said 5.0, so params.lambda_cycle = '5' in
+    # the UI's search box found none of those runs
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    manifest, _ = store
+    with tracking.start_training(parse({"lambda_cycle": 5, "train": {"lr": 2e-4, "ema": 0}}), tmp_path, manifest, None):
+        pass
+    (row,) = rows(tmp_path).values()
+    assert (row["params"]["lambda_cycle"], row["params"]["train.lr"], row["params"]["train.ema"]) == ("5", "0.0002", "0")
+    assert row["params"]["lambda_identity"] == "0.5" and row["params"]["train.compile"] in ("True", "False")
+
+
 def test_a_training_stopped_while_logging_its_results_resumes_its_row(store, tmp_path, monkeypatch):
     # Ctrl-C (or kill -9) in the seconds of logging after the weights are saved: the row was keyed
     # already, so the resumed training made a second row beside it
@@ -440,7 +454,7 @@ def test_two_queued_experiments_on_two_workers_make_two_complete_rows(reproduced
     dvc(root, env, "queue", "stop", check=False, timeout=300)
     assert status.count("Success") == 2, status + dvc(root, env, "queue", "logs", "-e", "", check=False).stdout
     new = new_rows(root, before)
-    assert sorted(r["params"]["lambda_cycle"] for r in new) == ["3.0", "5.0"]
+    assert sorted(r["params"]["lambda_cycle"] for r in new) == ["3", "5"]
     names = {line.split()[1] for line in status.splitlines()[1:] if "Success" in line}
     assert {r["name"] for r in new} == names  # named after their DVC experiments
     for row in new:
@@ -476,7 +490,7 @@ def test_a_remote_tracking_server_receives_the_run(reproduced, tmp_path):
         (exp,) = [e for e in client.search_experiments() if e.name == "monet-cyclegan"]
         (found,) = client.search_runs([exp.experiment_id])
         assert found.info.run_name == "remote" and found.info.status == "FINISHED"
-        assert found.data.params["lambda_cycle"] == "7.0" and "evaluate.fid_vs_ground_truth" in found.data.metrics
+        assert found.data.params["lambda_cycle"] == "7" and "evaluate.fid_vs_ground_truth" in found.data.metrics
         assert {"grid.png", "memorization.png"} <= {a.path for a in client.list_artifacts(found.info.run_id)}
         assert list((tmp_path / "server-artifacts").rglob("grid.png"))  # proxied: the server wrote the files
     finally:
