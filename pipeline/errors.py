@@ -74,8 +74,11 @@ def cli(main):
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         # not in a worker of torchrun's: its launcher stops the workers with SIGTERM, and reports
-        catch = threading.current_thread() is threading.main_thread() and "WORLD_SIZE" not in os.environ
+        main_thread = threading.current_thread() is threading.main_thread()
+        catch = main_thread and "WORLD_SIZE" not in os.environ
         previous = signal.signal(signal.SIGTERM, _stop) if catch else None
+        if main_thread and getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "_interrupted_while_starting":
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # pipeline/__init__'s, for the imports
         try:
             return main(*args, **kwargs)
         except PipelineError as e:

@@ -1,7 +1,11 @@
 """The stages' one place for errors: a user's mistake or Ctrl-C is one line and an exit code."""
 import errno
+import os
+import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +146,16 @@ def test_a_missing_manifest_stops_package_before_its_work(tmp_path, repo_root, c
     assert e.value.code == 2
     assert capsys.readouterr().err == f"error: {tmp_path}/manifest.csv: manifest not found (run the ingest stage first)\n"
     assert [p.name for p in tmp_path.iterdir()] == ["photo2monet.pt"]  # nothing written, no store opened
+
+
+def test_ctrl_c_while_a_stage_imports_is_one_line(repo_root):
+    # the seconds `import torch` takes: Ctrl-C there printed the import's traceback
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--help"], cwd=repo_root, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text() and time.time() < deadline:
+        time.sleep(0.01)  # torch is being imported: pipeline/__init__ ran before it
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert err == "error: train: interrupted while starting; nothing was written\n", err[-2000:]
