@@ -90,8 +90,8 @@ def read_raw(raw: Path, shards_dir: Path, shard_size: int,
             for f in files:
                 label = where_file(f"{folder}/{f.name}")
                 for i, ex in enumerate(tfrecords.read(f, label)):
-                    if domain == "photo":
-                        shards.check_photo_name(ex.image_name, f"{label}: record {i}")
+                    check_name = shards.check_photo_name if domain == "photo" else shards.check_painting_name
+                    check_name(ex.image_name, f"{label}: record {i}")
                     row = {"image_name": ex.image_name, "tfrecord": f"{folder}/{f.name}", "record": i}
                     yield row, tfrecords.decode_image(ex.image, f"{label}: record {i} ({ex.image_name})")
 

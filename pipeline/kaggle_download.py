@@ -9,6 +9,7 @@ a thread, watched, and the stage gives up after STALL_SECONDS without a byte.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -23,6 +24,7 @@ from pipeline.errors import DataError, PipelineError, brief
 from pipeline.files import scratch_dir
 
 STALL_SECONDS = 120.0
+DOWNLOAD_CHUNK = 1 << 14  # bytes the client writes at a time (see _fetch)
 
 
 class Unreachable(PipelineError):
@@ -74,7 +76,8 @@ def _access_token_source() -> str | None:
     if os.environ.get("KAGGLE_API_TOKEN"):
         return "KAGGLE_API_TOKEN"
     for name in ("access_token", "access_token.txt"):
-        if (Path.home() / ".kaggle" / name).is_file():
+        token = Path.home() / ".kaggle" / name
+        if token.is_file() and token.read_text(errors="replace").strip():  # the client skips an empty one
             return f"~/.kaggle/{name}"
     return None
 
@@ -123,8 +126,13 @@ def download(cache: Path, api_factory=kaggle_api) -> Path:
         api = api_factory()
         with scratch_dir(archive) as tmp:
             zips = _fetch(api, tmp)
-            with open_checked(zips[0]):  # a download that fails the checks is never cached
-                pass
+            try:
+                with open_checked(zips[0]):  # a download that fails the checks is never cached
+                    pass
+            except DataError as e:  # it names the temp folder, gone by the time the line is read
+                raise DataError(f"ingest.source=kaggle: the download of {COMPETITION} is not a whole zip "
+                                f"({str(e).removeprefix(str(zips[0]) + ': ')}); nothing was cached: run "
+                                f"ingest again to download it again") from None
             zips[0].replace(archive)  # one rename: the cache never holds part of a zip
     except Unreachable as e:
         raise Unreachable(f"{e}{offline}") from None
@@ -133,6 +141,11 @@ def download(cache: Path, api_factory=kaggle_api) -> Path:
 
 
 def _fetch(api, into: Path) -> list[Path]:
+    if hasattr(api, "download_file"):
+        # the client writes a chunk once it has all of it, 1 MiB by default: the watchdog, which
+        # sees the file grow, took a download slower than 8.7 KB/s for one that had stalled
+        api.download_file = functools.partial(api.download_file, chunk_size=DOWNLOAD_CHUNK)
+
     def fetch():
         api.competition_download_files(COMPETITION, path=str(into), quiet=False)
 
@@ -150,10 +163,16 @@ def _fetch(api, into: Path) -> list[Path]:
     except Unreachable:
         raise
     except Exception as e:
-        if _http_status(e) in (401, 403):
+        status = _http_status(e)
+        if status == 403:
             raise PipelineError(
-                f"ingest.source=kaggle: Kaggle refused {COMPETITION} (HTTP {_http_status(e)}); accept the "
+                f"ingest.source=kaggle: Kaggle refused {COMPETITION} (HTTP 403); accept the "
                 f"rules at https://www.kaggle.com/competitions/{COMPETITION}/rules") from None
+        if status == 401:  # a username and key are first checked here; a token goes before them
+            raise PipelineError(
+                f"ingest.source=kaggle: Kaggle refused the credentials (HTTP 401); check KAGGLE_KEY or "
+                f"{_config_file()}, and that no expired token is set (KAGGLE_API_TOKEN or "
+                f"~/.kaggle/access_token, which the client uses first)") from None
         if _unreachable(e):
             raise Unreachable(f"ingest.source=kaggle: the download of {COMPETITION} broke off ({_cause(e)})") from None
         raise PipelineError(f"ingest.source=kaggle: download of {COMPETITION} failed: {e}") from None

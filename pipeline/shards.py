@@ -53,6 +53,13 @@ def check_photo_name(name: str, where: str) -> None:
                         f"no '/', '\\', control characters or leading '.', at most {MAX_NAME_BYTES} bytes")
 
 
+def check_painting_name(name: str, where: str) -> None:
+    """A painting's name is no file name, but it is a manifest cell: a control character in it (a
+    bare carriage return) splits the row when the CSV is read back."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise DataError(f"{where}: image_name {name!r} holds control characters, which the manifest cannot keep")
+
+
 def check_unique(group: pd.DataFrame, where) -> None:
     """Each image_name once per domain; photo names also once ignoring case and Unicode
     normalisation (each becomes a JPEG). `where(row)` names a manifest row's file and record."""

@@ -205,6 +205,18 @@ def test_photo_name_that_cannot_name_a_file_is_refused(tmp_path, name):
     assert not list((tmp_path / "data").iterdir())
 
 
+def test_a_painting_name_the_manifest_cannot_keep_is_refused(tmp_path):
+    # a carriage return split its manifest row when read back: "row 2: domain 'x' is not one of ..."
+    comp = tmp_path / "comp"
+    paintings = [tfrecords.Example(name, tfrecords.encode_jpeg(_image(i)), "monet") for i, name in enumerate(["m1\rx", "m2"])]
+    tfrecords.write(comp / "monet_tfrec/m.tfrec", paintings)
+    tfrecords.write(comp / "photo_tfrec/p.tfrec", [tfrecords.Example(f"p{i}", tfrecords.encode_jpeg(_image(i)), "photo")
+                                                   for i in range(2)])
+    with pytest.raises(DataError, match=r"m\.tfrec: record 0: image_name 'm1\\rx' holds control characters"):
+        _run(tmp_path, comp)
+    assert not list((tmp_path / "data").iterdir())
+
+
 def test_photo_names_differing_only_in_case_are_refused(tmp_path):
     comp = _with_photo_names(tmp_path / "comp", ["Scene1", "other", "scene1"])
     with pytest.raises(DataError, match=r"p\.tfrec: record 0: image_name 'Scene1' and 'scene1' "
@@ -420,6 +432,52 @@ def test_kaggle_rules_not_accepted(tmp_path):
     assert not (tmp_path / "data/raw").exists()
 
 
+def test_credentials_kaggle_refuses_at_the_download_are_not_called_the_rules(tmp_path):
+    # a username and key are first checked by the download: HTTP 401 said "accept the rules"
+    with pytest.raises(PipelineError, match=r"Kaggle refused the credentials \(HTTP 401\); check KAGGLE_KEY") as e:
+        _run(tmp_path, "kaggle", api_factory=lambda: _FakeApi(error=_Unauthorized("Unauthorized")))
+    assert "rules" not in str(e.value) and not (tmp_path / "data/raw").exists()
+
+
+def test_a_download_cut_short_says_so_and_caches_nothing(tmp_path):
+    # a server that sends no length and stops halfway: the line named the temp folder, already gone
+    zpath = _competition_zip(tmp_path)
+    half = tmp_path / "half.zip"
+    half.write_bytes(zpath.read_bytes()[: zpath.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"^ingest.source=kaggle: the download of gan-getting-started is not a whole "
+                                        r"zip \(not a readable zip .*\); nothing was cached") as e:
+        _run(tmp_path, "kaggle", api_factory=lambda: _FakeApi(half))
+    assert ".tmp" not in str(e.value) and not list((tmp_path / "cache").iterdir())
+
+
+def test_a_slow_download_is_not_taken_for_a_stalled_one(tmp_path, monkeypatch):
+    # the client wrote 1 MiB at a time: under 8.7 KB/s the file did not grow for 120 s and the
+    # watchdog gave up on a download that was still arriving
+    monkeypatch.setattr(kaggle_download, "STALL_SECONDS", 0.5)
+    monkeypatch.setattr(kaggle_download, "DOWNLOAD_CHUNK", 2048)  # the tiny zip's scale of 16 KiB in 386 MB
+    data = _competition_zip(tmp_path).read_bytes()
+
+    class Trickling(_FakeApi):
+        def download_file(self, response, outfile, http_client, quiet=True, resume=False, chunk_size=1 << 20):
+            arrived, written = b"", 0
+            with open(outfile, "wb") as out:
+                for k in range(0, len(data), 1024):  # 1 KiB every 0.1 s, written a chunk at a time
+                    arrived += data[k:k + 1024]
+                    time.sleep(0.1)
+                    if len(arrived) - written >= chunk_size:
+                        out.write(arrived[written:])
+                        out.flush()
+                        written = len(arrived)
+                out.write(arrived[written:])
+
+        def competition_download_files(self, competition, path, quiet):
+            self.download_file(None, str(Path(path) / f"{competition}.zip"), None, quiet)
+
+    assert len(data) > 6 * 1024  # over 0.5 s of arrival
+    manifest = _run(tmp_path, "kaggle", api_factory=Trickling)
+    assert len(manifest) == 7
+
+
 def _no_kaggle_credentials(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "nokaggle"))
@@ -434,6 +492,15 @@ def test_kaggle_missing_credentials(tmp_path, monkeypatch, capsys):
         _run(tmp_path, "kaggle")
     out = capsys.readouterr()
     assert out.out == out.err == ""  # not the client's page of sign-up help beside the line
+
+
+def test_an_empty_token_file_is_no_token(tmp_path, monkeypatch):
+    # the client skips an empty ~/.kaggle/access_token: "did not accept the token" was the line
+    _no_kaggle_credentials(tmp_path, monkeypatch)
+    (tmp_path / ".kaggle").mkdir()
+    (tmp_path / ".kaggle/access_token").write_text("\n")
+    with pytest.raises(PipelineError, match="no Kaggle credentials"):
+        _run(tmp_path, "kaggle")
 
 
 @pytest.mark.parametrize("where", ["KAGGLE_API_TOKEN", "~/.kaggle/access_token"])
