@@ -30,7 +30,8 @@ from PIL import Image
 from pipeline import memorization, sample, shards, tracking
 from pipeline.errors import DataError, ScoreError, cli
 from pipeline.feature_cache import FeatureCache, code_key, images_key
-from pipeline.features import OTHER_FID_WEIGHTS, Extractor, extract, load_extractor, ordered_map
+from pipeline.features import (OTHER_FID_WEIGHTS, SMALL_INPUT, Extractor, extract, load_extractor,
+                               ordered_map)
 from pipeline.fid_inception import FEATURE_DIM
 from pipeline.files import main_repo, write_json
 from pipeline.metrics import fid, kid, mifid, nearest_real
@@ -120,8 +121,10 @@ def evaluate(p: Params, shards_dir: Path, manifest_path: Path, images: Path, cac
     say(f"evaluate: extractor {extractor.id}: {extractor.name}")
     # the device and the batch size too: the arithmetic rounds otherwise (features agree to float
     # rounding, not bit for bit), and cached features of another batch size made the same params
-    # give scores that differed in their 7th digit, by what was cached first
-    cache = FeatureCache(cache_dir, f"{extractor.key}/{device.type}/batch{e.batch_size}", say)
+    # give scores that differed in their 7th digit, by what was cached first. So does the CPU's
+    # thread count above SMALL_INPUT px, where every core works on each batch (features.extract)
+    threads = f"/threads{torch.get_num_threads()}" if device.type == "cpu" and extractor.image_size > SMALL_INPUT else ""
+    cache = FeatureCache(cache_dir, f"{extractor.key}/{device.type}/batch{e.batch_size}{threads}", say)
 
     def features(images, desc: str) -> np.ndarray:
         return extract(extractor, images, e.batch_size, device, desc=f"features: {desc}")

@@ -193,8 +193,9 @@ def offline_extractor(reference: torch.Tensor, image_size: int, device: torch.de
         net = build_fid_inception()
     model = FIDInceptionPool(net, image_size).to(device)
     # its BatchNorm statistics come from the paintings: their bytes are part of what it is
+    # and the device's arithmetic: statistics a GPU computed are not a CPU's
     identity = (f"offline/{seed}/{int(image_size)}/bn{RECALIBRATION_BATCH}/{images_key(reference)}/"
-                f"{code_version()}")
+                f"{code_version()}/{torch.device(device).type}")
     stats = cache / f"offline-batchnorm-{hashlib.sha256(identity.encode()).hexdigest()[:32]}.pt" if cache else None
     if stats is None or not _load_batchnorm_stats(model, stats, say):
         recalibrate_batchnorm(model, reference, RECALIBRATION_BATCH, device)

@@ -271,3 +271,21 @@ def test_weights_that_tell_no_images_apart_are_one_line(data, tmp_path):
                                  "baseline_images": 16, "kid_subsets": 5}})
     with pytest.raises(ScoreError, match="the extractor gives all 12 paintings the same features"):
         _evaluate(data, params=params, cache="cache-zeros", say=lambda s: None)
+
+
+def test_features_every_core_computed_are_not_taken_for_another_core_count(data):
+    # above 128 px each batch runs on every core, and its features round by the core count: cached
+    # by a 2-core run, they made a 1-core run's scores (a sweep with OMP_NUM_THREADS=1) the 2-core ones
+    params = parse({"seed": SEED, "ingest": {"sample_photos": 24, "sample_paintings": 12},
+                    "evaluate": {"batch_size": 16, "baseline_images": 16, "kid_subsets": 5, "offline_image_size": 160}})
+    before, said = torch.get_num_threads(), {}
+    try:
+        for cores in (2, 1):
+            torch.set_num_threads(cores)
+            said[cores] = []
+            _evaluate(data, params=params, cache="cache-cores", say=said[cores].append)
+    finally:
+        torch.set_num_threads(before)
+    assert not any("paintings features from the cache" in line for line in said[1]), said[1]
+    # the BatchNorm statistics are computed on one thread whatever the cores: those are shared
+    assert any("BatchNorm statistics from the cache" in line for line in said[1]), said[1]
