@@ -45,14 +45,6 @@ FULL_DISK = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota
 NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)  # no rights, or a read-only file system
 
 
-def _file_in_the_way(e: OSError) -> Path | None:
-    """The file that stands where a folder must be for the path `e` names, if that is the error."""
-    if e.errno not in (errno.EEXIST, errno.ENOTDIR) or not e.filename:
-        return None
-    path = Path(e.filename)
-    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-
-
 def _stage() -> str:
     return Path(sys.argv[0]).stem or "stage"
 
@@ -85,11 +77,6 @@ def cli(main):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except OSError as e:
-            blocking = _file_in_the_way(e)
-            if blocking:  # `.cache/features` made a file by hand: mkdir says EEXIST, open ENOTDIR
-                print(f"error: {_stage()}: {blocking} is a file where a folder is needed; move it away "
-                      f"(no output was left half-written)", file=sys.stderr)
-                sys.exit(2)
             if e.errno not in FULL_DISK + NOT_ALLOWED:
                 raise
             # a full disk or a folder the stage may not write is no bug: say where, once. shutil

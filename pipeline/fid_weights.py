@@ -63,7 +63,8 @@ def load_weights(path: Path, what: str) -> nn.Module:
     except Exception as e:  # truncated zip, pickle of arbitrary objects, garbage bytes, ...
         with open(path, "rb") as f:
             head = f.read(4)
-        if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):  # torch's zip, or its older pickle
+        if not zipfile.is_zipfile(path) and not head.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip (cut
+            # short: no listing at its end), or its older pickle
             raise FeatureError(f"{what} {path}: not a torch file (neither torch's zip format nor a pickle)") from None
         if "Weights only load failed" in str(e):  # torch's advice to load it as a pickle, which may run code
             raise FeatureError(f"{what} {path}: holds Python objects besides tensors, which are not loaded; "

@@ -7,13 +7,14 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.errors import FULL_DISK
+from pipeline.errors import FULL_DISK, PipelineError
 
 
 def _read_umask() -> int:
@@ -53,6 +54,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _make_folder(folder: Path) -> None:
+    """mkdir -p `folder` for an output; a file in its way (`touch .cache/features`) is one line
+    naming that file, not a FileExistsError or NotADirectoryError traceback."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
+        raise PipelineError(f"{blocking} is a file where a folder is needed (for {folder}); move it away") from None
+
+
 def _pid_space() -> str:
     """Where a writer's pid means something: the host name, and a digest of this boot's id and of
     the pid namespace. Containers of one pod share a host name but not their pids; machines named
@@ -63,7 +74,8 @@ def _pid_space() -> str:
             ids.append(str(read(Path(source))))
         except OSError:  # not Linux: the host name alone
             ids.append("")
-    return f"{ids[0]}.{hashlib.md5('|'.join(ids).encode()).hexdigest()[:8]}"
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", ids[0])  # a file name's part: no '/', nor the '+' and '@' it is parsed by
+    return f"{host}.{hashlib.md5('|'.join(ids).encode()).hexdigest()[:8]}"
 
 
 PID_SPACE = _pid_space()
@@ -90,7 +102,7 @@ def _temp_beside(path: Path) -> str:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it replaces `path` in one rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=_temp_beside(path), suffix=".tmp", dir=path.parent)
     os.fchmod(fd, FILE_MODE)
     os.close(fd)
@@ -130,7 +142,7 @@ def scratch_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temp folder beside `path`, removed afterwards (or, after a kill -9, by the
     next writer of `path`: see _temp_beside)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_beside(path), suffix=".tmp", dir=path.parent))
     tmp.chmod(DIR_MODE)
     try:

@@ -107,8 +107,9 @@ def test_a_file_where_a_folder_is_needed_is_one_line_naming_it(tmp_path, monkeyp
     with pytest.raises(SystemExit) as e:
         main()
     assert e.value.code == 2
-    assert capsys.readouterr().err == (f"error: evaluate: {tmp_path / 'features'} is a file where a folder is "
-                                       f"needed; move it away (no output was left half-written)\n")
+    folder = target.parent
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'features'} is a file where a folder is needed (for "
+                                       f"{folder}); move it away\n")
 
 
 @pytest.mark.parametrize("stage", ["evaluate", "package"])

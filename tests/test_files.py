@@ -171,3 +171,12 @@ def test_a_writer_in_another_pid_namespace_keeps_its_temp(tmp_path, repo_root):
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_host_name_with_any_characters_makes_a_temp_name_that_parses(monkeypatch):
+    # 'ci+runner': the '+' ended the parse early and a dead writer's temp was never removed;
+    # 'pod/a': every atomic write failed on a name with a '/' in it
+    for host in ("ci+runner", "pod/a", "x@y"):
+        monkeypatch.setattr(files.socket, "gethostname", lambda: host)
+        space = files._pid_space()
+        assert not set(space) & set("/+@") and space.split(".")[0] == host.replace("+", "_").replace("/", "_").replace("@", "_")
