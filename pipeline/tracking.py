@@ -71,6 +71,12 @@ def tracking_uri() -> str:
     return uri
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a SQLite store's address, without its options (`?timeout=5`); None
+    for another store."""
+    return Path(uri.removeprefix("sqlite:///").partition("?")[0]) if uri.startswith("sqlite:///") else None
+
+
 def _without_password(uri: str) -> str:
     """`uri` fit for an error message: postgresql://user:secret@host/db -> postgresql://user:***@host/db."""
     parts = urllib.parse.urlsplit(uri)
@@ -84,8 +90,8 @@ def check_store() -> None:
     not answer (MLflow itself would retry for minutes, and only after training), or a SQLite file
     in a folder that is not there."""
     uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
+    db = sqlite_file(uri)
+    if db is not None:
         # what MLflow would only find when it first writes, after the work, as a traceback (or,
         # for a folder, after minutes of retries)
         if db.is_dir():
@@ -138,8 +144,8 @@ def _serialized():
     uri = tracking_uri()
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        if uri.startswith("sqlite:///") and _held == 0:
-            lock = stack.enter_context(open(uri.removeprefix("sqlite:///") + ".lock", "a"))
+        if sqlite_file(uri) and _held == 0:
+            lock = stack.enter_context(open(f"{sqlite_file(uri)}.lock", "a"))
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         _held += 1
         try:
@@ -210,12 +216,12 @@ def _exp_name() -> str:
 def artifact_location(uri: str) -> str | None:
     """Where a new experiment in store `uri` keeps its artifacts: `mlartifacts/` beside a SQLite
     file, under the main repository for another database; a server decides for itself (None).
-    MLflow's own default is ./mlruns under the working folder, which for a queued or --temp
+    MLflow's default for a database is ./mlruns under the working folder, which for a queued or --temp
     experiment is DVC's temp folder: its models and pictures went with it."""
-    if uri.startswith(("http://", "https://", "databricks")):
-        return None
-    beside = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else main_repo()
-    return (beside / "mlartifacts").as_uri()
+    if uri.startswith(("http://", "https://", "databricks", "file:")) or "://" not in uri:
+        return None  # a file store (a bare path too) keeps them inside itself
+    db = sqlite_file(uri)
+    return ((db.parent if db else main_repo()) / "mlartifacts").as_uri()
 
 
 def _experiment_id(mlflow) -> str:
@@ -309,7 +315,7 @@ def _existing_experiment(mlflow):
     """The pipeline's experiment in the store, or None; never makes a store (opening a SQLite file
     that is not there would create one, with no row to mark)."""
     uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    if sqlite_file(uri) and not sqlite_file(uri).exists():
         return None
     mlflow.set_tracking_uri(uri)
     return mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))

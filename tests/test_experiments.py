@@ -3,6 +3,7 @@ params): queued sweeps with two workers, the row spanning the pipeline with its 
 model, the model loaded and served, a remote tracking server, and an unreachable one."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -573,9 +574,21 @@ def test_a_sqlite_store_this_user_may_not_write_is_one_line_before_the_work(tmp_
     finally:
         subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
         locked.chmod(0o755)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}")
-    with pytest.raises(PipelineError, match=rf"^tracking: MLFLOW_TRACKING_URI=sqlite:///{tmp_path} names a folder"):
-        tracking.check_store()
+    for uri in (f"sqlite:///{tmp_path}", f"sqlite:///{tmp_path}?timeout=5"):  # SQLite's options are no path
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.raises(PipelineError, match=rf"^tracking: MLFLOW_TRACKING_URI={re.escape(uri)} names a folder"):
+            tracking.check_store()
+
+
+def test_where_a_new_experiment_keeps_its_artifacts(tmp_path, monkeypatch):
+    from pipeline import tracking
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert tracking.artifact_location("sqlite:////srv/x.db?timeout=5") == "file:///srv/mlartifacts"
+    assert tracking.artifact_location("postgresql://me@db/mlflow") == (tmp_path / "mlartifacts").as_uri()
+    # a file store keeps them inside itself, as MLflow does; a server decides for itself
+    for uri in ("file:///srv/mlruns", "/srv/mlruns", "mlruns", "http://127.0.0.1:5000", "databricks"):
+        assert tracking.artifact_location(uri) is None, uri
 
 
 def test_a_server_behind_basic_auth_named_with_its_credentials_is_reached(monkeypatch):
