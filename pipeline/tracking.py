@@ -88,7 +88,8 @@ def _without_password(uri: str) -> str:
 def check_store() -> None:
     """Fail fast, before a stage does any work, when MLFLOW_TRACKING_URI names a server that does
     not answer (MLflow itself would retry for minutes, and only after training), or a SQLite file
-    in a folder that is not there."""
+    MLflow could not write: in a folder that is not there or this user may not write, a file this
+    user may not write, a folder."""
     uri = tracking_uri()
     db = sqlite_file(uri)
     if db is not None:
