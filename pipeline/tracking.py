@@ -237,7 +237,13 @@ def _experiment_id(mlflow) -> str:
                             f"logs into {default_store()}): {type(e).__name__}: {said}") from None
     if exp is not None:
         return exp.experiment_id
-    return mlflow.create_experiment(name, artifact_location=artifact_location(tracking_uri()))
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_location(tracking_uri()))
+    except Exception:  # a server store has no lock of ours: another queue worker made it meanwhile
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def _row_by_key(mlflow, exp_id: str, key: str):

@@ -621,6 +621,25 @@ def test_a_server_behind_basic_auth_named_with_its_credentials_is_reached(monkey
     assert heard == [("/health", "Basic bWU6cEBzcw==")]  # me:p@ss
 
 
+def test_an_experiment_another_worker_makes_meanwhile_is_taken(store, monkeypatch):
+    # two queue workers on a server store (no lock of ours): both found no experiment, and the
+    # second one's create failed with RESOURCE_ALREADY_EXISTS, and its stage with it
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    create = mlflow.create_experiment
+
+    def raced(name, **kwargs):
+        create(name, **kwargs)  # the other worker's
+        raise MlflowException(f"Experiment '{name}' already exists.", error_code="RESOURCE_ALREADY_EXISTS")
+
+    monkeypatch.setattr(mlflow, "create_experiment", raced)
+    made = tracking._experiment_id(mlflow)
+    assert made == mlflow.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+
+
 def test_a_store_that_fails_to_open_is_one_line_without_its_password(monkeypatch):
     import mlflow
 
