@@ -50,7 +50,12 @@ def load(path: Path, device: torch.device) -> tuple[nn.Module, dict]:
         net.load_state_dict(saved["state_dict"])
     except FileNotFoundError:
         raise DataError(f"{path}: generator not found (run the train stage first)") from None
-    except (KeyError, RuntimeError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+    except IsADirectoryError:
+        raise DataError(f"{path}: a folder, not a generator file") from None
+    except PermissionError:
+        raise DataError(f"{path}: not readable (permission denied)") from None
+    # OSError: a torch zip cut short can send its reader to seek before the file's start (EINVAL)
+    except (KeyError, RuntimeError, TypeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as e:
         raise DataError(f"{path}: not a generator saved by the train stage ({type(e).__name__})") from None
     return net.to(device).eval(), saved["config"]
 

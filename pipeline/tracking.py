@@ -127,11 +127,17 @@ def check_store() -> None:
 
 
 def check_generator(path: Path, stage: str) -> None:
-    """Fail fast when the generator that names this execution's row is missing: `evaluate` and
-    `package` would otherwise do all their work, then stop on it with a traceback."""
+    """Fail fast when the generator that names this execution's row is missing or no generator:
+    `evaluate` and `package` would otherwise do all their work, then stop on it with a traceback,
+    or log a file of garbage as the run's model (MLflow only warns when it does not load back)."""
     if not Path(path).is_file():
         raise PipelineError(f"{stage}: {path}: no generator (run the train stage first); {stage} finds "
                             f"its MLflow row by the generator's bytes")
+    import torch
+
+    from pipeline import generator_file
+
+    generator_file.load(Path(path), torch.device("cpu"))  # DataError, one line, when it is no generator
 
 
 _held = 0  # depth of _serialized in this process (flock is per open file: a nested open would block)

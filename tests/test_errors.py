@@ -131,6 +131,31 @@ def test_a_missing_generator_stops_evaluate_and_package_before_their_work(stage,
     assert err == f"error: {stage}: {tmp_path / 'photo2monet.pt'}: no generator (run the train stage first); " \
                   f"{stage} finds its MLflow row by the generator's bytes\n"
     assert not list(tmp_path.iterdir())  # nothing written, no store opened
+    # and one that is no generator: random bytes, cut short, a bare tensor, were logged as the
+    # run's model (MLflow only warned), or cut short a traceback (OSError EINVAL)
+    import re
+
+    import torch
+
+    from pipeline import generator_file
+    from pipeline.params import parse
+
+    whole = tmp_path.parent / f"{stage}-whole.pt"
+    config = generator_file.config_of(parse({"image_size": 64, "train": {"gen_filters": 8, "resnet_blocks": 1}}))
+    generator_file.save(generator_file.build(config), config, whole)
+    generator_file.load(whole, torch.device("cpu"))  # a good one loads
+    torch.save(torch.zeros(3), tmp_path.parent / f"{stage}-tensor.pt")
+    damaged = {"random bytes": bytes(range(256)) * 400, "cut short": whole.read_bytes()[:5000], "empty": b"",
+               "a bare tensor": (tmp_path.parent / f"{stage}-tensor.pt").read_bytes()}
+    for what, data in damaged.items():
+        (tmp_path / "photo2monet.pt").write_bytes(data)
+        with pytest.raises(SystemExit) as e:
+            main(["--params", str(repo_root / "params.yaml"), "--generator", str(tmp_path / "photo2monet.pt"), *args])
+        assert e.value.code == 2, what
+        err = capsys.readouterr().err
+        assert re.fullmatch(rf"error: {re.escape(str(tmp_path / 'photo2monet.pt'))}: not a generator saved by the "
+                            rf"train stage \(\w+\)\n", err), (what, err)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["photo2monet.pt"], what
 
 
 def test_a_missing_manifest_stops_package_before_its_work(tmp_path, repo_root, capsys, monkeypatch):
@@ -138,8 +163,12 @@ def test_a_missing_manifest_stops_package_before_its_work(tmp_path, repo_root, c
     # the old JPEGs, made a FAILED row, then stopped on a FileNotFoundError traceback
     from pipeline import package
 
+    from pipeline import generator_file
+    from pipeline.params import parse
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    (tmp_path / "photo2monet.pt").write_bytes(b"weights")
+    config = generator_file.config_of(parse({"image_size": 32, "train": {"gen_filters": 4, "resnet_blocks": 1}}))
+    generator_file.save(generator_file.build(config), config, tmp_path / "photo2monet.pt")
     with pytest.raises(SystemExit) as e:
         package.main(["--params", str(repo_root / "params.yaml"), "--generator", str(tmp_path / "photo2monet.pt"),
                       "--images", "g", "--out", f"{tmp_path}/out.zip", "--metrics", f"{tmp_path}/out.json",
@@ -149,14 +178,28 @@ def test_a_missing_manifest_stops_package_before_its_work(tmp_path, repo_root, c
     assert [p.name for p in tmp_path.iterdir()] == ["photo2monet.pt"]  # nothing written, no store opened
 
 
-def test_ctrl_c_while_a_stage_imports_is_one_line(repo_root):
-    # the seconds `import torch` takes: Ctrl-C there printed the import's traceback
+def test_a_ddp_worker_stopped_by_ctrl_c_says_nothing(monkeypatch, capsys):
+    # torchrun's launcher passes Ctrl-C on to every worker: the launcher's line is the one line
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _stage(KeyboardInterrupt(), monkeypatch) == 130
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("sig, worker, said", [
+    (signal.SIGINT, False, "error: train: interrupted while starting; nothing was written\n"),
+    (signal.SIGINT, True, ""),
+    (signal.SIGTERM, False, "error: train: stopped by SIGTERM while starting; nothing was written\n"),
+])
+def test_a_stage_stopped_while_it_imports_is_one_line(repo_root, sig, worker, said):
+    # the seconds `import torch` takes: Ctrl-C there printed the import's traceback, SIGTERM nothing
+    # at all (a DDP worker that is still starting says nothing: its launcher says it once)
+    env = {**os.environ, **({"WORLD_SIZE": "2"} if worker else {})}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--help"], cwd=repo_root, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 60
     while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text() and time.time() < deadline:
         time.sleep(0.01)  # torch is being imported: pipeline/__init__ ran before it
-    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
-    assert err == "error: train: interrupted while starting; nothing was written\n", err[-2000:]
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert err == said, err[-2000:]

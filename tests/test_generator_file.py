@@ -120,3 +120,16 @@ def test_generate_stage_writes_every_photo_as_its_translation(tmp_path, saved):
             assert img.format == "JPEG" and img.size == (256, 256) and img.mode == "RGB"
             err = np.abs(np.asarray(img).astype(int) - expected[i].numpy().astype(int)).mean()
         assert err < 4, (name, err)  # JPEG loss only: each file is its own photo's translation
+
+
+@pytest.mark.parametrize("kept", [0.02, 0.1, 0.5, 0.9, 0.999])
+def test_a_generator_file_cut_short_is_one_clear_error(saved, tmp_path, kept):
+    # some lengths sent torch's reader to seek before the file's start: an OSError traceback
+    _, path = saved
+    short = tmp_path / "short.pt"
+    data = path.read_bytes()
+    short.write_bytes(data[:int(len(data) * kept)])
+    with pytest.raises(DataError, match=r"not a generator saved by the train stage \(\w+\)$"):
+        generator_file.load(short, CPU)
+    with pytest.raises(DataError, match="a folder, not a generator file"):
+        generator_file.load(tmp_path, CPU)
