@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import shards, tracking
-from pipeline.errors import DataError, cli
+from pipeline.errors import DataError, PipelineError, cli
 from pipeline.files import atomic_path, write_json
 from pipeline.params import load, stage_arguments
 
@@ -29,8 +29,9 @@ def check_images(folder: Path, min_images: int, max_images: int) -> list[Path]:
     if others:
         raise DataError(f"{folder}: '{others[0]}' is not a .jpg file (the zip must hold JPEGs only, flat)")
     if not min_images <= len(entries) <= max_images:
+        bound, way = ("package.min_images", "lower") if len(entries) < min_images else ("package.max_images", "raise")
         raise DataError(f"{folder}: {len(entries)} images; the submission needs {min_images}–{max_images} "
-                        f"(package.min_images and package.max_images; lower them to package another image set)")
+                        f"(package.min_images and package.max_images; {way} {bound} to package another image set)")
     lower = [e.name.lower() for e in entries]
     if len(set(lower)) != len(lower):
         raise DataError(f"{folder}: file names differ only in case; names must be unique")
@@ -63,11 +64,19 @@ def write_zip(images: list[Path], out: Path) -> str:
     fixed time and mode instead of the files', so the same JPEGs make the same zip, byte for byte
     (DVC then sees an unchanged output when a rerun reproduces the images)."""
     with atomic_path(out) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf = zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED)
+        try:
             for path in images:
                 entry = zipfile.ZipInfo(path.name, date_time=ZIP_TIME)
                 entry.external_attr = 0o644 << 16  # rw-r--r--, as extracted
                 zf.writestr(entry, path.read_bytes())
+        except BaseException:
+            # not `with`: closing a zip with an entry half-written raises again, over the Ctrl-C
+            # or the full disk being reported (three tracebacks); the temp file goes anyway
+            fp, zf.fp = zf.fp, None  # so that its __del__ does not try to close it again
+            fp.close()
+            raise
+        zf.close()
         digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     return digest
 
@@ -81,6 +90,8 @@ def main(argv=None) -> None:
     ap.add_argument("--generator", type=Path, required=True, help="identifies the MLflow run")
     args = ap.parse_args(argv)
     p = load(args.params)
+    if args.out.is_dir():
+        raise PipelineError(f"package: --out {args.out} is a folder; it names the zip to write")
     tracking.check_store()  # an unreachable MLflow server stops the stage before the work
     tracking.check_generator(args.generator, "package")
     shards.read_manifest(args.manifest)  # the row's data set: none (a killed ingest) stops it before the work

@@ -42,8 +42,41 @@ def test_the_same_images_make_the_same_zip_whenever_they_were_written(tmp_path):
 
 def test_too_few_images_refused(tmp_path):
     with pytest.raises(DataError, match=r"3 images; the submission needs 5–10 \(package.min_images and "
-                                        r"package.max_images; lower them"):
+                                        r"package.max_images; lower package.min_images"):
         check_images(_jpegs(tmp_path / "gen", 3), 5, 10)
+
+
+def test_too_many_images_say_which_bound_to_raise(tmp_path):
+    with pytest.raises(DataError, match=r"12 images; the submission needs 5–10 \(package.min_images and "
+                                        r"package.max_images; raise package.max_images"):
+        check_images(_jpegs(tmp_path / "gen", 12), 5, 10)
+
+
+def test_ctrl_c_while_the_zip_is_written_leaves_the_old_zip_and_one_exception(tmp_path, monkeypatch):
+    # closing a zip with an entry half-written raised again over the KeyboardInterrupt: three
+    # tracebacks (one from ZipFile.__del__) and exit 1 instead of errors.cli's line and 130
+    import gc
+
+    images = check_images(_jpegs(tmp_path / "gen", 6), 5, 10)
+    out = tmp_path / "images.zip"
+    out.write_bytes(b"the old zip")
+    writes = []
+
+    def interrupted(self, *args, **kwargs):
+        writes.append(1)
+        if len(writes) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    real = zipfile._ZipWriteFile.__init__
+    monkeypatch.setattr(zipfile._ZipWriteFile, "__init__", interrupted)
+    unraisable = []
+    monkeypatch.setattr("sys.unraisablehook", unraisable.append)
+    with pytest.raises(KeyboardInterrupt):
+        write_zip(images, out)
+    gc.collect()
+    assert unraisable == [] and out.read_bytes() == b"the old zip"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen", "images.zip"]
 
 
 @pytest.mark.parametrize("kw, needle", [
@@ -75,3 +108,16 @@ def test_a_jpeg_cut_short_is_refused(tmp_path):
         check_images(gen, 5, 10)
     (gen / "img002.jpg").write_bytes(whole + bytes(16))  # zeros after the marker, as some writers pad
     assert len(check_images(gen, 5, 10)) == 5
+
+
+def test_out_naming_a_folder_is_one_line(tmp_path, repo_root, capsys):
+    # `--out data/generated` (a slip): an IsADirectoryError traceback after the zip was written
+    from pipeline import package
+
+    (tmp_path / "gen").mkdir()
+    with pytest.raises(SystemExit) as e:
+        package.main(["--params", str(repo_root / "params.yaml"), "--images", str(tmp_path / "gen"), "--out",
+                      str(tmp_path / "gen"), "--metrics", str(tmp_path / "m.json"), "--generator", "g.pt",
+                      "--shards", "s", "--manifest", "m.csv"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: package: --out {tmp_path / 'gen'} is a folder; it names the zip to write\n"
