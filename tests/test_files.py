@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipeline import files
+from pipeline.errors import PipelineError
 from pipeline.feature_cache import FeatureCache
 from pipeline.files import PID_SPACE, atomic_dir, atomic_path, save_torch, write_json
 
@@ -180,3 +181,35 @@ def test_a_host_name_with_any_characters_makes_a_temp_name_that_parses(monkeypat
         monkeypatch.setattr(files.socket, "gethostname", lambda: host)
         space = files._pid_space()
         assert not set(space) & set("/+@") and space.split(".")[0] == host.replace("+", "_").replace("/", "_").replace("@", "_")
+
+
+def test_ctrl_c_while_a_folder_is_swapped_in_waits_until_it_is_done(tmp_path, monkeypatch):
+    # Ctrl-C between the renames (or in the old folder's removal) left the old folder beside the
+    # new one, or no folder at all, though the new one was whole
+    import signal as signals
+
+    out = tmp_path / "generated"
+    out.mkdir()
+    (out / "old.jpg").write_bytes(b"old")
+    real = os.replace
+
+    def interrupted_replace(src, dst):
+        os.kill(os.getpid(), signals.SIGINT)  # arrives while the first rename runs
+        monkeypatch.setattr(files.os, "replace", real)
+        real(src, dst)
+
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(out) as tmp:
+            (tmp / "new.jpg").write_bytes(b"new")
+            monkeypatch.setattr(files.os, "replace", interrupted_replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["generated"]
+    assert [p.name for p in out.iterdir()] == ["new.jpg"]
+
+
+def test_a_file_where_a_folder_is_written_is_refused(tmp_path):
+    # `generate --out somefile`: the file was replaced by a folder, and kept as .somefile.old
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(PipelineError, match="notes.txt is a file; a folder is written there"):
+        with atomic_dir(tmp_path / "notes.txt"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
