@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
@@ -69,6 +70,8 @@ def launch(processes: int, module: str, argv: list[str]) -> None:
         try:
             run(args)
         except ChildFailedError as e:
+            if getattr(e.failures.get(0), "exitcode", None) == 2:  # rank 0's own error line, said already
+                sys.exit(2)
             rank, failure = e.get_first_failure()
             how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
             raise PipelineError(f"{stage}: worker {rank} of {processes} failed ({how}); every worker was "

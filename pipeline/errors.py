@@ -45,6 +45,10 @@ FULL_DISK = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota
 NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)  # no rights, or a read-only file system
 
 
+def _while_starting(handler) -> bool:
+    return getattr(handler, "__name__", "") == "_stopped_while_starting"
+
+
 def _stage() -> str:
     return Path(sys.argv[0]).stem or "stage"
 
@@ -69,8 +73,10 @@ def cli(main):
         main_thread = threading.current_thread() is threading.main_thread()
         catch = main_thread and "WORLD_SIZE" not in os.environ
         previous = signal.signal(signal.SIGTERM, _stop) if catch else None
-        if main_thread and getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "_interrupted_while_starting":
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # pipeline/__init__'s, for the imports
+        if _while_starting(previous):  # pipeline/__init__'s, for the imports: this process's own after
+            previous = signal.SIG_DFL
+        if main_thread and _while_starting(signal.getsignal(signal.SIGINT)):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return main(*args, **kwargs)
         except PipelineError as e:
@@ -93,6 +99,8 @@ def cli(main):
                   f"was left half-written)", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt as e:  # every output is written to a temp name and renamed when whole
+            if "WORLD_SIZE" in os.environ:  # a DDP worker, at any point: its launcher says it once for all
+                sys.exit(128 + signal.SIGINT)
             stage = _stage()
             resume = _resume_hint() if stage == "train" else ""
             what = "stopped by SIGTERM" if isinstance(e, Stopped) else "interrupted"

@@ -17,6 +17,8 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -37,6 +39,7 @@ from pipeline.runtime import (autocast_dtype, pick_device, place, rng_state, see
                               stream_seed, uncompiled)
 
 TRAIN_KEYS = ("seed", "image_size", "lambda_cycle", "lambda_identity", "precision", "train.")  # data: the manifest
+RANK_ERROR_GRACE_SECONDS = 10.0  # see main()
 RANDOM_OPS, BATCHES = 0, 1  # the random streams of a rank besides the init (stream_seed)
 NOT_TRAINING = ("train.processes", "train.log_every", "train.grid_size")  # change no weight (processes: checked apart)
 
@@ -235,12 +238,17 @@ def main(argv=None) -> None:
                             f"process count it trained with; the global batch is batch_size × processes)")
     if world.main:
         tracking.check_store()  # an unreachable MLflow server stops the stage before any training
-    device = distributed.start(world, pick_device(p.device))
     try:
-        run(p, args, world, device)
+        run(p, args, world, distributed.start(world, pick_device(p.device)))
     except KeyboardInterrupt:
         if world.size > 1:  # Ctrl-C reaches every worker: the launcher says it once for all of them
             sys.exit(130)
+        raise
+    except PipelineError:
+        if not world.main and os.environ.get(distributed.LAUNCHER):
+            # what every rank finds (a damaged checkpoint) rank 0 says, and the launcher then stops
+            # this rank: one line, not one per rank. An error of this rank alone is said after a while
+            time.sleep(RANK_ERROR_GRACE_SECONDS)
         raise
     except Exception as e:
         if distributed.peer_lost(e, world):
@@ -250,6 +258,8 @@ def main(argv=None) -> None:
             raise PipelineError(line) from None
         raise
     finally:
+        if world.size > 1:  # from here a Ctrl-C would only break the interpreter's exit (atexit tracebacks)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         distributed.finish(world)
 
 

@@ -175,6 +175,26 @@ def test_ctrl_c_stops_every_worker_and_says_so_once(repo):
     assert all(not w.is_running() or w.status() == psutil.STATUS_ZOMBIE for w in workers)
 
 
+def test_an_error_every_rank_finds_is_said_once(repo, tmp_path):
+    # a damaged checkpoint (or one of another process count): each rank said it, then the launcher
+    # blamed a worker for it, 3 lines for 1 error
+    root, env = repo
+    env = {**env, "TMPDIR": str(tmp_path)}
+    set_params(root, {"train": TINY["train"]})
+    checkpoint = root / ".cache/train/checkpoint.pt"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_bytes(b"PK\x03\x04" + bytes(1000))
+    try:
+        res = subprocess.run([sys.executable, "-m", "pipeline.train", *TRAIN_ARGS], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=600)
+    finally:
+        checkpoint.unlink()
+    assert res.returncode == 2, res.stderr[-3000:]
+    said = [line for line in (res.stdout + res.stderr).splitlines() if "error:" in line]
+    assert len(said) == 1 and said[0].startswith(f"error: train: {checkpoint.relative_to(root)}"), said
+    assert "Traceback" not in res.stderr
+
+
 def test_more_processes_than_gpus_is_one_line_before_any_worker_starts(tmp_path, monkeypatch, capsys):
     # one GPU per process: on a 1-GPU machine train.processes=2 started both workers, and the second
     # one failed in torch.cuda.set_device, asking for a GPU that is not there
