@@ -247,8 +247,11 @@ def test_the_metrics_file_holds_numbers_and_short_ids(data, tmp_path, monkeypatc
     params.write_text(json.dumps({"seed": SEED, "evaluate": {"batch_size": 16, "baseline_images": 16,
                                                              "kid_subsets": 5}}))
     out = tmp_path / "evaluate.json"
-    generator = tmp_path / "g.pt"  # names the row only, and there is none here
-    generator.write_bytes(b"weights")
+    from pipeline import generator_file
+
+    generator = tmp_path / "g.pt"  # names the row only, and there is none here; checked to be a generator
+    config = generator_file.config_of(parse({"image_size": 32, "train": {"gen_filters": 4, "resnet_blocks": 1}}))
+    generator_file.save(generator_file.build(config), config, generator)
     stage.main(["--params", str(params), "--shards", str(root / "shards"), "--manifest", str(root / "manifest.csv"),
                 "--images", str(root / "generated"), "--generator", str(generator), "--out", str(out),
                 "--memorization", str(tmp_path / "m.png"), "--features-cache", str(tmp_path / "cache")])
