@@ -11,13 +11,18 @@ cannot be confirmed this way counts as not holding, so nothing stale is copied.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import yaml
 
 from pipeline.params import read_yaml
+
+
+KNOWN_HASHES = ".cache/stage_results-md5.json"  # see _KnownHashes
 
 
 def held_results(running: str, root: Path = Path(".")) -> dict[str, list[Path]]:
@@ -28,8 +33,10 @@ def held_results(running: str, root: Path = Path(".")) -> dict[str, list[Path]]:
     except (OSError, ValueError, yaml.YAMLError):  # no dvc.yaml / dvc.lock, or one that does not parse
         return {}
     check = _Checker(root, pipeline.get("stages") or {}, (lock or {}).get("stages") or {}, running)
-    return {name: [root / path for path in _paths(stage, ("metrics", "plots"))]
+    held = {name: [root / path for path in _paths(stage, ("metrics", "plots"))]
             for name, stage in check.declared.items() if name != running and check.holds(name)}
+    check.known.save()
+    return held
 
 
 def later_stages(running: str, made_by_running: str, root: Path = Path(".")) -> dict[str, tuple[set[str], list[Path]]]:
@@ -62,20 +69,52 @@ def _paths(stage: dict, kinds: tuple[str, ...]) -> list[str]:
     return [next(iter(e)) if isinstance(e, dict) else e for kind in kinds for e in stage.get(kind) or []]
 
 
-def _md5(path: Path) -> str | None:
+class _KnownHashes:
+    """Files' md5s by their path, size, mtime and inode, kept between stages in the repository's
+    .cache/, as DVC keeps its own: every stage that logs checks the same output folders (the
+    shards, 7,028 JPEGs), and reading them all again took 5% of a `dvc repro`. A file written
+    again, or edited in place, has another mtime (or inode): it is read again."""
+    def __init__(self, path: Path):
+        self.path, self.used = path, {}
+        try:
+            self.known = json.loads(path.read_text())
+            assert isinstance(self.known, dict)
+        except Exception:  # none yet, or unreadable: everything is read
+            self.known = {}
+        self.loaded = dict(self.known)
+
+    def md5(self, path: Path) -> str:
+        st = path.stat()
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        if key not in self.known:
+            h = hashlib.md5()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            self.known[key] = h.hexdigest()
+        self.used[key] = self.known[key]
+        return self.used[key]
+
+    def save(self) -> None:
+        """The hashes this check used (so the file stays the size of the outputs), if any is new."""
+        if self.used and self.used != self.loaded:
+            from pipeline.files import write_json  # here: files imports errors, not this module's readers
+
+            with contextlib.suppress(OSError):  # a cache: a read-only checkout goes without it
+                write_json(self.path, self.used)
+
+
+def _md5(path: Path, known: _KnownHashes | None = None) -> str | None:
     """DVC's hash of a file (plain md5 of its bytes) or of a folder (md5 of the JSON list of its
     files' relative paths and hashes, sorted by path, plus '.dir'); None when missing."""
+    known = known or _KnownHashes(Path(os.devnull))
     if path.is_dir():
         files = sorted(f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file())
-        listing = [{"md5": _md5(path / name), "relpath": name} for name in files]
+        listing = [{"md5": known.md5(path / name), "relpath": name} for name in files]
         return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
     if not path.is_file():
         return None
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return known.md5(path)
 
 
 class _Checker:
@@ -85,6 +124,7 @@ class _Checker:
         self.memo: dict[str, bool] = {}
         self.params: dict[str, object] = {}
         self.hashes: dict[str, str | None] = {}
+        self.known = _KnownHashes(root / KNOWN_HASHES)
 
     def holds(self, name: str) -> bool:
         if name not in self.memo:
@@ -118,7 +158,7 @@ class _Checker:
         """_md5 of a path, once per check: a folder the running stage wrote (7,028 JPEGs) is a dep
         of both later stages."""
         if path not in self.hashes:
-            self.hashes[path] = _md5(self.root / path)
+            self.hashes[path] = _md5(self.root / path, self.known)
         return self.hashes[path]
 
     def _params_hold(self, stage: dict, lock: dict) -> bool:

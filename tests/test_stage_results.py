@@ -109,7 +109,7 @@ def test_an_edited_output_folder_means_the_stage_reruns(ws):
     lock["stages"]["a"]["outs"].append({"path": "out_a", "hash": "md5", "md5": _md5_of_folder(ws / "out_a")})
     (ws / "dvc.lock").write_text(yaml.safe_dump(lock))
     assert list(held_results("nothing-running", ws)) == ["a", "b", "c"]
-    (ws / "out_a/x.jpg").write_bytes(b"edited")
+    (ws / "out_a/x.jpg").write_bytes(b"JPEG")  # the same size, written again: its mtime tells
     assert list(held_results("nothing-running", ws)) == []  # b reads a's other output: unconfirmed
 
 
@@ -153,3 +153,21 @@ def test_later_stages_name_the_params_their_results_depend_on(repo_root):
     assert [f.name for f in files] == ["evaluate.json", "memorization.png"]
     assert later_stages("evaluate", "models/photo2monet.pt", repo_root).keys() == {"package"}
     assert later_stages("package", "models/photo2monet.pt", repo_root) == {}
+
+
+def test_files_are_read_once_until_they_change(ws, monkeypatch):
+    # every stage that logs checks the same output folders: their hashes are kept between stages
+    import builtins
+
+    from pipeline import stage_results
+
+    assert list(held_results("b", ws)) == ["a", "c"]
+    assert (ws / stage_results.KNOWN_HASHES).is_file()
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    assert list(held_results("b", ws)) == ["a", "c"]
+    assert not [f for f in opened if f.endswith((".bin", ".py", ".json", ".csv"))], opened
+    (ws / "out_a.bin").write_text("contents of out_a.bin\n")  # rewritten, same bytes: read again, holds
+    assert list(held_results("b", ws)) == ["a", "c"]
+    assert any(f.endswith("out_a.bin") for f in opened)
