@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import yaml
@@ -104,10 +103,9 @@ class _KnownHashes:
                 write_json(self.path, self.used)
 
 
-def _md5(path: Path, known: _KnownHashes | None = None) -> str | None:
+def _md5(path: Path, known: _KnownHashes) -> str | None:
     """DVC's hash of a file (plain md5 of its bytes) or of a folder (md5 of the JSON list of its
     files' relative paths and hashes, sorted by path, plus '.dir'); None when missing."""
-    known = known or _KnownHashes(Path(os.devnull))
     if path.is_dir():
         files = sorted(f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file())
         listing = [{"md5": known.md5(path / name), "relpath": name} for name in files]
