@@ -48,15 +48,19 @@ def check_photo_name(name: str, where: str) -> None:
     """generate saves each photo as '<image_name>.jpg' in one folder: the name must be a plain
     file name there (Kaggle's are 10 hex digits; a name like '../x' would write outside it)."""
     if (not name or name.startswith(".") or len(name.encode()) > MAX_NAME_BYTES
-            or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name)):
+            or any(c in "/\\" for c in name) or _has_control_character(name)):
         raise DataError(f"{where}: image_name {name!r} cannot name a file (generate saves '<image_name>.jpg'): "
                         f"no '/', '\\', control characters or leading '.', at most {MAX_NAME_BYTES} bytes")
+
+
+def _has_control_character(name: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in name)
 
 
 def check_painting_name(name: str, where: str) -> None:
     """A painting's name is no file name, but it is a manifest cell: a control character in it (a
     bare carriage return) splits the row when the CSV is read back."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if _has_control_character(name):
         raise DataError(f"{where}: image_name {name!r} holds control characters, which the manifest cannot keep")
 
 
