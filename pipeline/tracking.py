@@ -44,7 +44,7 @@ import pandas as pd
 from pipeline.errors import PipelineError
 from pipeline.files import main_repo, under_main_repo
 from pipeline.params import Params, flatten
-from pipeline.stage_results import held_results, later_stages
+from pipeline.stage_results import all_hold, held_results, later_stages
 
 EXPERIMENT = "monet-cyclegan"
 MODEL_NAME = "photo2monet"  # the generator as an MLflow model: runs:/<run id>/photo2monet
@@ -408,7 +408,7 @@ def complete_row_if_rest_holds(params: Params, generator_path: Path, stage: str,
     locked ones and so every stage in `later` still holds, DVC skips them all (`dvc exp run -S
     generate.batch_size=32` makes the same JPEGs), and none of them would log this execution;
     `stage` then fills in its row, or makes it, as they would have."""
-    if set(later) <= held_results(stage).keys():
+    if all_hold(later, stage):
         with open_run(params, generator_path, stage, shards, manifest):
             pass
         print(report(stage))
@@ -462,11 +462,12 @@ def _metric_prefixes(files: list[Path]) -> tuple[str, ...]:
 
 def _copy_held_results(stage: str, logged=()) -> None:
     """Log the results of every other stage that still holds, but not one whose metrics are among
-    `logged` (the row's metric names: a metrics file `evaluate.json` logs `evaluate.*`)."""
-    for other, files in held_results(stage).items():
-        prefixes = _metric_prefixes(files)
-        if prefixes and any(name.startswith(prefixes) for name in logged):
-            continue
+    `logged` (the row's metric names: a metrics file `evaluate.json` logs `evaluate.*`). Only those
+    stages are checked: confirming one reads the folders it depends on (1.5 GB of shards)."""
+    def wanted(other: str, files: list[Path]) -> bool:
+        return bool(files) and not any(name.startswith(_metric_prefixes(files)) for name in logged)
+
+    for other, files in held_results(stage, wanted=wanted).items():
         for path in files:
             log_file(path, other)
 

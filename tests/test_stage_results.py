@@ -171,3 +171,35 @@ def test_files_are_read_once_until_they_change(ws, monkeypatch):
     (ws / "out_a.bin").write_text("contents of out_a.bin\n")  # rewritten, same bytes: read again, holds
     assert list(held_results("b", ws)) == ["a", "c"]
     assert any(f.endswith("out_a.bin") for f in opened)
+
+
+def _reads(monkeypatch) -> list[str]:
+    """The files whose bytes stage_results hashes, by name, as they are read."""
+    from pipeline import stage_results
+
+    read, md5 = [], stage_results._KnownHashes.md5
+    monkeypatch.setattr(stage_results._KnownHashes, "md5", lambda self, path: read.append(path.name) or md5(self, path))
+    return read
+
+
+def test_a_stage_plainly_out_of_date_spares_reading_what_the_others_depend_on(ws, monkeypatch):
+    # a fresh clone at `train`: the JPEGs are not there yet, so nothing after them can hold, and
+    # confirming that must not hash the 1.5 GB of shards they were made from
+    from pipeline.stage_results import all_hold
+
+    (ws / "out_b.bin").unlink()
+    read = _reads(monkeypatch)
+    assert not all_hold(["c"], "a", ws) and not all_hold(["b", "c"], "nothing-running", ws)
+    assert held_results("a", ws) == {}
+    assert read == []
+
+
+def test_only_the_stages_asked_for_are_confirmed(ws, monkeypatch):
+    # a row that has train's results already need not confirm train again (reading the shards)
+    read = _reads(monkeypatch)
+    assert list(held_results("c", ws, wanted=lambda name, files: name == "b")) == ["b"]
+    assert "a.py" in read  # b reads a's output: a is confirmed as its maker
+    read.clear()
+    assert held_results("c", ws, wanted=lambda name, files: False) == {} and read == []
+    from pipeline.stage_results import all_hold
+    assert all_hold(["a", "b"], "c", ws) and not all_hold(["a", "b"], "b", ws)
