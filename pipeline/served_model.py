@@ -38,10 +38,16 @@ class PhotoToMonet(mlflow.pyfunc.PythonModel):
         if photos.dtype != np.uint8 or photos.ndim != 4 or photos.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
             raise ValueError(f"photo2monet takes uint8 N×{IMAGE_SIZE}×{IMAGE_SIZE}×3 photos, "
                              f"got {photos.dtype} {tuple(photos.shape)}")
-        paintings = generator_file.translate(self.net, torch.from_numpy(np.ascontiguousarray(photos)),
+        paintings = generator_file.translate(self.net, torch.from_numpy(_writable(photos)),
                                              self.config["image_size"], self.device, self.autocast,
                                              out_size=IMAGE_SIZE)
         return paintings.numpy()
+
+
+def _writable(photos: np.ndarray) -> np.ndarray:
+    """The photos as torch takes them without a warning: contiguous, and writable (a photo read with
+    `np.asarray(PIL.Image.open(...))` is read-only); copied only when they are not."""
+    return np.require(photos, requirements=["C_CONTIGUOUS", "WRITEABLE"])
 
 
 def signature():

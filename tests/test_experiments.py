@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -403,6 +404,12 @@ def test_logged_model_loads_back_and_translates(reproduced, tmp_path):
     out = model.predict(batch)
     assert out.dtype == np.uint8 and out.shape == (3, 256, 256, 3)
     assert np.array_equal(out, expected_paintings(root, batch))
+    read_only = batch.copy()  # as `np.asarray(PIL.Image.open(...))` reads a photo
+    read_only.flags.writeable = False
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert np.array_equal(model.predict(read_only), out)
+    assert not [w for w in seen if "writable" in str(w.message)], [str(w.message) for w in seen]
     (spec,) = model.metadata.get_input_schema().inputs  # the signature: one uint8 tensor of photos
     assert (spec.type, spec.shape) == (np.dtype(np.uint8), (-1, 256, 256, 3))
     with pytest.raises(Exception, match="uint8"):
