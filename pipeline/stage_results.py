@@ -175,7 +175,8 @@ class _Checker:
         if not self._params_hold(stage, lock) or not all(md5 is not None and (self.root / p).exists()
                                                          for p, md5 in {**deps, **outs}.items()):
             return False
-        return all(self.plausible(self.maker[p]) for p in deps if self.maker.get(p, self.running) != self.running)
+        makers = {self.maker[p] for p in deps if p in self.maker} - {self.running}  # its outputs are fresh
+        return all(self.plausible(maker) for maker in makers)
 
     def _bytes_hold(self, name: str) -> bool:
         # outputs by their bytes, folders too: shards or JPEGs changed by hand are not the ones
