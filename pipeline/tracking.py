@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.errors import PipelineError
+from pipeline.errors import FULL_DISK, PipelineError
 from pipeline.files import main_repo, under_main_repo
 from pipeline.params import Params, flatten
 from pipeline.stage_results import all_hold, held_results, later_stages
@@ -157,10 +157,38 @@ def _serialized():
         _held += 1
         try:
             yield
+        except Exception as e:
+            full = None if isinstance(e, PipelineError) else _full_disk(e, uri)
+            if full is None:
+                raise
+            raise PipelineError(f"tracking: MLflow could not write to {full}: the disk is full; free some "
+                                f"space and run the stage again") from None
         finally:
             _held -= 1
             if _held == 0:
                 _seconds += time.perf_counter() - started
+
+
+def _full_disk(e: BaseException | None, uri: str) -> str | None:
+    """Where MLflow found the disk full, if that is what `e` or an error it came from says (a full
+    SQLite store raises an MlflowException; MLflow's own try to mark the model failed, after a
+    full artifact folder, raises one again), else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in FULL_DISK:
+            return e.filename2 or e.filename or _artifact_folder(uri)
+        if "database or disk is full" in str(e):  # SQLite's SQLITE_FULL
+            return str(sqlite_file(uri) or _without_password(uri))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _artifact_folder(uri: str) -> str:
+    """The active row's artifacts (MLflow's copy into them names no file when the disk fills)."""
+    run = _mlflow().active_run()
+    where = run.info.artifact_uri if run else artifact_location(uri) or _without_password(uri)
+    return where.removeprefix("file://")
 
 
 def _mlflow():
@@ -171,6 +199,9 @@ def _mlflow():
     import mlflow.data
     import mlflow.pyfunc
 
+    # MLflow logs each SQLite error with its traceback, then raises it: the error is what the stage
+    # shows (one line where it is the user's to mend, a full disk), and the log said it twice more
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     if _held == 0:  # inside _serialized the time is counted already
         _seconds += time.perf_counter() - started
     return mlflow
@@ -267,15 +298,21 @@ def _failed_as(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _failing_ends(mlflow):
+def _failing_ends(mlflow, keep_end_time: int | None = None):
     """Around work on the active row: an error ends the row FAILED (KILLED on ^C), under the store's
     lock, instead of leaving it for MLflow to close FINISHED when the process exits. Also around
-    the logging that fills a row just started or resumed, before _active holds it."""
+    the logging that fills a row just started or resumed, before _active holds it. With
+    `keep_end_time` (a complete row that a forced rerun logs into again) it ends FINISHED then,
+    as it was. A store that cannot take even that (a full disk) leaves the row as it is: the
+    stage's own error is the line to show."""
     try:
         yield
     except BaseException as e:
-        with _serialized():
-            mlflow.end_run(_failed_as(e))
+        run = mlflow.active_run()
+        with contextlib.suppress(Exception), _serialized():
+            mlflow.end_run(_failed_as(e) if keep_end_time is None else "FINISHED")
+            if keep_end_time is not None:
+                mlflow.MlflowClient().set_terminated(run.info.run_id, "FINISHED", end_time=keep_end_time)
         raise
 
 
@@ -445,9 +482,10 @@ def failure_marks_row(params: Params, generator_path: Path, stage: str):
 def _active(run, keep_end_time: int | None = None):
     """The run as a context, ended under the store's lock: FINISHED, or FAILED (KILLED on ^C)
     when the stage raised, so a broken execution is visible as such in the UI. With
-    `keep_end_time`, FINISHED at that time (ms) instead of now."""
+    `keep_end_time` (a complete row that a forced rerun logs into again), FINISHED at that time
+    (ms), whether the stage raised or not: the row stays as it was."""
     mlflow = _mlflow()
-    with _failing_ends(mlflow):
+    with _failing_ends(mlflow, keep_end_time):
         yield run
     with _serialized():
         mlflow.end_run()

@@ -378,6 +378,67 @@ def test_a_forced_rerun_keeps_the_duration_of_a_complete_row(store, tmp_path, mo
     assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"]
 
 
+def test_a_full_disk_under_the_store_is_one_line_naming_it(store, tmp_path, monkeypatch):
+    # SQLite says "database or disk is full" inside an MlflowException, and the try to mark the row
+    # FAILED fails the same way: 648 lines and 16 tracebacks, exit 1. A copy into a full artifact
+    # folder is an OSError that names no file
+    import errno
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    manifest, _ = store
+
+    def full(*args, **kwargs):
+        raise MlflowException("(sqlite3.OperationalError) database or disk is full [SQL: UPDATE runs ...]")
+
+    with pytest.raises(PipelineError, match=rf"MLflow could not write to {tmp_path / 'mlflow.db'}: the disk is full"):
+        with monkeypatch.context() as m, tracking.start_training(parse({}), tmp_path, manifest, None):
+            m.setattr(mlflow.MlflowClient, "set_terminated", full)  # the end as FAILED fails too
+            m.setattr(mlflow, "log_metrics", full)
+            tracking.log_metrics_file(_json(tmp_path / "train.json", {"loss": 1.0}))
+    assert mlflow.active_run() is None
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as shutil.copyfileobj raises it
+
+    with pytest.raises(PipelineError, match=r"MLflow could not write to /\S+/artifacts: the disk is full"):
+        with monkeypatch.context() as m, tracking.start_training(parse({}), tmp_path, manifest, None):
+            m.setattr(mlflow, "log_artifact", no_space)
+            tracking.log_artifact(tmp_path / "g.pt")
+    assert [r["status"] for r in rows(tmp_path).values()] == ["RUNNING", "FAILED"]  # where the store could
+
+
+def test_a_complete_row_stays_as_it_was_when_a_forced_rerun_fails_to_log(store, tmp_path, monkeypatch):
+    # `dvc repro -f -s evaluate` on a complete row, and the picture does not fit the disk: the row
+    # went from FINISHED to FAILED, though its results still stand
+    import errno
+
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    manifest, _ = store
+    with tracking.start_training(parse({}), tmp_path, manifest, None) as run:
+        pass
+    (before,) = rows(tmp_path).values()
+    mlflow.start_run(run_id=run.info.run_id)
+    monkeypatch.setattr(mlflow, "log_artifact", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(PipelineError), tracking._active(run, keep_end_time=before["end_time"]):
+        tracking.log_artifact(tmp_path / "g.pt")
+    (after,) = rows(tmp_path).values()
+    assert (after["status"], after["end_time"]) == ("FINISHED", before["end_time"])
+
+
+def _json(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
 def test_a_new_row_whose_filling_fails_ends_failed(store, tmp_path, monkeypatch):
     # open_run starts the row, then logs the model: an error there ended the stage with the row
     # still open, and MLflow closed it FINISHED at exit (seen with DVC's symlink cache)
