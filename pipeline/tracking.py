@@ -72,9 +72,11 @@ def tracking_uri() -> str:
 
 
 def sqlite_file(uri: str) -> Path | None:
-    """The database file of a SQLite store's address, without its options (`?timeout=5`); None
-    for another store."""
-    return Path(uri.removeprefix("sqlite:///").partition("?")[0]) if uri.startswith("sqlite:///") else None
+    """The database file of a SQLite store's address, without its options (`?timeout=5`), decoded
+    as SQLAlchemy decodes it; None for another store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(urllib.parse.unquote(uri.removeprefix("sqlite:///").partition("?")[0]))
 
 
 def _without_password(uri: str) -> str:
@@ -92,6 +94,14 @@ def check_store() -> None:
     user may not write, a folder."""
     uri = tracking_uri()
     db = sqlite_file(uri)
+    typed = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if {"?", "%"} & set(str(main_repo())) and (not typed or typed.startswith("sqlite:///") and typed[10:11] != "/"):
+        # a store under the repository (the default, or a relative path): SQLAlchemy cuts its address
+        # at '?' and decodes '%XX' (a repository in `q?mark/` logged into a file `q` beside it), and
+        # MLflow makes the folder it names undecoded
+        raise PipelineError(f"tracking: the repository's path {main_repo()} holds '?' or '%', which MLflow's "
+                            f"database layer reads as address syntax (it would log into another file); move "
+                            f"the repository, or set MLFLOW_TRACKING_URI to a store whose path has neither")
     if db is not None:
         # what MLflow would only find when it first writes, after the work, as a traceback (or,
         # for a folder, after minutes of retries)
@@ -268,10 +278,17 @@ def _experiment_id(mlflow) -> str:
     try:  # the first call that opens the store: what fails here is the store, as the user named it
         exp = mlflow.get_experiment_by_name(name)
     except Exception as e:  # e.g. a file store (MLflow 3 refuses them), a database without its driver
-        said = " ".join(str(e).split())  # MLflow's own advice (how to migrate or opt out), on one line
+        said = f"{type(e).__name__}: {' '.join(str(e).split())}"  # MLflow's own advice, on one line
         shown = _without_password(tracking_uri())
-        raise PipelineError(f"tracking: MLflow cannot use MLFLOW_TRACKING_URI={shown} (unset, the pipeline "
-                            f"logs into {default_store()}): {type(e).__name__}: {said}") from None
+        # (not by the variable: MLflow's set_tracking_uri above sets it, to the default too)
+        store = (f"its store {shown}" if tracking_uri() == default_store() else
+                 f"MLFLOW_TRACKING_URI={shown} (unset, the pipeline logs into {default_store()})")
+        if "syntax error" in said and {"'", '"'} <= set(str(Path.cwd())):
+            # MLflow writes the working folder's ./mlruns, quoted by repr(), into the SQL that makes a
+            # new store's first experiment: with both quotes in the path, that SQL does not parse
+            said = (f"MLflow cannot make a new store from a folder whose path holds both ' and \" "
+                    f"({Path.cwd()}); rename the folder ({said[:160]})")
+        raise PipelineError(f"tracking: MLflow cannot use {store}: {said}") from None
     if exp is not None:
         return exp.experiment_id
     try:

@@ -708,6 +708,50 @@ def test_an_experiment_another_worker_makes_meanwhile_is_taken(store, monkeypatc
     assert made == mlflow.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
 
 
+def test_a_repository_whose_path_has_url_syntax_is_one_line_before_the_work(tmp_path, monkeypatch):
+    # SQLAlchemy cuts a database path at '?' and decodes '%XX': a repository in `q?mark/` logged into
+    # a file `q` beside it (and said it logged to the repository's mlflow.db); one in `50%20off/` failed
+    # after the work
+    from pipeline import tracking
+
+    for name in ("q?mark", "50%20off"):
+        repo = tmp_path / name
+        repo.mkdir()
+        monkeypatch.chdir(repo)
+        monkeypatch.delenv("DVC_ROOT", raising=False)
+        for typed in ("", "sqlite:///mlflow.db"):  # the default store, or one under the repository
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", typed)
+            with pytest.raises(PipelineError, match=rf"tracking: the repository's path {re.escape(str(repo))} holds"):
+                tracking.check_store()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+        tracking.check_store()  # a store outside it, as the line advises
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["50%20off", "q?mark"]  # nothing made beside them
+    # the store's file as SQLAlchemy opens it: an address the user typed with '%20' names a space
+    assert tracking.sqlite_file("sqlite:////srv/50%20off/m.db?timeout=5") == Path("/srv/50 off/m.db")
+
+
+def test_the_default_store_failing_to_open_is_named_as_the_default(tmp_path, monkeypatch):
+    # the line said "MLFLOW_TRACKING_URI=<the default> (unset, the pipeline logs into <the default>)"
+    import mlflow
+
+    from pipeline import tracking
+    repo = tmp_path / 'it\'s a "repo"'
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def refuse(name):  # what MLflow 3 raises making a store from such a folder
+        raise RuntimeError("(sqlite3.OperationalError) near \"repo\": syntax error [SQL: INSERT INTO experiments ...]")
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", refuse)
+    with pytest.raises(PipelineError) as e:
+        tracking._experiment_id(mlflow)
+    said = str(e.value)
+    assert said.startswith(f"tracking: MLflow cannot use its store sqlite:///{repo / 'mlflow.db'}: ")
+    assert "unset" not in said and "rename the folder" in said
+
+
 def test_a_store_that_fails_to_open_is_one_line_without_its_password(monkeypatch):
     import mlflow
 
