@@ -95,7 +95,8 @@ def check_store() -> None:
     uri = tracking_uri()
     db = sqlite_file(uri)
     typed = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if {"?", "%"} & set(str(main_repo())) and (not typed or typed.startswith("sqlite:///") and typed[10:11] != "/"):
+    under_repo = not typed or (typed.startswith("sqlite:///") and not typed.startswith("sqlite:////"))
+    if under_repo and {"?", "%"} & set(str(main_repo())):
         # a store under the repository (the default, or a relative path): SQLAlchemy cuts its address
         # at '?' and decodes '%XX' (a repository in `q?mark/` logged into a file `q` beside it), and
         # MLflow makes the folder it names undecoded
