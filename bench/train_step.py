@@ -27,7 +27,8 @@ first N photos of the embedded sample, each run a fresh process (imports include
 left out, which this machine may not have): first with the features cache empty, then with it
 kept; on CUDA the first run on the CPU is the reference.
 
-Writes its log and the table under $OUT (or ./bench-out); prints the table last.
+Writes its log and the table under $OUT, else under a new temp folder (never into the working
+tree; the output names it); prints the table last.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NAME = 50  # width of the table's first column
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+import argtypes  # noqa: E402
 import readme_recipes  # noqa: E402
 from pipeline import cyclegan, generator_file, sample, shards  # noqa: E402
 from pipeline.cyclegan import LossMeter, Trainer, build_nets  # noqa: E402
@@ -324,14 +326,16 @@ def evaluation_rows(device: torch.device, count: int, work: Path, log: Path) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default=None, help="default (params.yaml) or a README command's name; "
-                                                   "default on CPU, competition on CUDA")
-    ap.add_argument("--steps", type=int, default=None, help="timed training steps per row")
-    ap.add_argument("--generate", type=int, default=None, metavar="N",
-                    help="also time generate + package of N photos (CUDA default 7028, CPU default 0)")
-    ap.add_argument("--evaluate", type=int, default=None, metavar="N",
-                    help="also time the evaluate stage on N sample photos (CUDA default 7028, CPU default 0)")
-    ap.add_argument("--rounds", type=int, default=3, help="turns of reference and pipeline rows (median kept)")
+    ap.add_argument("--recipe", default=None, choices=["default", *readme_recipes.recipes()],
+                    help="default (params.yaml) or a README command's name; default on CPU, competition on CUDA")
+    ap.add_argument("--steps", type=argtypes.positive_int, default=None,
+                    help="timed training steps per row (default 30 on CUDA, 5 on the CPU)")
+    ap.add_argument("--generate", type=argtypes.count, default=None, metavar="N",
+                    help="also time generate + package of N photos (CUDA default 7028, CPU default 0: none)")
+    ap.add_argument("--evaluate", type=argtypes.count, default=None, metavar="N",
+                    help="also time the evaluate stage on N sample photos (CUDA default 7028, CPU default 0: none)")
+    ap.add_argument("--rounds", type=argtypes.positive_int, default=3,
+                    help="turns of reference and pipeline rows (median kept)")
     ap.add_argument("--no-compile", action="store_true", help="the pipeline row without torch.compile")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -339,11 +343,12 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True  # as the train stage sets it (for every row, the reference too)
     name = args.recipe or ("competition" if device.type == "cuda" else "default")
     p = recipe(name, device)
-    steps = args.steps or (30 if device.type == "cuda" else 5)
+    steps = args.steps if args.steps is not None else (30 if device.type == "cuda" else 5)
     count = args.generate if args.generate is not None else (7028 if device.type == "cuda" else 0)
     evaluate_count = args.evaluate if args.evaluate is not None else (7028 if device.type == "cuda" else 0)
-    out = Path(os.environ.get("OUT", "bench-out"))
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(tempfile.mkdtemp(prefix="train-step-"))
     out.mkdir(parents=True, exist_ok=True)
+    print(f"log and table: {out}", flush=True)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     t = p.train
     header = (f"torch {torch.__version__}, {where}; recipe {name}: {p.image_size} px, {t.generator} "

@@ -1,12 +1,26 @@
 """The GPU check must run where only torch (+ pyyaml, pillow, pandas) is installed; its evaluate
-rows also need pytorch-fid, and say so where it is missing."""
+rows also need pytorch-fid, and say so where it is missing. Every bench script refuses bad input
+with one line, and writes nothing into the working tree or the user's MLflow store."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.runtime import autocast_dtype
+
+
+def refused(repo_root, script: str, *args: str, timeout: float = 300, **kwargs) -> str:
+    """Run bench/`script` with bad `args`: it must stop with one `error:` line, no traceback;
+    returns that line."""
+    res = subprocess.run([sys.executable, str(repo_root / "bench" / script), *args], cwd=kwargs.pop("cwd", repo_root),
+                         capture_output=True, text=True, timeout=timeout, **kwargs)
+    said = res.stdout + res.stderr
+    assert res.returncode != 0 and "Traceback" not in said, said[-3000:]
+    errors = [line for line in said.splitlines() if "error:" in line]
+    assert len(errors) == 1, said[-3000:]
+    return errors[0]
 
 
 def test_gpu_check_imports_no_mlflow_dvc_tfrecord_or_pytorch_fid(repo_root):
@@ -27,12 +41,20 @@ def test_gpu_check_says_its_evaluate_rows_need_pytorch_fid(monkeypatch, tmp_path
 
 
 def test_gpu_check_runs_and_prints_table_last(repo_root, tmp_path):
-    env = {"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    res = subprocess.run([sys.executable, "bench/train_step.py", "--steps", "1", "--rounds", "1", "--generate", "20",
-                          "--evaluate", "24"],
-                         cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+    """Run from an empty folder without $OUT: its log and table go to a new temp folder, which its
+    first line names, and nothing into the folder it runs in."""
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp)}
+    res = subprocess.run([sys.executable, str(repo_root / "bench" / "train_step.py"), "--steps", "1", "--rounds", "1",
+                          "--generate", "20", "--evaluate", "24"],
+                         cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
+    assert list(cwd.iterdir()) == []
     lines = res.stdout.strip().splitlines()
+    out = Path(lines[0].removeprefix("log and table: "))
+    assert out.parent == tmp
     start = max(i for i, line in enumerate(lines) if line.startswith("training step"))
     table = lines[start + 1:]
     import train_step
@@ -52,8 +74,18 @@ def test_gpu_check_runs_and_prints_table_last(repo_root, tmp_path):
     assert table[11].startswith("first (features cache empty)") and table[12].startswith("cached")
     assert first[-2] == "1.00" and float(cached[-3]) > 0
     assert first[-1] == cached[-1]  # the cached features score the same images alike
-    assert "features from the cache" in (tmp_path / "evaluate.log").read_text()
-    assert (tmp_path / "train_step.txt").read_text().splitlines()[-1] == lines[-1]
+    assert "features from the cache" in (out / "evaluate.log").read_text()
+    assert (out / "train_step.txt").read_text().splitlines()[-1] == lines[-1]
+
+
+@pytest.mark.parametrize("args", [["--recipe", "bogus"], ["--rounds", "0"], ["--steps", "-1", "--rounds", "1"],
+                                  ["--steps", "0", "--rounds", "1"], ["--generate", "-4", "--steps", "1", "--rounds", "1"],
+                                  ["--evaluate", "-1", "--steps", "1", "--rounds", "1"]])
+def test_gpu_check_refuses_bad_arguments(repo_root, args):
+    line = refused(repo_root, "train_step.py", *args)
+    assert args[0] in line
+    if args[1] == "bogus":
+        assert "competition" in line  # the valid recipes are named
 
 
 @pytest.mark.parametrize("device, compile_ok, extra", [

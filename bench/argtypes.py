@@ -1,0 +1,27 @@
+"""argparse `type=` checks shared by the bench scripts: a bad value stops the script with
+argparse's own one-line `error:` (after its usage line) before any work, instead of a traceback
+from deep inside the measurement. Imports only argparse (the GPU check must run on bare torch)."""
+from __future__ import annotations
+
+import argparse
+
+
+def _at_least(low: int, what: str):
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}")
+        return value
+    return check
+
+
+positive_int = _at_least(1, "a whole number above 0")
+count = _at_least(0, "a whole number, 0 or more")  # 0: none
+
+
+def positive_ints(text: str) -> list[int]:
+    """Comma-separated whole numbers, each above 0 ("64,128")."""
+    return [positive_int(part.strip()) for part in text.split(",") if part.strip()]
