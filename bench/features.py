@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import argtypes  # noqa: E402
 from pipeline.features import _to_input, extract, offline_extractor  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -32,9 +34,9 @@ def reference_extract(model: torch.nn.Module, images: torch.Tensor, batch_size: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=2048)
-    ap.add_argument("--batch-size", type=int, default=64, help="evaluate.batch_size")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--images", type=argtypes.positive_int, default=2048)
+    ap.add_argument("--batch-size", type=argtypes.positive_int, default=64, help="evaluate.batch_size")
+    ap.add_argument("--rounds", type=argtypes.positive_int, default=2)
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     paintings = torch.randint(0, 256, (300, 256, 256, 3), dtype=torch.uint8, generator=g)

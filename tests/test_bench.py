@@ -131,6 +131,12 @@ def test_recipe_ceiling_is_the_image_through_the_generator_size(repo_root):
     assert abs(small.float().mean() - stripes.float().mean()) < 1
 
 
+@pytest.mark.parametrize("args", [["--images", "-5"], ["--images", "0"], ["--rounds", "0", "--images", "8"],
+                                  ["--batch-size", "0", "--images", "8"]])
+def test_features_bench_refuses_bad_arguments(repo_root, args):
+    assert args[0] in refused(repo_root, "features.py", *args)
+
+
 def test_features_bench_prints_both_modes_and_their_agreement(repo_root):
     res = subprocess.run([sys.executable, "bench/features.py", "--images", "48", "--batch-size", "16", "--rounds", "1"],
                          cwd=repo_root, capture_output=True, text=True, timeout=600)
