@@ -31,8 +31,8 @@ WRAPPER = ("import json, resource, subprocess, sys, time; t = time.perf_counter(
            "'gib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}), file=sys.stderr)")
 
 
-def measured(cmd: list[str], cwd: Path) -> dict:
-    res = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], cwd=cwd, capture_output=True, text=True)
+def measured(cmd: list[str], cwd: Path, env: dict | None = None) -> dict:
+    res = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], cwd=cwd, env=env, capture_output=True, text=True)
     out = json.loads(res.stderr.strip().splitlines()[-1])
     out["last_line"] = next((line for line in reversed(res.stderr.splitlines()[:-1]) if line.strip()), "")
     return out

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from workspace import TINY, dvc, make_repo
 
 from pipeline.runtime import autocast_dtype
 
@@ -146,3 +147,26 @@ def test_features_bench_prints_both_modes_and_their_agreement(repo_root):
     assert table[1].startswith("reference") and float(table[1].split()[-1]) == 1.0
     assert table[2].startswith("extract") and float(table[2].split()[-1]) > 0
     assert float(table[3].split()[-1]) < 1e-3  # the same features up to float32 rounding
+
+
+def test_shard_memory_refuses_a_folder_that_is_no_repository(repo_root, tmp_path):
+    assert "no such folder" in refused(repo_root, "shard_memory.py", "--repo", str(tmp_path / "nonexistent"))
+    assert "params.yaml" in refused(repo_root, "shard_memory.py", "--repo", str(tmp_path))
+
+
+def test_shard_memory_leaves_the_repository_as_it_was(repo_root, tmp_path):
+    """Its stages log into a throwaway store: the repository's mlflow.db, mlartifacts/ and .cache/
+    (the known hashes) are not touched."""
+    root, env = make_repo(tmp_path, repo_root, TINY)
+    dvc(root, env, "repro", timeout=600)
+
+    def files() -> dict:
+        return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+                if p.is_file() and "__pycache__" not in p.parts}
+
+    before = files()
+    res = subprocess.run([sys.executable, "bench/shard_memory.py", "--repo", str(root)], cwd=repo_root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [line.split()[0] for line in res.stdout.strip().splitlines()[-3:]] == ["train", "generate", "evaluate"]
+    assert files() == before
