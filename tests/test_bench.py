@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from workspace import TINY, dvc, make_repo
+from workspace import TINY, dvc, make_repo, set_params
 
 from pipeline.runtime import autocast_dtype
 
@@ -170,3 +170,15 @@ def test_shard_memory_leaves_the_repository_as_it_was(repo_root, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert [line.split()[0] for line in res.stdout.strip().splitlines()[-3:]] == ["train", "generate", "evaluate"]
     assert files() == before
+
+
+def test_ingest_bench_refuses_an_unknown_reference(repo_root):
+    assert "nosuchrev" in refused(repo_root, "ingest.py", "--reference", "nosuchrev", timeout=60)
+
+
+def test_ingest_bench_refuses_other_ingest_params_than_the_reference(repo_root, tmp_path):
+    """The working tree's ingest and the reference's must do the same work: a params.yaml whose
+    `seed` or `ingest` differ from the reference revision's is refused before any work."""
+    root, env = make_repo(tmp_path, repo_root, TINY)  # committed: the tiny sample
+    set_params(root, {"seed": 1})
+    assert "seed 1 (at HEAD: 0)" in refused(root, "ingest.py", "--reference", "HEAD", cwd=root, env=env)
