@@ -4,15 +4,16 @@
                            [--ceilings 64,128] [--ceilings-only]
 
 Configurations: today's default (params.yaml), each option alone (DiffAugment, the weight
-average, resize-convolution upsampling), then the combination of the options that beat the
-default alone. Each trains from the same seed for the same wall-clock budget (`--seconds`; its
-steps are the budget times its own speed, measured first over a few steps, with the default
-schedule's shape: constant for half the steps, then linear to zero), translates the first
-`--images` photos, saves and re-reads them as generate's JPEGs, and is scored as evaluate scores:
-fid_vs_ground_truth (FID of those images / FID of their scenes' ground-truth paintings, with the
-default offline extractor; 1.0 = as good as a perfect translation), KID, and training pairs/s,
-each also as a ratio to the default's, measured in the same run. `--picture`: the same photos
-through the default and the best configuration, one row each.
+average, transposed-convolution upsampling: the default before resize-convolution), then the
+combination of the options that beat the default alone. Each trains from the same seed for the
+same wall-clock budget (`--seconds`; its steps are the budget times its own speed, measured first
+over a few steps, with the default schedule's shape: constant for half the steps, then linear to
+zero), translates the first `--images` photos, saves and re-reads them as generate's JPEGs, and
+is scored as evaluate scores: fid_vs_ground_truth (FID of those images / FID of their scenes'
+ground-truth paintings, with the default offline extractor; 1.0 = as good as a perfect
+translation), KID, and training pairs/s, each also as a ratio to the default's, measured in the
+same run. `--picture`: the same photos through the default and the best configuration, one row
+each.
 
 Ceilings: the ground-truth paintings themselves, resized to N px and upscaled back to 256 px
 exactly as `generate` treats a generator's input and output (`translate` with an identity
@@ -37,7 +38,10 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import argtypes  # noqa: E402
 from pipeline import evaluate, sample, shards  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
 from pipeline import train as train_stage  # noqa: E402
 from pipeline.cyclegan import Trainer, build_nets  # noqa: E402
 from pipeline.features import extract, load_extractor  # noqa: E402
@@ -46,8 +50,9 @@ from pipeline.metrics import fid, kid  # noqa: E402
 from pipeline.params import Params, load  # noqa: E402
 from pipeline.runtime import autocast, autocast_dtype, pick_device  # noqa: E402
 
+# each against the default (train.upsample: resize): transpose is the default it replaced
 OPTIONS = {"diffaugment": {"diffaugment": "color,translation,cutout"}, "ema": {"ema": 0.999},
-           "resize": {"upsample": "resize"}}
+           "transpose": {"upsample": "transpose"}}
 
 
 def with_train(p: Params, **changes) -> Params:
@@ -74,23 +79,25 @@ def steps_per_second(p: Params, photos, monets, device, probe: int = 16) -> floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=480, help="training budget of every configuration")
-    ap.add_argument("--images", type=int, default=1000, help="photos translated and scored")
+    ap.add_argument("--images", type=argtypes.positive_int, default=1000, help="photos translated and scored")
     ap.add_argument("--data", type=Path, default=ROOT / "data", help="folder with shards/ and manifest.csv (ingested)")
     ap.add_argument("--picture", type=Path, help="PNG: the same photos through the default and the best")
-    ap.add_argument("--ceilings", default="64,128",
+    ap.add_argument("--ceilings", type=argtypes.positive_ints, default="64,128",
                     help="comma-separated px: score the ground truth through a generator of that size")
     ap.add_argument("--ceilings-only", action="store_true", help="print the ceilings only (no training)")
     args = ap.parse_args()
-    sizes = [int(s) for s in args.ceilings.split(",") if s.strip()]
     p = load(ROOT / "params.yaml")
     device = pick_device(p.device)
     e, quality = p.evaluate, p.generate.jpeg_quality
-    manifest = shards.read_manifest(args.data / "manifest.csv")
-    _, photos = shards.load_domain(args.data / "shards", manifest, "photo", p.image_size)
-    _, monets = shards.load_domain(args.data / "shards", manifest, "monet", p.image_size)
-    _, paintings = shards.load_domain(args.data / "shards", manifest, "monet")
-    n = min(args.images, len(photos))
-    first = evaluate.first_photos(args.data / "shards", manifest, n)
+    try:  # data not ingested, or damaged: the stages' one line
+        manifest = shards.read_manifest(args.data / "manifest.csv")
+        _, photos = shards.load_domain(args.data / "shards", manifest, "photo", p.image_size)
+        _, monets = shards.load_domain(args.data / "shards", manifest, "monet", p.image_size)
+        _, paintings = shards.load_domain(args.data / "shards", manifest, "monet")
+        n = min(args.images, len(photos))
+        first = evaluate.first_photos(args.data / "shards", manifest, n)
+    except PipelineError as e:
+        raise SystemExit(f"error: {e}") from None
 
     extractor = load_extractor("offline", "", False, e.offline_image_size, paintings, device)
     features = lambda images, what: extract(extractor, images, e.batch_size, device, desc=what)  # noqa: E731
@@ -98,7 +105,7 @@ def main() -> None:
     rendered = torch.from_numpy(sample.render_parallel(p.seed, [sample.photo_index(i) for i in range(n)], "monet"))
     fid_truth = fid(features(evaluate.as_jpeg(rendered.numpy(), quality), "ground truth"), real)
     ceilings = {size: fid(features(evaluate.as_jpeg(through_size(rendered, size, device).numpy(), quality),
-                                   f"ground truth through {size} px"), real) / fid_truth for size in sizes}
+                                   f"ground truth through {size} px"), real) / fid_truth for size in args.ceilings}
     print(f"\nfid_ground_truth {fid_truth:.2f} on the first {n} photos; extractor offline\n")
     print(f"{'ground truth through':<28} {'fid/gt':>7}")
     for size, ratio in ceilings.items():

@@ -132,6 +132,24 @@ def test_recipe_ceiling_is_the_image_through_the_generator_size(repo_root):
     assert abs(small.float().mean() - stripes.float().mean()) < 1
 
 
+def test_recipe_options_each_change_the_default(repo_root):
+    """bench/recipe.py measures each option against params.yaml: none may repeat the default, and
+    the README's table names the old default, transposed convolutions, among them."""
+    import runpy
+
+    from pipeline.params import load
+    bench = runpy.run_path(str(repo_root / "bench" / "recipe.py"))
+    p = load(repo_root / "params.yaml")
+    assert bench["OPTIONS"]["transpose"] == {"upsample": "transpose"}
+    assert all(bench["with_train"](p, **changes) != p for changes in bench["OPTIONS"].values())
+
+
+@pytest.mark.parametrize("args", [["--data", "/nonexistent"], ["--images", "0"], ["--images", "-3"],
+                                  ["--ceilings", "abc"], ["--ceilings", "0"]])
+def test_recipe_bench_refuses_bad_arguments(repo_root, args):
+    assert args[1] in refused(repo_root, "recipe.py", *args, "--ceilings-only")
+
+
 @pytest.mark.parametrize("args", [["--images", "-5"], ["--images", "0"], ["--rounds", "0", "--images", "8"],
                                   ["--batch-size", "0", "--images", "8"]])
 def test_features_bench_refuses_bad_arguments(repo_root, args):
