@@ -1,6 +1,9 @@
 """The GPU check must run where only torch (+ pyyaml, pillow, pandas) is installed; its evaluate
 rows also need pytorch-fid, and say so where it is missing. Every bench script refuses bad input
 with one line, and writes nothing into the working tree or the user's MLflow store."""
+import contextlib
+import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +203,33 @@ def test_ingest_bench_refuses_other_ingest_params_than_the_reference(repo_root, 
     root, env = make_repo(tmp_path, repo_root, TINY)  # committed: the tiny sample
     set_params(root, {"seed": 1})
     assert "seed 1 (at HEAD: 0)" in refused(root, "ingest.py", "--reference", "HEAD", cwd=root, env=env)
+
+
+@pytest.fixture
+def chromium_env(tmp_path) -> dict:
+    """An environment with a chromium on PATH (never run here) and its own temp folder, tmp_path/tmp."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (tmp_path / "tmp").mkdir()
+    (bin_dir / "chromium").write_text("#!/bin/sh\n")
+    (bin_dir / "chromium").chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TMPDIR": str(tmp_path / "tmp")}
+
+
+def test_mlflow_ui_bench_refuses_a_folder_without_a_store_and_makes_none(repo_root, tmp_path, chromium_env):
+    repo = tmp_path / "repo"
+    assert "no such folder" in refused(repo_root, "mlflow_ui.py", "--repo", str(repo), env=chromium_env)
+    repo.mkdir()
+    assert "no mlflow.db" in refused(repo_root, "mlflow_ui.py", "--repo", str(repo), env=chromium_env)
+    assert list(repo.iterdir()) == []  # no empty mlflow.db made
+
+
+def test_mlflow_ui_bench_removes_its_temp_folder(repo_root, tmp_path, chromium_env):
+    """A store without the README's two runs: one line, and no mlflow-ui-* folder left behind."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with contextlib.closing(sqlite3.connect(repo / "mlflow.db")) as con:
+        con.executescript("create table experiments (experiment_id, name);"
+                          "create table runs (name, run_uuid, status, start_time);")
+    assert "no finished runs" in refused(repo_root, "mlflow_ui.py", "--repo", str(repo), env=chromium_env)
+    assert list((tmp_path / "tmp").iterdir()) == []
