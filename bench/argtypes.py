@@ -1,9 +1,11 @@
 """argparse `type=` checks shared by the bench scripts: a bad value stops the script with
 argparse's own one-line `error:` (after its usage line) before any work, instead of a traceback
-from deep inside the measurement. Imports only argparse (the GPU check must run on bare torch)."""
+from deep inside the measurement. Imports only the standard library (the GPU check must run on bare
+torch)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def _at_least(low: int, what: str):
@@ -25,3 +27,12 @@ count = _at_least(0, "a whole number, 0 or more")  # 0: none
 def positive_ints(text: str) -> list[int]:
     """Comma-separated whole numbers, each above 0 ("64,128")."""
     return [positive_int(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def keep_folder(text: str) -> Path:
+    """--keep DIR: where to clone into DIR/repo and keep it; a DIR/repo already there is refused
+    (git clone would not clone into it)."""
+    folder = Path(text).resolve()
+    if (folder / "repo").exists():
+        raise argparse.ArgumentTypeError(f"{folder / 'repo'} exists already: remove it or name another folder")
+    return folder

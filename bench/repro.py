@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import argtypes  # noqa: E402
 BUDGETS = {"repro_s": 600.0, "peak_gib": 4.0, "second_repro_s": 10.0, "evaluate_s": 90.0, "cached_evaluate": 0.8,
            "fid_vs_ground_truth": 1.15, "logging_share": 0.05}
 ROUNDS = 2  # evaluations with the features cache emptied and kept, alternated
@@ -62,11 +64,13 @@ def run_timed(cmd: list[str], cwd: Path, env: dict, log: Path) -> tuple[float, l
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--keep", type=Path, help="clone here and keep it (default: a temp folder, removed)")
+    ap.add_argument("--keep", type=argtypes.keep_folder, metavar="DIR",
+                    help="clone into DIR/repo and keep it (default: a temp folder, removed)")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="repro-bench-"))
     clone = work / "repo"
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    if subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)]).returncode:
+        raise SystemExit(f"error: git clone of {ROOT} into {clone} failed (its message above)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["TORCH_HOME"] = str(work / "torch-home")  # no cached FID weights: what a new machine has
     env["PYTHONUNBUFFERED"] = "1"  # stage lines arrive as they happen, so the stage timings hold

@@ -26,6 +26,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import argtypes  # noqa: E402
 SMALL = {"ingest": {"sample_photos": 1024, "sample_paintings": 300},
          "train": {"epochs": 2, "steps_per_epoch": 32, "decay_from_epoch": 1},
          "evaluate": {"baseline_images": 256, "kid_subset_size": 256},
@@ -47,12 +49,15 @@ def timed(fn) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--keep", type=Path, help="clone here and keep it (default: a temp folder, removed)")
-    ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the queued experiments (default: unset)")
+    ap.add_argument("--keep", type=argtypes.keep_folder, metavar="DIR",
+                    help="clone into DIR/repo and keep it (default: a temp folder, removed)")
+    ap.add_argument("--threads", type=argtypes.positive_int,
+                    help="OMP_NUM_THREADS for the queued experiments (default: unset)")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="sweep-bench-"))
     repo = work / "repo"
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
+    if subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)]).returncode:
+        raise SystemExit(f"error: git clone of {ROOT} into {repo} failed (its message above)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@localhost", GIT_COMMITTER_NAME="bench",
                GIT_COMMITTER_EMAIL="bench@localhost")

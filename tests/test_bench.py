@@ -233,3 +233,14 @@ def test_mlflow_ui_bench_removes_its_temp_folder(repo_root, tmp_path, chromium_e
                           "create table runs (name, run_uuid, status, start_time);")
     assert "no finished runs" in refused(repo_root, "mlflow_ui.py", "--repo", str(repo), env=chromium_env)
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("script, args", [("repro.py", []), ("sweep.py", []), ("sweep.py", ["--threads", "0"])])
+def test_clone_benches_refuse_bad_arguments_before_cloning(repo_root, tmp_path, script, args):
+    """--keep DIR whose DIR/repo exists (git clone would fail on it), --threads 0: one line, nothing cloned."""
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "mine").write_text("")
+    line = refused(repo_root, script, *args, "--keep", str(tmp_path), timeout=120)
+    assert (args[0] if args else "exists already") in line
+    assert [p.name for p in (tmp_path / "repo").iterdir()] == ["mine"]
+
