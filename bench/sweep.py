@@ -8,12 +8,14 @@ runs `dvc exp run -S lambda_cycle=3` and `=5` one after the other (the reference
 `lambda_cycle=4,6` and runs them with `dvc queue start -j 2` (other values: DVC's run cache
 would restore known results instead of running). Prints the wall times, the ratio queued / one
 after the other (below 1.0: the sweep gains), and checks that each of the four experiments made
-one finished MLflow row. `--threads N` starts the queue's workers with OMP_NUM_THREADS=N (each
-experiment's share of the cores); by default they get PyTorch's default, every core each.
+one finished MLflow row: where one did not, its last line says so and it exits with status 1.
+`--threads N` starts the queue's workers with OMP_NUM_THREADS=N (each experiment's share of the
+cores); by default they get PyTorch's default, every core each.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -32,6 +34,19 @@ SMALL = {"ingest": {"sample_photos": 1024, "sample_paintings": 300},
          "train": {"epochs": 2, "steps_per_epoch": 32, "decay_from_epoch": 1},
          "evaluate": {"baseline_images": 256, "kid_subset_size": 256},
          "package": {"min_images": 1000}}
+
+
+def rows_problem(db: Path) -> str | None:
+    """The error line where the experiments (lambda_cycle 3 and 5, then 4 and 6 queued) did not
+    make one finished MLflow row each; None where they did."""
+    if not db.is_file():
+        return f"error: no MLflow store at {db}: the experiments logged nothing"
+    with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as con:
+        finished = dict(con.execute("select p.value, count(*) from runs r join params p on p.run_uuid = r.run_uuid "
+                                    "where p.key = 'lambda_cycle' and r.status = 'FINISHED' group by p.value"))
+    if finished != {"3": 1, "4": 1, "5": 1, "6": 1}:
+        return f"error: not one finished MLflow row per experiment; finished rows per lambda_cycle: {finished}"
+    return None
 
 
 def dvc(repo: Path, env: dict, *args: str) -> str:
@@ -88,17 +103,18 @@ def main() -> None:
             raise SystemExit(f"queued experiments failed:\n{status}")
 
     parallel = timed(queued)
-    with sqlite3.connect(repo / "mlflow.db") as con:
-        finished = dict(con.execute("select p.value, count(*) from runs r join params p on p.run_uuid = r.run_uuid "
-                                    "where p.key = 'lambda_cycle' and r.status = 'FINISHED' group by p.value"))
+    problem = rows_problem(repo / "mlflow.db")
     print(f"\nrepo: {repo}")
-    print(f"MLflow rows per lambda_cycle: {finished}")
+    if not problem:  # else the last line says what is wrong
+        print("MLflow rows: one finished row per experiment")
     print(f"\n{'way':<40} {'seconds':>8} {'ratio':>6}")
     print(f"{'two experiments one after the other':<40} {one_after_other:>8.1f} {1.0:>6.3f}")
     way = f"two queued, -j 2, OMP_NUM_THREADS={args.threads or 'unset'}"
     print(f"{way:<40} {parallel:>8.1f} {parallel / one_after_other:>6.3f}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+    if problem:
+        raise SystemExit(problem)
 
 
 if __name__ == "__main__":

@@ -244,3 +244,26 @@ def test_clone_benches_refuse_bad_arguments_before_cloning(repo_root, tmp_path, 
     assert (args[0] if args else "exists already") in line
     assert [p.name for p in (tmp_path / "repo").iterdir()] == ["mine"]
 
+
+def test_sweep_bench_fails_unless_each_experiment_made_one_finished_row(repo_root, tmp_path):
+    import runpy
+    rows_problem = runpy.run_path(str(repo_root / "bench" / "sweep.py"))["rows_problem"]
+    db = tmp_path / "mlflow.db"
+    assert rows_problem(db).startswith("error: no MLflow store")
+
+    def add(run: str, cycle: str, status: str) -> None:
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            con.executescript("create table if not exists runs (run_uuid, status);"
+                              "create table if not exists params (run_uuid, key, value);")
+            con.execute("insert into runs values (?, ?)", (run, status))
+            con.execute("insert into params values (?, 'lambda_cycle', ?)", (run, cycle))
+            con.commit()
+
+    for run, cycle in enumerate(("3", "5", "4")):
+        add(str(run), cycle, "FINISHED")
+    add("3", "6", "FAILED")
+    assert rows_problem(db).startswith("error: not one finished MLflow row per experiment")
+    add("4", "6", "FINISHED")
+    assert rows_problem(db) is None
+    add("5", "3", "FINISHED")  # a second row of one experiment
+    assert rows_problem(db).startswith("error:")
