@@ -524,8 +524,11 @@ def _copy_held_results(stage: str, logged=()) -> None:
         return bool(files) and not any(name.startswith(_metric_prefixes(files)) for name in logged)
 
     for other, files in held_results(stage, wanted=wanted).items():
+        # its final values end its curves, as the stage itself logs them (train: at its last step),
+        # not at step 0, a false first point before the curve's
+        last = max((int(pd.read_csv(path)["step"].max()) for path in files if path.suffix == ".csv"), default=None)
         for path in files:
-            log_file(path, other)
+            log_file(path, other, step=last)
 
 
 def _copy_restored_results(stage: str, params: Params, generator_path: Path, sha: str) -> None:
@@ -649,10 +652,10 @@ def _without_progress_lines():
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
 
 
-def log_file(path: Path, stage: str) -> None:
-    """A stage's metrics JSON, curve CSV or picture, each the way its kind is logged."""
+def log_file(path: Path, stage: str, step: int | None = None) -> None:
+    """A stage's metrics JSON (at `step`), curve CSV or picture, each the way its kind is logged."""
     if path.suffix == ".json":
-        log_metrics_file(path)
+        log_metrics_file(path, step=step)
     elif path.suffix == ".csv":
         log_curve(path, stage)
     else:

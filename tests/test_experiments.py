@@ -439,6 +439,26 @@ def _json(path: Path, data: dict) -> Path:
     return path
 
 
+def test_copied_results_end_the_curves_as_the_stage_logs_them(store, tmp_path, monkeypatch):
+    # an evaluate-only experiment copies train's results: its final losses went in at step 0, a
+    # false first point of every loss curve before the curve's own
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    manifest, _ = store
+    curve = tmp_path / "train_curve.csv"
+    curve.write_text("epoch,step,loss_cycle,seconds\n1,2,0.70,1.0\n2,4,0.65,1.0\n")
+    final = _json(tmp_path / "train.json", {"loss_cycle": 0.65, "steps": 4, "device": "cpu"})
+    monkeypatch.setattr(tracking, "held_results", lambda stage, wanted: {"train": [final, curve]})
+    with tracking.start_training(parse({}), tmp_path, manifest, None) as run:
+        tracking._copy_held_results("evaluate")
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train.loss_cycle")
+    assert sorted((m.step, m.value) for m in history) == [(2, 0.70), (4, 0.65), (4, 0.65)]
+    assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train.steps")] == [4]
+
+
 def test_a_new_row_whose_filling_fails_ends_failed(store, tmp_path, monkeypatch):
     # open_run starts the row, then logs the model: an error there ended the stage with the row
     # still open, and MLflow closed it FINISHED at exit (seen with DVC's symlink cache)
