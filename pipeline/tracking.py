@@ -94,30 +94,32 @@ def check_store() -> None:
     user may not write, a folder."""
     uri = tracking_uri()
     db = sqlite_file(uri)
-    typed = os.environ.get("MLFLOW_TRACKING_URI", "")
-    under_repo = not typed or (typed.startswith("sqlite:///") and not typed.startswith("sqlite:////"))
-    if under_repo and {"?", "%"} & set(str(main_repo())):
+    repo = str(main_repo())
+    if uri.startswith(f"sqlite:///{repo}/") and ("?" in repo or urllib.parse.unquote(repo) != repo):
         # a store under the repository (the default, or a relative path): SQLAlchemy cuts its address
         # at '?' and decodes '%XX' (a repository in `q?mark/` logged into a file `q` beside it), and
         # MLflow makes the folder it names undecoded
-        raise PipelineError(f"tracking: the repository's path {main_repo()} holds '?' or '%', which MLflow's "
+        raise PipelineError(f"tracking: the repository's path {repo} holds '?' or '%XX', which MLflow's "
                             f"database layer reads as address syntax (it would log into another file); move "
                             f"the repository, or set MLFLOW_TRACKING_URI to a store whose path has neither")
     if db is not None:
         # what MLflow would only find when it first writes, after the work, as a traceback (or,
         # for a folder, after minutes of retries)
         if db.is_dir():
-            problem = "names a folder, not a file; correct the address"
+            problem, mend = "names a folder, not a file", "correct the address"
         elif not db.parent.is_dir():
-            problem = f"is in {db.parent}, which does not exist; create it, correct the address"
+            problem, mend = f"is in {db.parent}, which does not exist", "create it, correct the address"
         elif not os.access(db.parent, os.W_OK | os.X_OK):  # SQLite writes its journal beside the file
-            problem = f"is in {db.parent}, where this user may not write; allow it, correct the address"
+            problem, mend = f"is in {db.parent}, where this user may not write", "allow it, correct the address"
         elif db.exists() and not os.access(db, os.R_OK | os.W_OK):
-            problem = "is a file this user may not write; allow it, correct the address"
+            problem, mend = "is a file this user may not write", "allow it, correct the address"
         else:
             return
-        raise PipelineError(f"tracking: MLFLOW_TRACKING_URI={_without_password(uri)} {problem}, or unset it to "
-                            f"log into {default_store()}")
+        if uri == default_store():
+            raise PipelineError(f"tracking: its store {uri} {problem}; mend that, or set MLFLOW_TRACKING_URI "
+                                f"to a store elsewhere")
+        raise PipelineError(f"tracking: MLFLOW_TRACKING_URI={_without_password(uri)} {problem}; {mend}, or unset "
+                            f"it to log into {default_store()}")
     if not uri.startswith(("http://", "https://")):
         return
     # a server behind basic auth named as http://user:password@host: urllib takes 'user:password@host'
@@ -188,7 +190,8 @@ def _full_disk(e: BaseException | None, uri: str) -> str | None:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in FULL_DISK:
-            return e.filename2 or e.filename or _artifact_folder(uri)
+            target = e.filename2 or e.filename  # shutil names the target second: a temp file, gone now
+            return next((str(d) for d in Path(target).parents if d.exists()), target) if target else _artifact_folder(uri)
         if "database or disk is full" in str(e):  # SQLite's SQLITE_FULL
             return str(sqlite_file(uri) or _without_password(uri))
         e = e.__cause__ or e.__context__
@@ -199,7 +202,7 @@ def _artifact_folder(uri: str) -> str:
     """The active row's artifacts (MLflow's copy into them names no file when the disk fills)."""
     run = _mlflow().active_run()
     where = run.info.artifact_uri if run else artifact_location(uri) or _without_password(uri)
-    return where.removeprefix("file://")
+    return urllib.request.url2pathname(urllib.parse.urlsplit(where).path) if where.startswith("file:") else where
 
 
 def _mlflow():
@@ -273,17 +276,24 @@ def artifact_location(uri: str) -> str | None:
     return ((db.parent if db else main_repo()) / "mlartifacts").as_uri()
 
 
+def _store_named(uri: str) -> str:
+    """The store, as an error line names it: the default, or the address the user set (told by the
+    address, not the variable: MLflow's set_tracking_uri sets the variable, to the default too)."""
+    if uri == default_store():
+        return f"its store {uri}"
+    return f"MLFLOW_TRACKING_URI={_without_password(uri)} (unset, the pipeline logs into {default_store()})"
+
+
 def _experiment_id(mlflow) -> str:
     mlflow.set_tracking_uri(tracking_uri())
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     try:  # the first call that opens the store: what fails here is the store, as the user named it
         exp = mlflow.get_experiment_by_name(name)
     except Exception as e:  # e.g. a file store (MLflow 3 refuses them), a database without its driver
+        if _full_disk(e, tracking_uri()):
+            raise  # _serialized says so
         said = f"{type(e).__name__}: {' '.join(str(e).split())}"  # MLflow's own advice, on one line
-        shown = _without_password(tracking_uri())
-        # (not by the variable: MLflow's set_tracking_uri above sets it, to the default too)
-        store = (f"its store {shown}" if tracking_uri() == default_store() else
-                 f"MLFLOW_TRACKING_URI={shown} (unset, the pipeline logs into {default_store()})")
+        store = _store_named(tracking_uri())
         if "syntax error" in said and {"'", '"'} <= set(str(Path.cwd())):
             # MLflow writes the working folder's ./mlruns, quoted by repr(), into the SQL that makes a
             # new store's first experiment: with both quotes in the path, that SQL does not parse
@@ -320,17 +330,20 @@ def _failing_ends(mlflow, keep_end_time: int | None = None):
     """Around work on the active row: an error ends the row FAILED (KILLED on ^C), under the store's
     lock, instead of leaving it for MLflow to close FINISHED when the process exits. Also around
     the logging that fills a row just started or resumed, before _active holds it. With
-    `keep_end_time` (a complete row that a forced rerun logs into again) it ends FINISHED then,
-    as it was. A store that cannot take even that (a full disk) leaves the row as it is: the
-    stage's own error is the line to show."""
+    `keep_end_time` (a row that holds this stage's results, logged into again by a forced rerun)
+    it ends FINISHED then, as it was. A full store that cannot take even that leaves the row as it
+    is: the stage's own error is the line to show."""
     try:
         yield
     except BaseException as e:
         run = mlflow.active_run()
-        with contextlib.suppress(Exception), _serialized():
-            mlflow.end_run(_failed_as(e) if keep_end_time is None else "FINISHED")
-            if keep_end_time is not None:
-                mlflow.MlflowClient().set_terminated(run.info.run_id, "FINISHED", end_time=keep_end_time)
+        try:
+            with _serialized():
+                mlflow.end_run(_failed_as(e) if keep_end_time is None else "FINISHED")
+                if keep_end_time is not None:
+                    mlflow.MlflowClient().set_terminated(run.info.run_id, "FINISHED", end_time=keep_end_time)
+        except PipelineError:  # the disk full (_serialized says so)
+            pass
         raise
 
 
@@ -439,15 +452,18 @@ def open_run(params: Params, generator_path: Path, stage: str, shards: Path, man
         if found:
             # a stage DVC skipped after train made the row is not in it: in a fresh clone, say,
             # generate reproduces the locked JPEGs and DVC skips evaluate (its metrics are in git)
+            # a forced rerun (`dvc repro -f -s evaluate`) on a row that holds this stage's results:
+            # if its logging fails, the row stays as it was (those results still stand)
+            kept = found.info.end_time if found.info.status == "FINISHED" and _succeeded_for(found, stage) else None
             run = mlflow.start_run(run_id=found.info.run_id)
-            with _failing_ends(mlflow):
+            with _failing_ends(mlflow, kept):
                 _copy_held_results(stage, logged=found.data.metrics)
                 _copy_restored_results(stage, params, generator_path,
                                        found.data.tags.get(GENERATOR_TAG) or generator_sha(generator_path))
             # a forced rerun (`dvc repro -f -s package`) of a row that is complete already: the row is
             # the execution that made it, and keeps its duration
             complete = found.info.status == "FINISHED" and any(k.startswith("package.") for k in found.data.metrics)
-            return _active(run, keep_end_time=found.info.end_time if complete else None)
+            return _active(run, keep_end_time=found.info.end_time if complete else None, kept_if_failed=kept)
         sha = generator_sha(generator_path)
         run = _new_run(mlflow, exp_id, params, manifest, {"pipeline_key": key, GENERATOR_TAG: sha})
         with _failing_ends(mlflow):
@@ -487,23 +503,28 @@ def failure_marks_row(params: Params, generator_path: Path, stage: str):
                 # -f -s evaluate`): those results still stand, and DVC restores them from its run-cache
                 # afterwards, with no stage run to mend the row
                 # (generate logs nothing of its own: the results of the stages that read its JPEGs say it)
-                proof = ("evaluate.", "package.") if stage == "generate" else (f"{stage}.",)
-                succeeded = found and any(k.startswith(proof) for k in found.data.metrics)
-                if found and not succeeded:
+                if found and not _succeeded_for(found, stage):
                     mlflow.MlflowClient().set_terminated(found.info.run_id, _failed_as(e))
         except Exception:  # the stage's own error is the line to show, not a second one about the store
             pass
         raise
 
 
+def _succeeded_for(row, stage: str) -> bool:
+    """Whether `row` holds `stage`'s results (generate logs nothing of its own: the results of the
+    stages that read its JPEGs say it succeeded)."""
+    proof = ("evaluate.", "package.") if stage == "generate" else (f"{stage}.",)
+    return any(k.startswith(proof) for k in row.data.metrics)
+
+
 @contextlib.contextmanager
-def _active(run, keep_end_time: int | None = None):
+def _active(run, keep_end_time: int | None = None, kept_if_failed: int | None = None):
     """The run as a context, ended under the store's lock: FINISHED, or FAILED (KILLED on ^C)
     when the stage raised, so a broken execution is visible as such in the UI. With
-    `keep_end_time` (a complete row that a forced rerun logs into again), FINISHED at that time
-    (ms), whether the stage raised or not: the row stays as it was."""
+    `keep_end_time`, FINISHED at that time (ms) instead of now; with `kept_if_failed`, FINISHED at
+    that time if the stage raised (a forced rerun on a row that holds its results)."""
     mlflow = _mlflow()
-    with _failing_ends(mlflow, keep_end_time):
+    with _failing_ends(mlflow, kept_if_failed):
         yield run
     with _serialized():
         mlflow.end_run()
@@ -526,7 +547,8 @@ def _copy_held_results(stage: str, logged=()) -> None:
     for other, files in held_results(stage, wanted=wanted).items():
         # its final values end its curves, as the stage itself logs them (train: at its last step),
         # not at step 0, a false first point before the curve's
-        last = max((int(pd.read_csv(path)["step"].max()) for path in files if path.suffix == ".csv"), default=None)
+        steps = [pd.read_csv(path).get("step", pd.Series()).dropna() for path in files if path.suffix == ".csv"]
+        last = max((int(s.max()) for s in steps if not s.empty), default=None)
         for path in files:
             log_file(path, other, step=last)
 

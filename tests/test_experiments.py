@@ -413,8 +413,8 @@ def test_a_full_disk_under_the_store_is_one_line_naming_it(store, tmp_path, monk
 
 
 def test_a_complete_row_stays_as_it_was_when_a_forced_rerun_fails_to_log(store, tmp_path, monkeypatch):
-    # `dvc repro -f -s evaluate` on a complete row, and the picture does not fit the disk: the row
-    # went from FINISHED to FAILED, though its results still stand
+    # `dvc repro -f -s evaluate` on a row that holds evaluate's results, and the picture does not
+    # fit the disk: the row went from FINISHED to FAILED, though its results still stand
     import errno
 
     import mlflow
@@ -422,16 +422,48 @@ def test_a_complete_row_stays_as_it_was_when_a_forced_rerun_fails_to_log(store, 
     from pipeline import tracking
     from pipeline.params import parse
 
-    manifest, _ = store
-    with tracking.start_training(parse({}), tmp_path, manifest, None) as run:
-        pass
+    manifest, generator = store
+    p = parse({"train": {"lr": 1e-5}})
+    with tracking.start_training(p, tmp_path, manifest, None):
+        tracking.finish_training(p, generator)
+    with tracking.open_run(p, generator, "evaluate", tmp_path, manifest):  # no package results yet
+        tracking.log_metrics_file(_json(tmp_path / "evaluate.json", {"fid": 1.5}))
     (before,) = rows(tmp_path).values()
-    mlflow.start_run(run_id=run.info.run_id)
     monkeypatch.setattr(mlflow, "log_artifact", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
-    with pytest.raises(PipelineError), tracking._active(run, keep_end_time=before["end_time"]):
-        tracking.log_artifact(tmp_path / "g.pt")
+    with pytest.raises(PipelineError, match="the disk is full"), tracking.open_run(p, generator, "evaluate", tmp_path, manifest):
+        tracking.log_artifact(generator)
     (after,) = rows(tmp_path).values()
     assert (after["status"], after["end_time"]) == ("FINISHED", before["end_time"])
+    with pytest.raises(PipelineError), tracking.open_run(p, generator, "package", tmp_path, manifest):
+        tracking.log_artifact(generator)  # package has not succeeded for this row: it fails it
+    assert [r["status"] for r in rows(tmp_path).values()] == ["FAILED"]
+
+
+def test_a_full_disk_while_the_store_is_made_is_the_full_disk_line(store, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    def full(name):
+        raise MlflowException("(sqlite3.OperationalError) database or disk is full [SQL: CREATE TABLE ...]")
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", full)
+    with pytest.raises(PipelineError, match="the disk is full; free some space"), tracking._serialized():
+        tracking._experiment_id(mlflow)
+
+
+def test_the_default_store_is_named_as_the_default_when_it_is_no_file(tmp_path, monkeypatch):
+    from pipeline import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlflow.db").mkdir()
+    with pytest.raises(PipelineError) as e:
+        tracking.check_store()
+    assert str(e.value) == (f"tracking: its store sqlite:///{tmp_path / 'mlflow.db'} names a folder, not a file; "
+                            f"mend that, or set MLFLOW_TRACKING_URI to a store elsewhere")
 
 
 def _json(path: Path, data: dict) -> Path:
@@ -743,9 +775,18 @@ def test_a_repository_whose_path_has_url_syntax_is_one_line_before_the_work(tmp_
             monkeypatch.setenv("MLFLOW_TRACKING_URI", typed)
             with pytest.raises(PipelineError, match=rf"tracking: the repository's path {re.escape(str(repo))} holds"):
                 tracking.check_store()
+        # as MLflow's set_tracking_uri leaves the variable, in the same process and its children
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
+        with pytest.raises(PipelineError, match="holds '\\?' or '%XX'"):
+            tracking.check_store()
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
         tracking.check_store()  # a store outside it, as the line advises
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["50%20off", "q?mark"]  # nothing made beside them
+    plain = tmp_path / "100% done"  # a '%' without two hex digits is no escape: SQLAlchemy opens it
+    plain.mkdir()
+    monkeypatch.chdir(plain)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    tracking.check_store()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["100% done", "50%20off", "q?mark"]  # nothing beside them
     # the store's file as SQLAlchemy opens it: an address the user typed with '%20' names a space
     assert tracking.sqlite_file("sqlite:////srv/50%20off/m.db?timeout=5") == Path("/srv/50 off/m.db")
 
