@@ -30,9 +30,10 @@ def positive_ints(text: str) -> list[int]:
 
 
 def keep_folder(text: str) -> Path:
-    """--keep DIR: where to clone into DIR/repo and keep it; a DIR/repo already there is refused
-    (git clone would not clone into it)."""
+    """--keep DIR: where to clone into DIR/repo and keep it; a DIR/repo already there, but for an
+    empty folder, is refused (git clone would not clone into it)."""
     folder = Path(text).resolve()
-    if (folder / "repo").exists():
+    repo = folder / "repo"
+    if repo.exists() and (not repo.is_dir() or any(repo.iterdir())):
         raise argparse.ArgumentTypeError(f"{folder / 'repo'} exists already: remove it or name another folder")
     return folder

@@ -61,7 +61,8 @@ def environment(repo: Path, store: Path) -> dict:
     that both modes do the same MLflow work (the first row of a store, its experiment made)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     # DVC_ROOT, as under dvc repro: relative paths in params.yaml (evaluate.weights) name the repository's files
-    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{store}", DVC_ROOT=str(repo))
+    # no .pyc written: the stages import DIR's own pipeline/ through a link
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{store}", DVC_ROOT=str(repo), PYTHONDONTWRITEBYTECODE="1")
     # the store's tables made here, untimed: that takes seconds, and only the first stage to log would pay them
     subprocess.run([sys.executable, "-c", "import mlflow; mlflow.MlflowClient().search_experiments()"],
                    env=env, capture_output=True, check=True)

@@ -137,7 +137,7 @@ def test_recipe_ceiling_is_the_image_through_the_generator_size(repo_root):
 
 def test_recipe_options_each_change_the_default(repo_root):
     """bench/recipe.py measures each option against params.yaml: none may repeat the default, and
-    the README's table names the old default, transposed convolutions, among them."""
+    the old default the README's table compares with, transposed convolutions, is among them."""
     import runpy
 
     from pipeline.params import load
@@ -182,8 +182,7 @@ def test_shard_memory_leaves_the_repository_as_it_was(repo_root, tmp_path):
     dvc(root, env, "repro", timeout=600)
 
     def files() -> dict:
-        return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
-                if p.is_file() and "__pycache__" not in p.parts}
+        return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
     before = files()
     res = subprocess.run([sys.executable, "bench/shard_memory.py", "--repo", str(root)], cwd=repo_root, env=env,
