@@ -45,6 +45,12 @@ FULL_DISK = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota
 NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)  # no rights, or a read-only file system
 
 
+def existing_folder(path: str | Path) -> Path | None:
+    """The nearest folder above `path` that is there: the file an error names (a temp name) is gone
+    by the time it is reported."""
+    return next((d for d in Path(path).parents if d.exists()), None)
+
+
 def _while_starting(handler) -> bool:
     return getattr(handler, "__name__", "") == "_stopped_while_starting"
 
@@ -94,7 +100,8 @@ def cli(main):
                 where = f": {Path(target).parent if temp else target}" if target else ""
                 print(f"error: {_stage()}: {e.strerror}{where} (no output was left half-written)", file=sys.stderr)
                 sys.exit(2)
-            where = next((f" in {d}" for d in Path(target).parents if d.exists()), "") if target else ""
+            folder = existing_folder(target) if target else None
+            where = f" in {folder}" if folder else ""
             print(f"error: {_stage()}: {e.strerror}{where}; free some space and run it again (no output "
                   f"was left half-written)", file=sys.stderr)
             sys.exit(2)

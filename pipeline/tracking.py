@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.errors import FULL_DISK, PipelineError
+from pipeline.errors import FULL_DISK, PipelineError, existing_folder
 from pipeline.files import main_repo, under_main_repo
 from pipeline.params import Params, flatten
 from pipeline.stage_results import all_hold, held_results, later_stages
@@ -191,7 +191,7 @@ def _full_disk(e: BaseException | None, uri: str) -> str | None:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in FULL_DISK:
             target = e.filename2 or e.filename  # shutil names the target second: a temp file, gone now
-            return next((str(d) for d in Path(target).parents if d.exists()), target) if target else _artifact_folder(uri)
+            return str(existing_folder(target) or target) if target else _artifact_folder(uri)
         if "database or disk is full" in str(e):  # SQLite's SQLITE_FULL
             return str(sqlite_file(uri) or _without_password(uri))
         e = e.__cause__ or e.__context__
