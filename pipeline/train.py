@@ -240,10 +240,6 @@ def main(argv=None) -> None:
         tracking.check_store()  # an unreachable MLflow server stops the stage before any training
     try:
         run(p, args, world, distributed.start(world, pick_device(p.device)))
-    except KeyboardInterrupt:
-        if world.size > 1:  # Ctrl-C reaches every worker: the launcher says it once for all of them
-            sys.exit(130)
-        raise
     except PipelineError:
         if not world.main and os.environ.get(distributed.LAUNCHER):
             # what every rank finds (a damaged checkpoint) rank 0 says, and the launcher then stops
