@@ -42,7 +42,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.errors import FULL_DISK, PipelineError, existing_folder
-from pipeline.files import main_repo, under_main_repo
+from pipeline.files import main_repo, under_main_repo, write_json
 from pipeline.params import Params, flatten
 from pipeline.stage_results import all_hold, held_results, later_stages
 
@@ -434,8 +434,9 @@ def finish_training(params: Params, generator_path: Path) -> None:
     results of the later stages that still hold (a retraining to the same weights skips them)."""
     mlflow = _mlflow()
     with _serialized():
-        sha = generator_sha(generator_path)
-        mlflow.set_tags({"pipeline_key": run_key(params, generator_path), GENERATOR_TAG: sha})
+        sha, key = generator_sha(generator_path), run_key(params, generator_path)
+        mlflow.set_tags({"pipeline_key": key, GENERATOR_TAG: sha})
+        _note_row(key)
         _copy_held_results("train")
         _copy_restored_results("train", params, generator_path, sha)
 
@@ -463,6 +464,7 @@ def open_run(params: Params, generator_path: Path, stage: str, shards: Path, man
             # a forced rerun (`dvc repro -f -s package`) of a row that is complete already: the row is
             # the execution that made it, and keeps its duration
             complete = found.info.status == "FINISHED" and any(k.startswith("package.") for k in found.data.metrics)
+            _note_row(key)
             return _active(run, keep_end_time=found.info.end_time if complete else None, kept_if_failed=kept)
         sha = generator_sha(generator_path)
         run = _new_run(mlflow, exp_id, params, manifest, {"pipeline_key": key, GENERATOR_TAG: sha})
@@ -470,6 +472,7 @@ def open_run(params: Params, generator_path: Path, stage: str, shards: Path, man
             log_generator_model(generator_path, shards, manifest, params.precision)
             _copy_held_results(stage)
             _copy_restored_results(stage, params, generator_path, sha)
+        _note_row(key)
         return _active(run)
 
 
@@ -478,11 +481,35 @@ def complete_row_if_rest_holds(params: Params, generator_path: Path, stage: str,
     """`generate`, which logs nothing of its own, with its outputs on disk: when they are the
     locked ones and so every stage in `later` still holds, DVC skips them all (`dvc exp run -S
     generate.batch_size=32` makes the same JPEGs), and none of them would log this execution;
-    `stage` then fills in its row, or makes it, as they would have."""
-    if all_hold(later, stage):
+    `stage` then fills in its row, or makes it, as they would have. So it does when no stage of
+    this execution has made its row yet (train did not run): DVC may restore those stages from its
+    run-cache, which the lock cannot tell (after `git checkout params.yaml` the lock is the last
+    experiment's), and a stage of them that does run logs its own results over the copied ones."""
+    if all_hold(later, stage) or not _row_made(params, generator_path):
         with open_run(params, generator_path, stage, shards, manifest):
             pass
         print(report(stage))
+
+
+ROW_NOTE = Path(".cache/mlflow-row.json")  # the row a stage last logged into: see _row_made
+
+
+def _note_row(key: str) -> None:
+    with contextlib.suppress(OSError):  # a note to spare MLflow's import: a read-only checkout goes without
+        write_json(ROW_NOTE, {"store": tracking_uri(), "key": key})
+
+
+def _row_made(params: Params, generator_path: Path) -> bool:
+    """Whether a stage made or filled the row of these params and generator in this store (train,
+    when it ran in this execution), read from the note the stages leave in .cache/: loading MLflow
+    to look costs generate 1.5 s, 1% of a first `dvc repro`."""
+    try:
+        note = json.loads(ROW_NOTE.read_text())
+    except (OSError, ValueError):
+        return False
+    store = tracking_uri()
+    gone = sqlite_file(store) is not None and not sqlite_file(store).exists()
+    return not gone and note == {"store": store, "key": run_key(params, generator_path)}
 
 
 @contextlib.contextmanager
@@ -553,6 +580,11 @@ def _copy_held_results(stage: str, logged=()) -> None:
             log_file(path, other, step=last)
 
 
+# params that change no output's bytes (tests/test_end_to_end.py: DVC skips what follows), so rows
+# that differ in them alone hold the same later results
+SAME_BYTES = ("generate.batch_size",)
+
+
 def _copy_restored_results(stage: str, params: Params, generator_path: Path, sha: str) -> None:
     """Into the active row, the results of each stage after `stage` that the row lacks, from the
     newest earlier FINISHED row of the same generator whose params that stage's results depend on
@@ -574,7 +606,7 @@ def _copy_restored_results(stage: str, params: Params, generator_path: Path, sha
         prefixes = _metric_prefixes(files)
         if not prefixes or any(name.startswith(prefixes) for name in logged):
             continue  # nothing of its own to log, or its results are in the row
-        inputs = {k: v for k, v in flat.items() if k in keys or k.split(".")[0] in keys}
+        inputs = {k: v for k, v in flat.items() if (k in keys or k.split(".")[0] in keys) and k not in SAME_BYTES}
         source = next((r for r in earlier if all(r.data.params.get(k) == v for k, v in inputs.items())
                        and any(name.startswith(prefixes) for name in r.data.metrics)), None)
         if source is None:

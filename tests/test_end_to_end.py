@@ -300,6 +300,26 @@ def test_a_generate_param_that_leaves_the_jpegs_alone_still_makes_a_complete_row
     set_params(root, {"generate": {"batch_size": 16}})
 
 
+def test_a_generate_param_after_the_readmes_way_back_from_an_experiment_makes_a_complete_row(reproduced):
+    # `git checkout params.yaml` after an experiment leaves dvc.lock at the experiment's: DVC then
+    # restores train, evaluate and package from its run-cache, and generate, the one stage that
+    # runs, read their lock entries as stale and made no row at all
+    root, env, _ = reproduced
+    dvc(root, env, "exp", "run", "-S", "lambda_cycle=4")
+    run(["git", "checkout", "params.yaml"], root, env)
+    before = rows(root)
+    res = dvc(root, env, "exp", "run", "-n", "batch-seven", "-S", "generate.batch_size=7")
+    assert "Running stage 'generate'" in res.stdout
+    assert not any(f"Running stage '{s}'" in res.stdout for s in ("train", "evaluate", "package")), res.stdout
+    new = new_rows(root, before)
+    assert len(new) == 1 and new[0]["name"] == "batch-seven" and new[0]["params"]["generate.batch_size"] == "7"
+    assert new[0]["params"]["lambda_cycle"] == "10"
+    assert_complete(new[0], root / "metrics")
+    assert new[0]["tags"]["evaluate.results_from"] == new[0]["tags"]["package.results_from"]
+    run(["git", "checkout", "params.yaml"], root, env)
+    dvc(root, env, "repro")  # the committed params' outputs back, from the run-cache
+
+
 def test_package_only_reruns_make_complete_rows_with_distinct_names(reproduced):
     root, env, _ = reproduced
     before = rows(root)
