@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import re
 import signal
 import sys
 import threading
@@ -51,6 +52,27 @@ def existing_folder(path: str | Path) -> Path | None:
     return next((d for d in Path(path).parents if d.exists()), None)
 
 
+# what each stage's memory grows with: the line an out-of-memory error ends with
+MEMORY_PARAMS = {"train": "train.batch_size (per process), train.gen_filters, train.disc_filters or image_size",
+                 "generate": "generate.batch_size", "evaluate": "evaluate.batch_size"}
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """What an allocation that failed asked for ("" when it does not say); None for other errors.
+    torch's CPU allocator raises a plain RuntimeError, CUDA's its OutOfMemoryError (matched by name:
+    this module does not import torch)."""
+    text = str(e)
+    if isinstance(e, MemoryError):
+        return ""
+    if type(e).__name__ == "OutOfMemoryError" or (isinstance(e, RuntimeError) and "can't allocate memory" in text):
+        cpu = re.search(r"tried to allocate (\d+) bytes", text)
+        if cpu:
+            return f"it asked for {int(cpu[1]) / 2**30:.1f} GiB at once"
+        gpu = re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", text)
+        return f"it asked the GPU for {gpu[1]} more" if gpu else ""
+    return None
+
+
 def _while_starting(handler) -> bool:
     return getattr(handler, "__name__", "") == "_stopped_while_starting"
 
@@ -70,8 +92,8 @@ def _resume_hint() -> str:
 
 def cli(main):
     """Run a stage's main(): a PipelineError becomes `error: <message>` on stderr and exit 2,
-    never a traceback (bugs still get their traceback); Ctrl-C one line too, and exit 130, and
-    SIGTERM, exit 143."""
+    never a traceback (bugs still get their traceback); so are a full disk, an output it may not
+    write and running out of memory; Ctrl-C one line too, and exit 130, and SIGTERM, exit 143."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -87,6 +109,15 @@ def cli(main):
             return main(*args, **kwargs)
         except PipelineError as e:
             print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except (MemoryError, RuntimeError) as e:  # params that ask for more memory than there is
+            asked = out_of_memory(e)
+            if asked is None:
+                raise
+            stage = _stage()
+            print(f"error: {stage}: out of memory{f' ({asked})' if asked else ''}; lower "
+                  f"{MEMORY_PARAMS.get(stage, 'the sizes in params.yaml')} (no output was left half-written)",
+                  file=sys.stderr)
             sys.exit(2)
         except OSError as e:
             if e.errno not in FULL_DISK + NOT_ALLOWED:

@@ -33,7 +33,7 @@ from pipeline.feature_cache import FeatureCache, code_key, images_key
 from pipeline.features import (OTHER_FID_WEIGHTS, SMALL_INPUT, Extractor, extract, load_extractor,
                                ordered_map)
 from pipeline.fid_inception import FEATURE_DIM
-from pipeline.files import main_repo, write_json
+from pipeline.files import check_outputs, main_repo, write_json
 from pipeline.metrics import fid, kid, mifid, nearest_real
 from pipeline.params import Params, load, stage_arguments
 from pipeline.runtime import pick_device
@@ -207,6 +207,7 @@ def main(argv=None) -> None:
                     help="folder for the reference images' features (relative paths: under the main repository)")
     args = ap.parse_args(argv)
     p = load(args.params)
+    check_outputs("evaluate", {"out": args.out, "memorization": args.memorization})
     tracking.check_store()  # an unreachable MLflow server stops the stage before the work
     tracking.check_generator(args.generator, "evaluate")
     with tracking.failure_marks_row(p, args.generator, "evaluate"):

@@ -202,6 +202,22 @@ def _signals_held() -> Iterator[None]:
                 os.kill(os.getpid(), arrived[0])  # ends the process, as it would have
 
 
+def check_outputs(stage: str, files: dict[str, Path], folders: dict[str, Path] | None = None) -> None:
+    """Before a stage's work: each output flag names a path it can take (a file output is not a
+    folder there, a folder output not a file) and its own (two flags on one path would leave one
+    output holding the other's bytes). Found after the work, it was a traceback and the work lost."""
+    folders = folders or {}
+    seen: dict[Path, str] = {}
+    for flag, path in {**files, **folders}.items():
+        if flag in files and path.is_dir():
+            raise PipelineError(f"{stage}: --{flag} {path} is a folder; it names the file to write")
+        if flag in folders and path.exists() and not path.is_dir():
+            raise PipelineError(f"{stage}: --{flag} {path} is a file; it names the folder to write")
+        same = seen.setdefault(path.resolve(), flag)
+        if same != flag:
+            raise PipelineError(f"{stage}: --{same} and --{flag} are both {path}; each names an output of its own")
+
+
 def main_repo() -> Path:
     """The repository the user works in, also from inside `dvc exp run --temp` and queued runs
     (DVC runs those in .dvc/tmp/exps/... and names the main repo in DVC_ROOT): where the MLflow

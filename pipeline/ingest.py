@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from pipeline import competition, kaggle_download, sample
 from pipeline.competition import TFREC_DIRS
 from pipeline.errors import DataError, cli
-from pipeline.files import atomic_dir, atomic_path, main_repo, under_main_repo
+from pipeline.files import atomic_dir, atomic_path, check_outputs, main_repo, under_main_repo
 from pipeline.params import MIN_IMAGES, Params, load, stage_arguments
 from pipeline.processes import worker_pool
 
@@ -142,6 +142,7 @@ def main(argv=None) -> None:
                     help="folder for Kaggle's archive, downloaded once (relative paths: under the main repository)")
     args = ap.parse_args(argv)
     p = load(args.params)
+    check_outputs("ingest", {"manifest": args.manifest}, {"raw": args.raw, "shards": args.shards})
     manifest = ingest(p, args.raw, args.shards, args.manifest, main_repo() / args.download_cache)
     counts = manifest["domain"].value_counts().to_dict()
     print(f"ingest: {counts.get('photo', 0)} photos, {counts.get('monet', 0)} paintings -> {args.shards}")

@@ -15,9 +15,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import shards, tracking
-from pipeline.errors import DataError, PipelineError, cli
-from pipeline.files import atomic_path, write_json
-from pipeline.params import load, stage_arguments
+from pipeline.errors import DataError, cli
+from pipeline.files import atomic_path, check_outputs, write_json
+from pipeline.params import Package, load, stage_arguments
 
 
 def check_images(folder: Path, min_images: int, max_images: int) -> list[Path]:
@@ -28,10 +28,10 @@ def check_images(folder: Path, min_images: int, max_images: int) -> list[Path]:
     others = [e.name for e in entries if not (e.is_file() and e.suffix.lower() == ".jpg")]
     if others:
         raise DataError(f"{folder}: '{others[0]}' is not a .jpg file (the zip must hold JPEGs only, flat)")
-    if not min_images <= len(entries) <= max_images:
-        bound, way = ("package.min_images", "lower") if len(entries) < min_images else ("package.max_images", "raise")
+    change = Package(min_images, max_images).outside(len(entries))
+    if change:
         raise DataError(f"{folder}: {len(entries)} images; the submission needs {min_images}–{max_images} "
-                        f"(package.min_images and package.max_images; {way} {bound} to package another image set)")
+                        f"(package.min_images and package.max_images; {change} to package another image set)")
     lower = [e.name.lower() for e in entries]
     if len(set(lower)) != len(lower):
         raise DataError(f"{folder}: file names differ only in case; names must be unique")
@@ -90,8 +90,7 @@ def main(argv=None) -> None:
     ap.add_argument("--generator", type=Path, required=True, help="identifies the MLflow run")
     args = ap.parse_args(argv)
     p = load(args.params)
-    if args.out.is_dir():
-        raise PipelineError(f"package: --out {args.out} is a folder; it names the zip to write")
+    check_outputs("package", {"out": args.out, "metrics": args.metrics})
     tracking.check_store()  # an unreachable MLflow server stops the stage before the work
     tracking.check_generator(args.generator, "package")
     shards.read_manifest(args.manifest)  # the row's data set: none (a killed ingest) stops it before the work

@@ -77,7 +77,9 @@ class Train:
             _require(getattr(self, name) > 0, f"train.{name}", "must be > 0")
         _require(self.resnet_blocks >= 0, "train.resnet_blocks", "must be >= 0")
         _require(self.pool_size >= 0, "train.pool_size", "must be >= 0")
-        _require(self.lr > 0, "train.lr", "must be > 0")
+        # Adam's step: above 1 a step overshoots any weight (and from about 1.7e38 torch's float32 step
+        # overflowed with a traceback)
+        _require(0 < self.lr <= 1, "train.lr", "must be in (0, 1] (Adam's step size; the recipes use 0.0002)")
         _require(0 <= self.beta1 < 1, "train.beta1", "must be in [0, 1)")
         _require(0 <= self.decay_from_epoch <= self.epochs, "train.decay_from_epoch",
                  f"must be in [0, train.epochs={self.epochs}]")
@@ -133,6 +135,12 @@ class Package:
     def check(self) -> None:
         _require(0 < self.min_images <= self.max_images, "package.min_images",
                  "must be > 0 and <= package.max_images")
+
+    def outside(self, images: int) -> str | None:
+        """How to change these bounds so that `images` JPEGs make a submission; None when they do."""
+        if images < self.min_images:
+            return "lower package.min_images"
+        return "raise package.max_images" if images > self.max_images else None
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
                                keep_default_na=False)
     except FileNotFoundError:
         raise DataError(f"{path}: manifest not found (run the ingest stage first)") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: a folder, not a manifest (ingest writes it as a CSV file)") from None
     except (ValueError, UnicodeDecodeError) as e:  # pandas' ParserError and EmptyDataError are ValueErrors
         raise DataError(f"{path}: not a readable manifest ({brief(e)})") from None
     missing = set(MANIFEST_COLUMNS) - set(manifest.columns)

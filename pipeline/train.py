@@ -33,7 +33,7 @@ from pipeline import distributed, generator_file, shards, tracking
 from pipeline.cyclegan import LossMeter, Trainer, build_nets
 from pipeline.distributed import World
 from pipeline.errors import PipelineError, brief, cli
-from pipeline.files import atomic_path, save_torch, write_json
+from pipeline.files import atomic_path, check_outputs, save_torch, write_json
 from pipeline.params import Params, flatten, load, stage_arguments
 from pipeline.runtime import (autocast_dtype, pick_device, place, rng_state, seed_everything, set_rng_state,
                               stream_seed, uncompiled)
@@ -221,6 +221,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     p = load(args.params)
     world = distributed.current()
+    if world.main:
+        check_outputs("train", {flag: getattr(args, flag.replace("-", "_")) for flag in (
+            "generator", "reverse-generator", "checkpoint", "metrics", "curve", "grid")})
+        check_submission_size(p, args.manifest)
     if p.train.processes > 1 and world.size == 1:  # the stage itself starts the DDP workers
         tracking.check_store()
         distributed.check_devices(p.train.processes, pick_device(p.device))
@@ -257,6 +261,17 @@ def main(argv=None) -> None:
         if world.size > 1:  # from here a Ctrl-C would only break the interpreter's exit (atexit tracebacks)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         distributed.finish(world)
+
+
+def check_submission_size(p: Params, manifest_path: Path) -> None:
+    """generate paints one JPEG per photo, and package takes package.min_images to max_images of
+    them: with other photo counts the pipeline would fail at its end, so say so before training."""
+    photos = int((shards.read_manifest(manifest_path)["domain"] == "photo").sum())
+    change = p.package.outside(photos)
+    if change:
+        raise PipelineError(f"train: {manifest_path} lists {photos} photos, and the submission takes "
+                            f"{p.package.min_images}–{p.package.max_images} paintings, one per photo: {change} "
+                            f"(package would refuse them after training)")
 
 
 def run(p: Params, args: argparse.Namespace, world: World, device: torch.device) -> None:

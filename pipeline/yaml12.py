@@ -29,6 +29,7 @@ INT = re.compile(r"""^(?:
     |[-+]?0o[0-7_]+
     |[-+]?[0-9_]+)$""", re.X)
 BOOL_TAG, FLOAT_TAG, INT_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float", "tag:yaml.org,2002:int"
+MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class Loader(yaml.SafeLoader):
@@ -66,9 +67,11 @@ def _construct_float(loader: Loader, node: yaml.ScalarNode) -> float:
 
 def _construct_mapping(loader: Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
     """A mapping whose keys are unique, as YAML 1.2 (and DVC's reader) requires: PyYAML alone
-    keeps the last of two `seed:` lines without a word."""
+    keeps the last of two `seed:` lines without a word. Merge keys (`<<: *anchor`) merge, as in DVC."""
     seen: dict[object, yaml.Node] = {}
     for key_node, _ in node.value:
+        if key_node.tag == MERGE_TAG:  # `<<: *defaults`: its keys may be given again (SafeLoader merges them)
+            continue
         key = loader.construct_object(key_node, deep=deep)
         try:
             hash(key)

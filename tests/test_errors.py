@@ -69,6 +69,30 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
         _stage(ZeroDivisionError("a bug"), monkeypatch)
 
 
+def test_params_that_ask_for_more_memory_than_there_is_are_one_line_and_exit_2(monkeypatch, capsys):
+    # `train.batch_size: 10000000` was 27 lines ending in torch's "DefaultCPUAllocator: can't allocate memory"
+    import torch
+
+    try:
+        torch.empty(2**62, dtype=torch.uint8)  # more than any address space: torch's own error, on any machine
+    except RuntimeError as e:
+        error = e
+    assert _stage(error, monkeypatch, "train") == 2
+    assert capsys.readouterr().err == (
+        "error: train: out of memory (it asked for 4294967296.0 GiB at once); lower train.batch_size (per process), "
+        "train.gen_filters, train.disc_filters or image_size (no output was left half-written)\n")
+    gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
+                                 "79.19 GiB of which 1.10 GiB is free.")
+    assert _stage(gpu, monkeypatch, "generate") == 2
+    assert capsys.readouterr().err == ("error: generate: out of memory (it asked the GPU for 20.00 GiB more); lower "
+                                       "generate.batch_size (no output was left half-written)\n")
+    assert _stage(MemoryError(), monkeypatch, "ingest") == 2
+    assert capsys.readouterr().err == ("error: ingest: out of memory; lower the sizes in params.yaml (no output was "
+                                       "left half-written)\n")
+    with pytest.raises(RuntimeError, match="shape"):  # any other RuntimeError is a bug: its traceback stays
+        _stage(RuntimeError("shape '[2, 3]' is invalid"), monkeypatch)
+
+
 def test_a_full_disk_is_one_line_naming_the_folder_left_and_exit_2(tmp_path, monkeypatch, capsys):
     # as shutil.copyfile says it: the source, then the target (a temp name inside a temp folder, gone)
     gone = tmp_path / "data" / ".raw.x1.tmp" / "photo_tfrec" / "p.tfrec"
@@ -110,6 +134,58 @@ def test_a_file_where_a_folder_is_needed_is_one_line_naming_it(tmp_path, monkeyp
     folder = target.parent
     assert capsys.readouterr().err == (f"error: {tmp_path / 'features'} is a file where a folder is needed (for "
                                        f"{folder}); move it away\n")
+
+
+TRAIN_OUTPUTS = {"--generator": "g.pt", "--reverse-generator": "r.pt", "--checkpoint": "c.pt", "--metrics": "m.json",
+                 "--curve": "c.csv", "--grid": "g.png"}
+
+
+@pytest.mark.parametrize("change, said", [
+    # a folder where a file goes: a whole training, then IsADirectoryError's traceback
+    ({"--generator": "models"}, "train: --generator models is a folder; it names the file to write"),
+    # two flags on one file: exit 0, and generate read the Monet→photo generator without a word
+    ({"--reverse-generator": "g.pt"}, "train: --generator and --reverse-generator are both g.pt; each names an "
+                                      "output of its own"),
+    ({}, "m.csv: a folder, not a manifest (ingest writes it as a CSV file)"),  # was IsADirectoryError's traceback
+])
+def test_train_refuses_outputs_it_cannot_write_and_a_folder_for_a_manifest_before_training(
+        change, said, tmp_path, repo_root, capsys, monkeypatch):
+    from pipeline import train
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "m.csv").mkdir()
+    flags = [x for flag, path in {**TRAIN_OUTPUTS, **change}.items() for x in (flag, path)]
+    with pytest.raises(SystemExit) as e:
+        train.main(["--params", str(repo_root / "params.yaml"), "--shards", "s", "--manifest", "m.csv", *flags])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: {said}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv", "models"]  # nothing written, no store opened
+
+
+@pytest.mark.parametrize("photos, min_images, said", [
+    (3, 7000, "lower package.min_images"),  # `-S ingest.sample_photos=500`: 8 minutes, then package refused them
+    (12, 10, "raise package.max_images"),
+])
+def test_train_refuses_a_photo_count_package_would_refuse_before_training(photos, min_images, said, tmp_path,
+                                                                          repo_root, capsys, monkeypatch):
+    from pipeline import train
+
+    monkeypatch.chdir(tmp_path)
+    rows = [f"photo,{i:010x},photo-000.pt,{i},photo_tfrec/p.tfrec,{i}" for i in range(photos)]
+    rows += [f"monet,m{i},monet-000.pt,{i},monet_tfrec/m.tfrec,{i}" for i in range(2)]
+    Path("m.csv").write_text("domain,image_name,shard,offset,tfrecord,record\n" + "\n".join(rows) + "\n")
+    Path("params.yaml").write_text(f"package:\n  min_images: {min_images}\n  max_images: 10\n"
+                                   if min_images <= 10 else "")
+    flags = [x for pair in TRAIN_OUTPUTS.items() for x in pair]
+    with pytest.raises(SystemExit) as e:
+        train.main(["--shards", "s", "--manifest", "m.csv", *flags])
+    assert e.value.code == 2
+    low, high = (min_images, 10) if min_images <= 10 else (7000, 10000)
+    assert capsys.readouterr().err == (f"error: train: m.csv lists {photos} photos, and the submission takes "
+                                       f"{low}–{high} paintings, one per photo: {said} (package would refuse them "
+                                       f"after training)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv", "params.yaml"]
 
 
 @pytest.mark.parametrize("stage", ["evaluate", "package"])

@@ -120,4 +120,4 @@ def test_out_naming_a_folder_is_one_line(tmp_path, repo_root, capsys):
                       str(tmp_path / "gen"), "--metrics", str(tmp_path / "m.json"), "--generator", "g.pt",
                       "--shards", "s", "--manifest", "m.csv"])
     assert e.value.code == 2
-    assert capsys.readouterr().err == f"error: package: --out {tmp_path / 'gen'} is a folder; it names the zip to write\n"
+    assert capsys.readouterr().err == f"error: package: --out {tmp_path / 'gen'} is a folder; it names the file to write\n"

@@ -60,6 +60,8 @@ def test_a_key_left_out_of_params_yaml_takes_the_committed_value(repo_root):
     ({"lambda_cycle": float("inf")}, "'lambda_cycle' must be a finite number, got inf"),  # YAML's .inf
     ({"train": {"lr": float("nan")}}, "'train.lr' must be a finite number, got nan"),
     ({"lambda_cycle": 10**400}, "'lambda_cycle' must be a finite number, got inf"),  # was an OverflowError
+    ({"train": {"lr": 1e39}}, "'train.lr' must be in (0, 1]"),  # overflowed Adam's float32 step: a traceback
+    ({"train": {"lr": 0}}, "'train.lr' must be in (0, 1]"),
     ({"lr_typo": 1, 1: 2}, "unknown key '1'"),  # keys of two types: sorting them was a TypeError
 ])
 def test_bad_params_are_one_clear_error(raw, needle):

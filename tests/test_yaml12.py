@@ -35,11 +35,21 @@ def test_every_scalar_resolves_as_dvc_reads_it():
     assert not differ, differ[:10]
 
 
+def test_anchors_and_merge_keys_read_as_dvc_reads_them():
+    # `<<` was refused as "not valid YAML" (the duplicate-key check built the merge key itself)
+    text = ("generate:\n  <<: &common {batch_size: 16}\n  jpeg_quality: 95\n"
+            "evaluate:\n  <<: *common\n  batch_size: 8\n  kid_subsets: 10\n")
+    assert yaml12.loads(text) == YAML(typ="safe").load(text) == {
+        "generate": {"batch_size": 16, "jpeg_quality": 95}, "evaluate": {"batch_size": 8, "kid_subsets": 10}}
+    with pytest.raises(Exception, match="duplicate key 'b'"):  # a key given twice outright is still refused
+        yaml12.loads("a:\n  <<: {b: 1}\n  b: 2\n  b: 3\n")
+
+
 @pytest.mark.parametrize("text, value", [
     ("1e-05", 1e-5), ("1e+3", 1000.0), ("2.0e-4", 2e-4), (".5", 0.5), ("1", 1.0), ("3E-4", 3e-4)])
 def test_values_dvc_writes_for_a_float_param_load(tmp_path, text, value):
-    (tmp_path / "params.yaml").write_text(f"train:\n  lr: {text}\n")
-    assert load(tmp_path / "params.yaml").train.lr == value
+    (tmp_path / "params.yaml").write_text(f"lambda_cycle: {text}\n")
+    assert load(tmp_path / "params.yaml").lambda_cycle == value
 
 
 @pytest.mark.parametrize("text, needle", [
