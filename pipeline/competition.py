@@ -2,8 +2,8 @@
 (monet_tfrec/*.tfrec and photo_tfrec/*.tfrec; TensorFlow's *.tfrecord names are taken too).
 
 An archive is checked from its listing before a byte is extracted, because a hostile one can fill
-the disk or memory or write outside the target: only the two TFRecord folders are taken, at the
-top or in one folder inside (the *_jpg copies and anything else are skipped unread; two copies of
+the disk or memory or write outside the target: only the two TFRecord folders are taken (in a
+zip at any depth, in a folder at its top or in one folder inside; the *_jpg copies and anything else are skipped unread; two copies of
 the folders refuse it); links, names that climb out of the target and names given twice refuse
 the whole archive; and sizes are capped. The competition's
 TFRecords are about 190 MB in all (its zip is 386 MB with the JPEG copies) and none is above

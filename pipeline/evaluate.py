@@ -81,7 +81,8 @@ def first_photos(shards_dir: Path, manifest, count: int) -> torch.Tensor:
 
 
 def check_sample_names(photo_names: list[str], seed: int) -> None:
-    """The manifest's photos are the embedded sample's, in order, for this seed."""
+    """The manifest's photos are the embedded sample's for this seed: the first 16, in order, stand
+    for the rest (the manifest's names are checked whole as it is read)."""
     expected = [sample.sample_name(seed, "photo", i) for i in range(min(len(photo_names), 16))]
     if photo_names[:len(expected)] != expected:
         raise DataError("manifest photo names do not match the embedded sample for this seed")
@@ -154,7 +155,7 @@ def evaluate(p: Params, shards_dir: Path, manifest_path: Path, images: Path, cac
     result.update(baseline_images=n, fid_subset=fid_subset, fid_identity=fid(identity, real))
     result["fid_vs_identity"] = fid_subset / result["fid_identity"]
     if on_sample:
-        result.update(ground_truth(p, extractor, cache, names, photos, images, features, n, fid_subset, real, say))
+        result.update(ground_truth(p, cache, names, photos, images, features, n, fid_subset, real))
 
     if picture is not None:
         distance, nearest = nearest_real(generated, real)
@@ -165,8 +166,8 @@ def evaluate(p: Params, shards_dir: Path, manifest_path: Path, images: Path, cac
     return result, extractor
 
 
-def ground_truth(p: Params, extractor: Extractor, cache: FeatureCache, names: list[str], photos: torch.Tensor,
-                 images: Path, features, n: int, fid_subset: float, real: np.ndarray, say) -> dict:
+def ground_truth(p: Params, cache: FeatureCache, names: list[str], photos: torch.Tensor, images: Path, features,
+                 n: int, fid_subset: float, real: np.ndarray) -> dict:
     """The sample's yardstick: the first n photos' scenes rendered as paintings, scored alike."""
     rendered: dict[int, np.ndarray] = {}
 

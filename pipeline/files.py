@@ -130,7 +130,7 @@ def save_torch(obj: object, path: str | Path) -> None:
     and DVC would rerun every stage downstream; given a file object it writes the same bytes. It
     writes into memory first: torch's writer turns a full disk into an opaque RuntimeError
     ('unexpected pos'), a plain write says ENOSPC (errors.cli makes that one line)."""
-    import torch  # here: the stages that never save tensors (package) should not pay for importing it
+    import torch  # here: ingest refuses a hostile archive from its listing before paying for torch (ingest.py)
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)

@@ -1,4 +1,5 @@
-"""The photo→Monet generator as a file: `train` saves it, `generate` and bench/ load it, and
+"""The photo→Monet generator as a file: `train` saves it, `generate`, the MLflow model, the checks
+of evaluate and package, and bench/ load it, and
 `translate` turns uint8 photos into uint8 paintings for all of them (the training grid too).
 
 The file holds the uncompiled module's state_dict and the config needed to rebuild it, so it

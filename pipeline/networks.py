@@ -26,9 +26,6 @@ def _norm(ch: int) -> nn.Module:
     return nn.InstanceNorm2d(ch, affine=False)
 
 
-UPSAMPLE = ("transpose", "resize")
-
-
 def upsample2x(in_ch: int, out_ch: int, how: str, kernel: int, bias: bool = True) -> list[nn.Module]:
     """Double the resolution. transpose: the original stride-2 transposed convolution (kernel 3
     with output padding, or 4); resize: nearest-neighbour upsampling, then a 3×3 convolution,
@@ -38,7 +35,7 @@ def upsample2x(in_ch: int, out_ch: int, how: str, kernel: int, bias: bool = True
         return [nn.ConvTranspose2d(in_ch, out_ch, kernel, stride=2, bias=bias, **extra)]
     if how == "resize":
         # the two Identity modules hold the places the upsampling and the padding had before
-        # ResizeConv2d did both itself, so generator files and checkpoints saved then still load
+        # ResizeConv2d did both itself, so generator files saved then still load
         return [nn.Identity(), nn.Identity(), ResizeConv2d(in_ch, out_ch, bias=bias)]
     raise ValueError(f"unknown upsampling {how!r}")
 

@@ -529,7 +529,8 @@ def _stroke_layout(rng, size: int, horizontal: bool) -> dict:
     ry, rx = py + 0.5 - cy[:, None], px + 0.5 - cx[:, None]
     u = (rx * dx[:, None] + ry * dy[:, None]) / hl[:, None]
     v = (ry * dx[:, None] - rx * dy[:, None]) / hw[:, None]
-    inside = (u ** 4 + v * v <= 1) & (py >= 0) & (py < L) & (px >= 0) & (px < L)  # rounded-rect dab
+    u2 = u * u  # not u ** 4: NumPy's power can differ by a unit in the last place between CPUs (SIMD)
+    inside = (u2 * u2 + v * v <= 1) & (py >= 0) & (py < L) & (px >= 0) & (px < L)  # rounded-rect dab
     dab = np.broadcast_to(np.arange(n)[:, None], inside.shape)[inside]
     top = np.full(L * L, -1, np.int64)
     np.maximum.at(top, (py * L + px)[inside], dab)  # later dabs cover earlier ones

@@ -142,9 +142,12 @@ def iter_domain(shards_dir: str | Path, manifest: pd.DataFrame, domain: str) -> 
     if rows.empty:
         raise DataError(f"manifest has no '{domain}' images")
     # in the order the manifest lists them (write_domain's), not by name: past 1,000 shards of a
-    # domain, "photo-1000.pt" sorts before "photo-101.pt"
-    for shard, group in rows.groupby("shard", sort=False):
-        path = Path(shards_dir) / shard
+    # domain, "photo-1000.pt" sorts before "photo-101.pt"; and run by run of one shard, so that a
+    # manifest whose rows alternate between shards still reads in its order (evaluate pairs the
+    # names it lists with the pixels read here)
+    runs = (rows["shard"] != rows["shard"].shift()).cumsum()
+    for _, group in rows.groupby(runs, sort=False):
+        path = Path(shards_dir) / group["shard"].iloc[0]
         try:
             images = torch.load(path, weights_only=True, mmap=True)
         except FileNotFoundError:

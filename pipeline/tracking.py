@@ -367,7 +367,7 @@ def _new_run(mlflow, exp_id: str, params: Params, manifest: Path, tags: dict[str
     return run
 
 
-def start_training(params: Params, shards: Path, manifest: Path, resumed_row: str | None):
+def start_training(params: Params, manifest: Path, resumed_row: str | None):
     """`train`, before its first step: this execution's row, to use as a context around training.
     A training that was killed (or failed) and is run again resumes its row, renamed after the
     execution that resumes it (`dvc exp run -n NAME`). Only when the training itself resumes from
@@ -733,12 +733,14 @@ def log_metrics_file(path: str | Path, step: int | None = None) -> None:
 
 
 def log_curve(path: str | Path, prefix: str) -> None:
-    """A curve CSV (a `step` column and `loss_*` columns, one row per point) as metric histories."""
+    """A curve CSV (a `step` column and `loss_*` columns, one row per point) as metric histories; a
+    curve without steps (a hand-made plot in dvc.yaml) at steps 0, 1, 2... in the file's order."""
     mlflow = _mlflow()
     with _serialized():
-        for row in pd.read_csv(path).to_dict("records"):
+        for i, row in enumerate(pd.read_csv(path).to_dict("records")):
+            step = row.get("step")
             mlflow.log_metrics({f"{prefix}.{k}": float(v) for k, v in row.items() if k.startswith("loss_")},
-                               step=int(row["step"]))
+                               step=int(step) if pd.notna(step) else i)  # without steps: in the file's order
 
 
 def log_tags(tags: dict[str, str]) -> None:

@@ -176,7 +176,7 @@ def train(p: Params, photos: torch.Tensor, monets: torch.Tensor, checkpoint: Pat
             epoch = trainer.step // t.steps_per_epoch
             meter.reset()
             started = time.perf_counter()
-            for _ in range(t.steps_per_epoch - trainer.step % t.steps_per_epoch):  # fewer when resuming mid-epoch
+            for _ in range(t.steps_per_epoch):  # checkpoints are written at an epoch's end: a resume starts one
                 meter.add(trainer.step + 1, trainer.train_on(photos, monets, data_gen))
                 bar.update()
                 if trainer.step % t.log_every == 0:  # the only host syncs: every log_every steps
@@ -282,7 +282,7 @@ def run(p: Params, args: argparse.Namespace, world: World, device: torch.device)
 
     # rank 0 opens the MLflow row before the first step, so its duration includes training
     key = fingerprint(p, args.manifest, f"{device.type} {autocast_dtype(p.precision, device)}")
-    with (tracking.start_training(p, args.shards, args.manifest, resumed_row(args.checkpoint, key))
+    with (tracking.start_training(p, args.manifest, resumed_row(args.checkpoint, key))
           if world.main else contextlib.nullcontext()) as row:
         trainer, history = train(p, photos, monets, args.checkpoint, key, say, world, device,
                                  row=row.info.run_id if row else "")

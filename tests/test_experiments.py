@@ -176,18 +176,18 @@ def test_a_training_run_again_resumes_its_row_until_it_finishes(store, tmp_path,
     manifest, generator = store
     p = parse({"train": {"lr": 1e-5}})
     monkeypatch.setenv("DVC_EXP_NAME", "killed")
-    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest, None) as first:
+    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, manifest, None) as first:
         raise KeyboardInterrupt
     monkeypatch.setenv("DVC_EXP_NAME", "resumed")
-    with tracking.start_training(p, tmp_path, manifest, first.info.run_id) as again:
+    with tracking.start_training(p, manifest, first.info.run_id) as again:
         assert again.info.run_id == first.info.run_id
         tracking.finish_training(p, generator)
     # the row is the execution that finished it: named after it, not after the one killed
     assert rows(tmp_path)[first.info.run_id]["name"] == "resumed"
     assert rows(tmp_path)[first.info.run_id]["tags"]["dvc_exp_name"] == "resumed"
-    with tracking.start_training(p, tmp_path, manifest, first.info.run_id) as new:
+    with tracking.start_training(p, manifest, first.info.run_id) as new:
         assert new.info.run_id != first.info.run_id
-    with tracking.start_training(parse({"train": {"lr": 2e-5}}), tmp_path, manifest, None) as other:
+    with tracking.start_training(parse({"train": {"lr": 2e-5}}), manifest, None) as other:
         assert other.info.run_id not in (first.info.run_id, new.info.run_id)  # other params: its own row
     assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"] * 3
 
@@ -209,7 +209,7 @@ def test_a_temp_experiment_keeps_its_artifacts_with_any_sqlite_store(tmp_path, m
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(tmp=tmp_path))
     picture = temp / "grid.png"
     picture.write_bytes(b"png")
-    with tracking.start_training(parse({}), temp, _one_photo_one_painting_manifest(temp), None) as run:
+    with tracking.start_training(parse({}), _one_photo_one_painting_manifest(temp), None) as run:
         tracking.log_artifact(picture)
     assert run.info.artifact_uri == (tmp_path / artifacts).as_uri() + f"/{run.info.run_id}/artifacts"
     assert (tmp_path / artifacts / run.info.run_id / "artifacts/grid.png").read_bytes() == b"png"
@@ -223,7 +223,7 @@ def test_a_row_shows_each_param_as_params_yaml_and_dvc_write_it(store, tmp_path)
     from pipeline.params import parse
 
     manifest, _ = store
-    with tracking.start_training(parse({"lambda_cycle": 5, "train": {"lr": 2e-4, "ema": 0}}), tmp_path, manifest, None):
+    with tracking.start_training(parse({"lambda_cycle": 5, "train": {"lr": 2e-4, "ema": 0}}), manifest, None):
         pass
     (row,) = rows(tmp_path).values()
     assert (row["params"]["lambda_cycle"], row["params"]["train.lr"], row["params"]["train.ema"]) == ("5", "0.0002", "0")
@@ -238,10 +238,10 @@ def test_a_training_stopped_while_logging_its_results_resumes_its_row(store, tmp
 
     manifest, generator = store
     p = parse({"train": {"lr": 1e-5}})
-    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest, None) as first:
+    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, manifest, None) as first:
         tracking.finish_training(p, generator)
         raise KeyboardInterrupt  # while logging the model, say
-    with tracking.start_training(p, tmp_path, manifest, first.info.run_id) as again:
+    with tracking.start_training(p, manifest, first.info.run_id) as again:
         tracking.finish_training(p, generator)
     assert again.info.run_id == first.info.run_id
     assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"]
@@ -255,13 +255,13 @@ def test_a_resumed_training_takes_up_its_own_row_not_the_newest_unfinished_one(s
 
     manifest, generator = store
     p = parse({"train": {"lr": 1e-5}})
-    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest, None) as own:
+    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, manifest, None) as own:
         raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest, None) as other:
+    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, manifest, None) as other:
         raise KeyboardInterrupt  # newer, and another execution's
-    with tracking.start_training(p, tmp_path, manifest, own.info.run_id) as again:
+    with tracking.start_training(p, manifest, own.info.run_id) as again:
         assert again.info.run_id == own.info.run_id
-    with tracking.start_training(p, tmp_path, manifest, "") as legacy:  # a checkpoint that names no row
+    with tracking.start_training(p, manifest, "") as legacy:  # a checkpoint that names no row
         assert legacy.info.run_id == other.info.run_id  # as before: the newest unfinished one
 
 
@@ -273,9 +273,9 @@ def test_a_training_that_starts_afresh_makes_its_own_row(store, tmp_path, monkey
 
     manifest, _ = store
     p = parse({"train": {"lr": 1e-5}})
-    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, tmp_path, manifest, None) as first:
+    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, manifest, None) as first:
         raise KeyboardInterrupt
-    with tracking.start_training(p, tmp_path, manifest, None) as fresh:
+    with tracking.start_training(p, manifest, None) as fresh:
         assert fresh.info.run_id != first.info.run_id
     assert {r["status"] for r in rows(tmp_path).values()} == {"KILLED", "FINISHED"}
 
@@ -291,7 +291,7 @@ def test_a_failure_after_training_marks_the_row_and_makes_none(store, tmp_path, 
     with pytest.raises(DataError), tracking.failure_marks_row(p, generator, "evaluate"):
         raise DataError("no store yet")
     assert not (tmp_path / "mlflow.db").exists()  # nothing made to mark nothing
-    with tracking.start_training(p, tmp_path, manifest, None):
+    with tracking.start_training(p, manifest, None):
         tracking.finish_training(p, generator)
     for error, status in ((DataError("bad input"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
         with pytest.raises(type(error)), tracking.failure_marks_row(p, generator, "evaluate"):
@@ -313,7 +313,7 @@ def test_two_executions_of_the_same_params_log_their_later_stages_each_into_its_
     ids = {}
     for name in ("q3a", "q3b"):
         monkeypatch.setenv("DVC_EXP_NAME", name)
-        with tracking.start_training(p, tmp_path, manifest, None) as run:
+        with tracking.start_training(p, manifest, None) as run:
             tracking.finish_training(p, generator)
         ids[name] = run.info.run_id
     (tmp_path / "evaluate.json").write_text('{"fid": 1.5}')
@@ -336,7 +336,7 @@ def test_a_forced_rerun_that_fails_leaves_the_row_it_succeeded_for_alone(store, 
 
     manifest, generator = store
     p = parse({"train": {"lr": 1e-5}})
-    with tracking.start_training(p, tmp_path, manifest, None):
+    with tracking.start_training(p, manifest, None):
         tracking.finish_training(p, generator)
     (tmp_path / "evaluate.json").write_text(json.dumps({"fid": 1.5}))
     with tracking.open_run(p, generator, "evaluate", tmp_path, manifest):
@@ -364,7 +364,7 @@ def test_a_forced_rerun_keeps_the_duration_of_a_complete_row(store, tmp_path, mo
 
     manifest, generator = store
     p = parse({"train": {"lr": 1e-5}})
-    with tracking.start_training(p, tmp_path, manifest, None) as run:
+    with tracking.start_training(p, manifest, None) as run:
         tracking.finish_training(p, generator)
     (tmp_path / "evaluate.json").write_text('{"fid": 1.5}')
     (tmp_path / "package.json").write_text('{"images": 7028}')
@@ -396,7 +396,7 @@ def test_a_full_disk_under_the_store_is_one_line_naming_it(store, tmp_path, monk
         raise MlflowException("(sqlite3.OperationalError) database or disk is full [SQL: UPDATE runs ...]")
 
     with pytest.raises(PipelineError, match=rf"MLflow could not write to {tmp_path / 'mlflow.db'}: the disk is full"):
-        with monkeypatch.context() as m, tracking.start_training(parse({}), tmp_path, manifest, None):
+        with monkeypatch.context() as m, tracking.start_training(parse({}), manifest, None):
             m.setattr(mlflow.MlflowClient, "set_terminated", full)  # the end as FAILED fails too
             m.setattr(mlflow, "log_metrics", full)
             tracking.log_metrics_file(_json(tmp_path / "train.json", {"loss": 1.0}))
@@ -406,7 +406,7 @@ def test_a_full_disk_under_the_store_is_one_line_naming_it(store, tmp_path, monk
         raise OSError(errno.ENOSPC, "No space left on device")  # as shutil.copyfileobj raises it
 
     with pytest.raises(PipelineError, match=r"MLflow could not write to /\S+/artifacts: the disk is full"):
-        with monkeypatch.context() as m, tracking.start_training(parse({}), tmp_path, manifest, None):
+        with monkeypatch.context() as m, tracking.start_training(parse({}), manifest, None):
             m.setattr(mlflow, "log_artifact", no_space)
             tracking.log_artifact(tmp_path / "g.pt")
     assert [r["status"] for r in rows(tmp_path).values()] == ["RUNNING", "FAILED"]  # where the store could
@@ -424,7 +424,7 @@ def test_a_complete_row_stays_as_it_was_when_a_forced_rerun_fails_to_log(store, 
 
     manifest, generator = store
     p = parse({"train": {"lr": 1e-5}})
-    with tracking.start_training(p, tmp_path, manifest, None):
+    with tracking.start_training(p, manifest, None):
         tracking.finish_training(p, generator)
     with tracking.open_run(p, generator, "evaluate", tmp_path, manifest):  # no package results yet
         tracking.log_metrics_file(_json(tmp_path / "evaluate.json", {"fid": 1.5}))
@@ -484,7 +484,7 @@ def test_copied_results_end_the_curves_as_the_stage_logs_them(store, tmp_path, m
     curve.write_text("epoch,step,loss_cycle,seconds\n1,2,0.70,1.0\n2,4,0.65,1.0\n")
     final = _json(tmp_path / "train.json", {"loss_cycle": 0.65, "steps": 4, "device": "cpu"})
     monkeypatch.setattr(tracking, "held_results", lambda stage, wanted: {"train": [final, curve]})
-    with tracking.start_training(parse({}), tmp_path, manifest, None) as run:
+    with tracking.start_training(parse({}), manifest, None) as run:
         tracking._copy_held_results("evaluate")
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train.loss_cycle")
     assert sorted((m.step, m.value) for m in history) == [(2, 0.70), (4, 0.65), (4, 0.65)]

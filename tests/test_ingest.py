@@ -684,6 +684,16 @@ def test_more_than_a_thousand_shards_read_back_in_manifest_order(tmp_path):
     assert images[:, 0, 0, 0].tolist() == [i % 256 for i in range(n)]
 
 
+def test_a_manifest_whose_rows_alternate_between_shards_reads_in_its_order(tmp_path):
+    # grouped by shard, the pixels came back in another order than the names the manifest lists
+    items = [({"image_name": f"p{i}", "tfrecord": "t", "record": i}, np.full((2, 2, 3), i, dtype=np.uint8))
+             for i in range(4)]
+    manifest = pd.DataFrame(shards.write_domain(items, tmp_path, "photo", shard_size=2))[shards.MANIFEST_COLUMNS]
+    alternating = manifest.iloc[[0, 2, 1, 3]].reset_index(drop=True)  # photo-000, photo-001, photo-000, photo-001
+    names, images = shards.load_domain(tmp_path, alternating, "photo")
+    assert names == ["p0", "p2", "p1", "p3"] and images[:, 0, 0, 0].tolist() == [0, 2, 1, 3]
+
+
 @pytest.fixture(scope="module")
 def small_manifest(tmp_path_factory):
     """A manifest and shards as ingest writes them: 3 photos, 2 paintings, 32 px."""
