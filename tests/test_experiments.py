@@ -829,3 +829,19 @@ def test_a_store_that_fails_to_open_is_one_line_without_its_password(monkeypatch
     assert said.startswith("tracking: MLflow cannot use MLFLOW_TRACKING_URI=postgresql://me:***@db.example/mlflow")
     assert said.endswith("ModuleNotFoundError: No module named 'psycopg'")
     assert "s3cret" not in said and "\n" not in said
+
+
+def test_a_curve_without_steps_logs_its_points_in_file_order(store, tmp_path):
+    # a plot CSV with no `step` column (one added to dvc.yaml by hand) was a KeyError while its
+    # results were copied into a row
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    manifest, _ = store
+    (tmp_path / "curve.csv").write_text("loss_a,loss_b\n3.0,1.0\n2.0,0.5\n")
+    with tracking.start_training(parse({}), manifest, None) as run:
+        tracking.log_curve(tmp_path / "curve.csv", "extra")
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "extra.loss_a")
+    assert [(m.step, m.value) for m in history] == [(0, 3.0), (1, 2.0)]
