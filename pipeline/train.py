@@ -32,14 +32,14 @@ from tqdm import tqdm
 from pipeline import distributed, generator_file, shards, tracking
 from pipeline.cyclegan import LossMeter, Trainer, build_nets
 from pipeline.distributed import World
-from pipeline.errors import PipelineError, brief, cli
+from pipeline.errors import PipelineError, brief, cli, out_of_memory
 from pipeline.files import atomic_path, check_outputs, save_torch, write_json
 from pipeline.params import Params, flatten, load, stage_arguments
 from pipeline.runtime import (autocast_dtype, pick_device, place, rng_state, seed_everything, set_rng_state,
                               stream_seed, uncompiled)
 
 TRAIN_KEYS = ("seed", "image_size", "lambda_cycle", "lambda_identity", "precision", "train.")  # data: the manifest
-RANK_ERROR_GRACE_SECONDS = 10.0  # see main()
+RANK_ERROR_GRACE_SECONDS = 10.0  # see _grace_for_rank_0
 RANDOM_OPS, BATCHES = 0, 1  # the random streams of a rank besides the init (stream_seed)
 NOT_TRAINING = ("train.processes", "train.log_every", "train.grid_size")  # change no weight (processes: checked apart)
 
@@ -224,10 +224,10 @@ def main(argv=None) -> None:
     if world.main:
         check_outputs("train", {flag: getattr(args, flag.replace("-", "_")) for flag in (
             "generator", "reverse-generator", "checkpoint", "metrics", "curve", "grid")})
-        check_submission_size(p, args.manifest)
     if p.train.processes > 1 and world.size == 1:  # the stage itself starts the DDP workers
         tracking.check_store()
         distributed.check_devices(p.train.processes, pick_device(p.device))
+        check_submission_size(p, args.manifest)
         try:
             distributed.launch(p.train.processes, "pipeline.train", argv)
         except (PipelineError, KeyboardInterrupt) as e:
@@ -241,14 +241,12 @@ def main(argv=None) -> None:
                             f"{p.train.processes}: set train.processes={world.size} (a run records the "
                             f"process count it trained with; the global batch is batch_size × processes)")
     if world.main:
+        check_submission_size(p, args.manifest)
         tracking.check_store()  # an unreachable MLflow server stops the stage before any training
     try:
         run(p, args, world, distributed.start(world, pick_device(p.device)))
     except PipelineError:
-        if not world.main and os.environ.get(distributed.LAUNCHER):
-            # what every rank finds (a damaged checkpoint) rank 0 says, and the launcher then stops
-            # this rank: one line, not one per rank. An error of this rank alone is said after a while
-            time.sleep(RANK_ERROR_GRACE_SECONDS)
+        _grace_for_rank_0(world)
         raise
     except Exception as e:
         if distributed.peer_lost(e, world):
@@ -256,11 +254,21 @@ def main(argv=None) -> None:
             if line is None:  # the stage's launcher names the process that died, in one line
                 sys.exit(1)
             raise PipelineError(line) from None
+        if out_of_memory(e) is not None:  # every rank asks for the same memory: errors.cli's line, once
+            _grace_for_rank_0(world)
         raise
     finally:
         if world.size > 1:  # from here a Ctrl-C would only break the interpreter's exit (atexit tracebacks)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         distributed.finish(world)
+
+
+def _grace_for_rank_0(world: World) -> None:
+    """What every rank finds (a damaged checkpoint, too little memory) rank 0 says, and the stage's
+    launcher then stops the others: one line, not one per rank. An error of this rank alone is said
+    after a while."""
+    if not world.main and os.environ.get(distributed.LAUNCHER):
+        time.sleep(RANK_ERROR_GRACE_SECONDS)
 
 
 def check_submission_size(p: Params, manifest_path: Path) -> None:

@@ -195,6 +195,22 @@ def test_an_error_every_rank_finds_is_said_once(repo, tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_running_out_of_memory_on_every_rank_is_said_once(repo, tmp_path):
+    # each rank printed errors.cli's out-of-memory line, then the launcher blamed worker 1: 3 lines
+    root, env = repo
+    env = {**env, "TMPDIR": str(tmp_path)}
+    set_params(root, {"train": {**TINY["train"], "batch_size": 10**14}})  # more than any address space holds
+    try:
+        res = subprocess.run([sys.executable, "-m", "pipeline.train", *TRAIN_ARGS], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=600)
+    finally:
+        set_params(root, {"train": TINY["train"]})
+    assert res.returncode == 2, res.stderr[-3000:]
+    said = [line for line in (res.stdout + res.stderr).splitlines() if "error:" in line]
+    assert len(said) == 1 and said[0].startswith("error: train: out of memory (it asked for "), said
+    assert "Traceback" not in res.stderr
+
+
 def test_more_processes_than_gpus_is_one_line_before_any_worker_starts(tmp_path, monkeypatch, capsys):
     # one GPU per process: on a 1-GPU machine train.processes=2 started both workers, and the second
     # one failed in torch.cuda.set_device, asking for a GPU that is not there
