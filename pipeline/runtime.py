@@ -44,6 +44,15 @@ def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return any(flag in flags for flag in CPU_BF16_FLAGS)
 
 
+def cuda_has_bf16() -> bool:
+    """bf16 in the GPU's hardware (Ampere on): torch's is_bf16_supported() says yes by default
+    where bf16 is only emulated (V100, T4), much slower than fp32 there."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.4 has no such argument, and counted no emulation
+        return torch.cuda.is_bf16_supported()
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """None = plain fp32; else the dtype for torch.autocast."""
     if precision == "fp32":
@@ -51,7 +60,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16":
         return torch.bfloat16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if cuda_has_bf16() else None
     return torch.bfloat16 if cpu_has_bf16() else None
 
 

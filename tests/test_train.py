@@ -274,6 +274,15 @@ def test_auto_precision_uses_bf16_on_the_cpu_only_where_its_flags_list_bf16_inst
     assert runtime.autocast_dtype("fp32", cpu) is None and runtime.autocast_dtype("bf16", cpu) == torch.bfloat16
 
 
+def test_auto_precision_is_fp32_on_a_gpu_that_only_emulates_bf16(monkeypatch):
+    # torch's is_bf16_supported() says yes on a V100 or T4 by default (emulation): auto took bf16 there
+    gpu = torch.device("cuda")
+    for native in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native)
+        assert runtime.autocast_dtype("auto", gpu) == (torch.bfloat16 if native else None)
+    assert runtime.autocast_dtype("bf16", gpu) == torch.bfloat16  # asked for: as asked
+
+
 def test_the_cpu_description_names_the_threads_that_shape_the_arithmetic():
     """The same params train other bytes on 1 thread than on 2 (sums split across threads round
     differently), so the log line and the run's tag train.device_description say how many."""
