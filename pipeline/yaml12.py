@@ -35,6 +35,13 @@ MERGE_TAG = "tag:yaml.org,2002:merge"
 class Loader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 booleans, integers and floats."""
 
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.merged_pairs: dict[int, int] = {}  # id(mapping node): how many of its pairs `<<` merged in
+
+
+_MERGE = object()  # the key `<<` stands for in the duplicate check
+
 
 # drop the 1.1 rules for these three tags (they live in a per-first-character table), add 1.2's
 Loader.yaml_implicit_resolvers = {
@@ -69,22 +76,32 @@ def _construct_mapping(loader: Loader, node: yaml.MappingNode, deep: bool = Fals
     """A mapping whose keys are unique, as YAML 1.2 (and DVC's reader) requires: PyYAML alone
     keeps the last of two `seed:` lines without a word. Merge keys (`<<: *anchor`) merge, as in DVC."""
     seen: dict[object, yaml.Node] = {}
-    for key_node, _ in node.value:
-        if key_node.tag == MERGE_TAG:  # `<<: *defaults`: its keys may be given again (SafeLoader merges them)
-            continue
-        key = loader.construct_object(key_node, deep=deep)
+    # the pairs `<<: *defaults` merged in: SafeLoader puts them first, and may have done so already
+    # (a mapping merged into another is flattened there first); their keys may be given again
+    for key_node, _ in node.value[loader.merged_pairs.get(id(node), 0):]:
+        # `<<` given twice in one mapping is a duplicate too, as in DVC's reader
+        key = _MERGE if key_node.tag == MERGE_TAG else loader.construct_object(key_node, deep=deep)
         try:
             hash(key)
         except TypeError:
             continue  # SafeLoader's own construct_mapping names an unhashable key
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark)
+                "while constructing a mapping", node.start_mark, f"found duplicate key {'<<' if key is _MERGE else repr(key)}",
+                key_node.start_mark)
         seen[key] = key_node
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
 
+def _flatten_mapping(loader: Loader, node: yaml.MappingNode) -> None:
+    """SafeLoader's merge of `<<` pairs, counting the pairs it puts before the mapping's own."""
+    own = sum(key.tag != MERGE_TAG for key, _ in node.value)
+    yaml.SafeLoader.flatten_mapping(loader, node)
+    loader.merged_pairs[id(node)] = len(node.value) - own
+
+
 Loader.construct_mapping = _construct_mapping
+Loader.flatten_mapping = _flatten_mapping
 Loader.add_constructor(INT_TAG, _construct_int)
 Loader.add_constructor(FLOAT_TAG, _construct_float)
 Loader.add_constructor(BOOL_TAG, lambda loader, node: loader.construct_scalar(node).lower() == "true")

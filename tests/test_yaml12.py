@@ -43,6 +43,13 @@ def test_anchors_and_merge_keys_read_as_dvc_reads_them():
         "generate": {"batch_size": 16, "jpeg_quality": 95}, "evaluate": {"batch_size": 8, "kid_subsets": 10}}
     with pytest.raises(Exception, match="duplicate key 'b'"):  # a key given twice outright is still refused
         yaml12.loads("a:\n  <<: {b: 1}\n  b: 2\n  b: 3\n")
+    # a mapping merged into another is flattened there first: its own `b` then came after a merged
+    # one, and read as given twice; and merges from a list, the later keys winning
+    for text in ("outer:\n  inner: &x\n    <<: {b: 1}\n    b: 2\nc:\n  <<: *x\n",
+                 "a: &a {x: 1}\nb: &b {y: 2, x: 5}\nc:\n  <<: [*a, *b]\n  y: 3\n", "'<<': 1\nx: 2\n"):
+        assert yaml12.loads(text) == YAML(typ="safe").load(text), text
+    with pytest.raises(Exception, match="duplicate key <<"):  # two merges in one mapping: refused, as by DVC
+        yaml12.loads("a: &a {x: 1}\nb: &b {y: 2}\nc:\n  <<: *a\n  <<: *b\n")
 
 
 @pytest.mark.parametrize("text, value", [
