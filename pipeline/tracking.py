@@ -457,6 +457,8 @@ def open_run(params: Params, generator_path: Path, stage: str, shards: Path, man
             # if its logging fails, the row stays as it was (those results still stand)
             kept = found.info.end_time if found.info.status == "FINISHED" and _succeeded_for(found, stage) else None
             run = mlflow.start_run(run_id=found.info.run_id)
+            if f"{stage}.results_from" in found.data.tags:  # its own results follow: not another row's any more
+                mlflow.MlflowClient().delete_tag(run.info.run_id, f"{stage}.results_from")
             with _failing_ends(mlflow, kept):
                 _copy_held_results(stage, logged=found.data.metrics)
                 _copy_restored_results(stage, params, generator_path,
@@ -482,21 +484,42 @@ def complete_row_if_rest_holds(params: Params, generator_path: Path, stage: str,
     locked ones and so every stage in `later` still holds, DVC skips them all (`dvc exp run -S
     generate.batch_size=32` makes the same JPEGs), and none of them would log this execution;
     `stage` then fills in its row, or makes it, as they would have. So it does when no stage of
-    this execution has made its row yet (train did not run): DVC may restore those stages from its
-    run-cache, which the lock cannot tell (after `git checkout params.yaml` the lock is the last
-    experiment's), and a stage of them that does run logs its own results over the copied ones."""
-    if all_hold(later, stage) or not _row_made(params, generator_path):
+    this execution has made its row yet (train did not run) and earlier rows of this generator
+    hold the results of all of them under these params: DVC then restores them from its run-cache
+    (it ran them before on these inputs), which the lock cannot tell (after `git checkout
+    params.yaml` it is the last experiment's); a stage of them that does run logs its own results
+    over the copies. Otherwise (other JPEGs, say) they run and make the row."""
+    if all_hold(later, stage) or (not _row_made(params, generator_path) and _all_in_earlier_rows(
+            params, generator_path, stage, later)):
         with open_run(params, generator_path, stage, shards, manifest):
             pass
         print(report(stage))
 
 
+def _all_in_earlier_rows(params: Params, generator_path: Path, stage: str, later: tuple[str, ...]) -> bool:
+    mlflow = _mlflow()
+    with _serialized():
+        exp = _existing_experiment(mlflow)
+        if exp is None:
+            return False
+        sources = _earlier_results(mlflow, exp.experiment_id, stage, params, generator_path,
+                                   generator_sha(generator_path))
+    with_results = [other for other, (_, files) in later_stages(stage, str(generator_path)).items()
+                    if other in later and _metric_prefixes(files)]
+    return bool(with_results) and all(other in sources for other in with_results)
+
+
 ROW_NOTE = Path(".cache/mlflow-row.json")  # the row a stage last logged into: see _row_made
 
 
+def _row_note(key: str) -> dict:
+    return {"store": tracking_uri(), "experiment": os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT), "key": key}
+
+
 def _note_row(key: str) -> None:
-    with contextlib.suppress(OSError):  # a note to spare MLflow's import: a read-only checkout goes without
-        write_json(ROW_NOTE, {"store": tracking_uri(), "key": key})
+    # a note to spare MLflow's import: a read-only checkout (or a file named .cache) goes without
+    with contextlib.suppress(OSError, PipelineError):
+        write_json(ROW_NOTE, _row_note(key))
 
 
 def _row_made(params: Params, generator_path: Path) -> bool:
@@ -507,9 +530,8 @@ def _row_made(params: Params, generator_path: Path) -> bool:
         note = json.loads(ROW_NOTE.read_text())
     except (OSError, ValueError):
         return False
-    store = tracking_uri()
-    gone = sqlite_file(store) is not None and not sqlite_file(store).exists()
-    return not gone and note == {"store": store, "key": run_key(params, generator_path)}
+    store = sqlite_file(tracking_uri())
+    return (store is None or store.exists()) and note == _row_note(run_key(params, generator_path))
 
 
 @contextlib.contextmanager
@@ -580,9 +602,30 @@ def _copy_held_results(stage: str, logged=()) -> None:
             log_file(path, other, step=last)
 
 
-# params that change no output's bytes (tests/test_end_to_end.py: DVC skips what follows), so rows
-# that differ in them alone hold the same later results
+# params that change no output's bytes (on the CPU: tests/test_end_to_end.py, where DVC skips what
+# follows), so rows that differ in them alone hold the same later results; where other bytes come
+# of them after all, DVC runs the later stages, which log their own over the copies
 SAME_BYTES = ("generate.batch_size",)
+
+
+def _earlier_results(mlflow, exp_id: str, stage: str, params: Params, generator_path: Path, sha: str,
+                     this_row: str = "") -> dict[str, tuple[object, list[Path], tuple[str, ...]]]:
+    """{stage after `stage` that has metrics of its own: (the newest FINISHED row but `this_row` of
+    generator `sha` with its results and the params they depend on as these, its files, the
+    prefixes of its metrics)}; a stage that no such row holds is left out."""
+    flat = logged_params(params)
+    earlier = [r for r in mlflow.search_runs(
+        [exp_id], filter_string=f"tags.{GENERATOR_TAG} = '{sha}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], output_format="list") if r.info.run_id != this_row]
+    found = {}
+    for other, (keys, files) in later_stages(stage, str(generator_path)).items():
+        prefixes = _metric_prefixes(files)
+        inputs = {k: v for k, v in flat.items() if (k in keys or k.split(".")[0] in keys) and k not in SAME_BYTES}
+        source = next((r for r in earlier if all(r.data.params.get(k) == v for k, v in inputs.items())
+                       and any(name.startswith(prefixes) for name in r.data.metrics)), None) if prefixes else None
+        if source is not None:
+            found[other] = (source, files, prefixes)
+    return found
 
 
 def _copy_restored_results(stage: str, params: Params, generator_path: Path, sha: str) -> None:
@@ -597,20 +640,10 @@ def _copy_restored_results(stage: str, params: Params, generator_path: Path, sha
     mlflow = _mlflow()
     run = mlflow.active_run()
     logged = mlflow.get_run(run.info.run_id).data.metrics
-    flat = logged_params(params)
-    earlier = [r for r in mlflow.search_runs(
-        [run.info.experiment_id], filter_string=f"tags.{GENERATOR_TAG} = '{sha}' "
-        f"and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], output_format="list")
-        if r.info.run_id != run.info.run_id]
-    for other, (keys, files) in later_stages(stage, str(generator_path)).items():
-        prefixes = _metric_prefixes(files)
-        if not prefixes or any(name.startswith(prefixes) for name in logged):
-            continue  # nothing of its own to log, or its results are in the row
-        inputs = {k: v for k, v in flat.items() if (k in keys or k.split(".")[0] in keys) and k not in SAME_BYTES}
-        source = next((r for r in earlier if all(r.data.params.get(k) == v for k, v in inputs.items())
-                       and any(name.startswith(prefixes) for name in r.data.metrics)), None)
-        if source is None:
-            continue
+    for other, (source, files, prefixes) in _earlier_results(mlflow, run.info.experiment_id, stage, params,
+                                                             generator_path, sha, run.info.run_id).items():
+        if any(name.startswith(prefixes) for name in logged):
+            continue  # its results are in the row
         mlflow.log_metrics({k: v for k, v in source.data.metrics.items() if k.startswith(prefixes)})
         mlflow.set_tags({k: v for k, v in source.data.tags.items() if k.startswith(prefixes)}
                         | {f"{other}.results_from": source.info.run_id})

@@ -316,6 +316,12 @@ def test_a_generate_param_after_the_readmes_way_back_from_an_experiment_makes_a_
     assert new[0]["params"]["lambda_cycle"] == "10"
     assert_complete(new[0], root / "metrics")
     assert new[0]["tags"]["evaluate.results_from"] == new[0]["tags"]["package.results_from"]
+    # other JPEGs, and generate alone asked for: no earlier row holds their scores, so it makes no
+    # row (one without them); evaluate makes it when it runs
+    set_params(root, {"generate": {"jpeg_quality": 90}})
+    before = rows(root)
+    res = dvc(root, env, "repro", "generate")
+    assert "Running stage 'generate'" in res.stdout and not new_rows(root, before)
     run(["git", "checkout", "params.yaml"], root, env)
     dvc(root, env, "repro")  # the committed params' outputs back, from the run-cache
 

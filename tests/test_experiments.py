@@ -845,3 +845,22 @@ def test_a_curve_without_steps_logs_its_points_in_file_order(store, tmp_path):
         tracking.log_curve(tmp_path / "curve.csv", "extra")
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "extra.loss_a")
     assert [(m.step, m.value) for m in history] == [(0, 3.0), (1, 2.0)]
+
+
+def test_results_a_stage_logs_itself_drop_the_row_they_were_copied_from(store, tmp_path):
+    # a row filled from an earlier one (evaluate.results_from) kept naming it after evaluate ran and
+    # logged its own results over the copies
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    manifest, generator = store
+    p = parse({"train": {"lr": 3e-5}})
+    with tracking.start_training(p, manifest, None) as run:
+        tracking.finish_training(p, generator)
+        mlflow.set_tags({"evaluate.results_from": "an-earlier-row", "package.results_from": "an-earlier-row"})
+    with tracking.open_run(p, generator, "evaluate", tmp_path, manifest):
+        pass
+    tags = rows(tmp_path)[run.info.run_id]["tags"]
+    assert "evaluate.results_from" not in tags and tags["package.results_from"] == "an-earlier-row"
