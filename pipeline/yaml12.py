@@ -87,17 +87,20 @@ def _construct_mapping(loader: Loader, node: yaml.MappingNode, deep: bool = Fals
             continue  # SafeLoader's own construct_mapping names an unhashable key
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                "while constructing a mapping", node.start_mark, f"found duplicate key {'<<' if key is _MERGE else repr(key)}",
-                key_node.start_mark)
+                "while constructing a mapping", node.start_mark,
+                f"found duplicate key {'<<' if key is _MERGE else repr(key)}", key_node.start_mark)
         seen[key] = key_node
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
 
 def _flatten_mapping(loader: Loader, node: yaml.MappingNode) -> None:
-    """SafeLoader's merge of `<<` pairs, counting the pairs it puts before the mapping's own."""
+    """SafeLoader's merge of `<<` pairs, counting the pairs it puts before the mapping's own (once:
+    a mapping merged into two others is flattened again, with nothing left to merge)."""
     own = sum(key.tag != MERGE_TAG for key, _ in node.value)
+    merges = own < len(node.value)
     yaml.SafeLoader.flatten_mapping(loader, node)
-    loader.merged_pairs[id(node)] = len(node.value) - own
+    if merges:
+        loader.merged_pairs[id(node)] = len(node.value) - own
 
 
 Loader.construct_mapping = _construct_mapping

@@ -46,6 +46,7 @@ def test_anchors_and_merge_keys_read_as_dvc_reads_them():
     # a mapping merged into another is flattened there first: its own `b` then came after a merged
     # one, and read as given twice; and merges from a list, the later keys winning
     for text in ("outer:\n  inner: &x\n    <<: {b: 1}\n    b: 2\nc:\n  <<: *x\n",
+                 "outer:\n  inner: &x\n    <<: {b: 1}\n    b: 2\nc:\n  <<: *x\nd:\n  <<: *x\n  e: 3\n",
                  "a: &a {x: 1}\nb: &b {y: 2, x: 5}\nc:\n  <<: [*a, *b]\n  y: 3\n", "'<<': 1\nx: 2\n"):
         assert yaml12.loads(text) == YAML(typ="safe").load(text), text
     with pytest.raises(Exception, match="duplicate key <<"):  # two merges in one mapping: refused, as by DVC
