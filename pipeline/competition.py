@@ -3,8 +3,8 @@
 
 An archive is checked from its listing before a byte is extracted, because a hostile one can fill
 the disk or memory or write outside the target: only the two TFRecord folders are taken (in a
-zip at any depth, in a folder at its top or in one folder inside; the *_jpg copies and anything else are skipped unread; two copies of
-the folders refuse it); links, names that climb out of the target and names given twice refuse
+zip at any depth, in a folder at its top or in one folder inside; the *_jpg copies and anything
+else are skipped unread; two copies of the folders refuse it); links, names that climb out of the target and names given twice refuse
 the whole archive; and sizes are capped. The competition's
 TFRecords are about 190 MB in all (its zip is 386 MB with the JPEG copies) and none is above
 about 10 MB, so a file above MAX_FILE (25× that) or a total above MAX_TOTAL (10×) is not this
