@@ -52,6 +52,18 @@ def all_hold(stages: list[str] | tuple[str, ...], running: str, root: Path = Pat
     return held
 
 
+def trained_under_these_params(made: str, running: str, root: Path = Path(".")) -> bool:
+    """Whether `made` (the generator) is the output dvc.lock records for the stage that makes it,
+    and that stage's entry still matches dvc.yaml and params.yaml, as do those of the stages before
+    it: only `made` itself is read (its md5), no folder."""
+    check = _checker(running, root)
+    maker = check and check.maker.get(made)
+    if not maker or not check.plausible(maker):
+        return False
+    recorded = next(o.get("md5") for o in check.locked[maker]["outs"] if o["path"] == made)
+    return recorded is not None and _md5(root / made, check.known) == recorded
+
+
 def _checker(running: str, root: Path) -> _Checker | None:
     try:
         pipeline, lock = read_yaml(root / "dvc.yaml"), read_yaml(root / "dvc.lock")

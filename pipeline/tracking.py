@@ -44,7 +44,7 @@ import pandas as pd
 from pipeline.errors import FULL_DISK, PipelineError, existing_folder
 from pipeline.files import main_repo, under_main_repo, write_json
 from pipeline.params import Params, flatten
-from pipeline.stage_results import all_hold, held_results, later_stages
+from pipeline.stage_results import all_hold, held_results, later_stages, trained_under_these_params
 
 EXPERIMENT = "monet-cyclegan"
 MODEL_NAME = "photo2monet"  # the generator as an MLflow model: runs:/<run id>/photo2monet
@@ -488,9 +488,12 @@ def complete_row_if_rest_holds(params: Params, generator_path: Path, stage: str,
     hold the results of all of them under these params: DVC then restores them from its run-cache
     (it ran them before on these inputs), which the lock cannot tell (after `git checkout
     params.yaml` it is the last experiment's); a stage of them that does run logs its own results
-    over the copies. Otherwise (other JPEGs, say) they run and make the row."""
-    if all_hold(later, stage) or (not _row_made(params, generator_path) and _all_in_earlier_rows(
-            params, generator_path, stage, later)):
+    over the copies. Otherwise (other JPEGs, say) they run and make the row. Never for a generator
+    that dvc.lock does not record as trained under these params (`dvc repro -s generate` after a
+    change of train's params): the row would claim params its weights did not learn under."""
+    if all_hold(later, stage) or (not _row_made(params, generator_path)
+                                  and trained_under_these_params(str(generator_path), stage)
+                                  and _all_in_earlier_rows(params, generator_path, stage, later)):
         with open_run(params, generator_path, stage, shards, manifest):
             pass
         print(report(stage))
@@ -561,9 +564,11 @@ def failure_marks_row(params: Params, generator_path: Path, stage: str):
 
 def _succeeded_for(row, stage: str) -> bool:
     """Whether `row` holds `stage`'s results (generate logs nothing of its own: the results of the
-    stages that read its JPEGs say it succeeded)."""
-    proof = ("evaluate.", "package.") if stage == "generate" else (f"{stage}.",)
-    return any(k.startswith(proof) for k in row.data.metrics)
+    stages that read its JPEGs say it succeeded), its own: results copied from another row
+    (`evaluate.results_from`) say nothing of this execution's stage."""
+    proof = ("evaluate", "package") if stage == "generate" else (stage,)
+    return any(k.startswith(f"{name}.") and f"{name}.results_from" not in row.data.tags
+               for k in row.data.metrics for name in proof)
 
 
 @contextlib.contextmanager

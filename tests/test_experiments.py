@@ -864,3 +864,22 @@ def test_results_a_stage_logs_itself_drop_the_row_they_were_copied_from(store, t
         pass
     tags = rows(tmp_path)[run.info.run_id]["tags"]
     assert "evaluate.results_from" not in tags and tags["package.results_from"] == "an-earlier-row"
+
+
+def test_a_stage_stopped_in_a_row_whose_results_of_it_are_copies_marks_it_killed(store, tmp_path):
+    # generate filled the row from an earlier one; evaluate then ran for real and was interrupted,
+    # and the copied scores passed for its own: the row stayed FINISHED
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    manifest, generator = store
+    p = parse({"train": {"lr": 4e-5}})
+    with tracking.start_training(p, manifest, None) as run:
+        tracking.finish_training(p, generator)
+        mlflow.log_metrics({"evaluate.fid": 1.0, "package.images": 24})
+        mlflow.set_tags({"evaluate.results_from": "an-earlier-row", "package.results_from": "an-earlier-row"})
+    with pytest.raises(KeyboardInterrupt), tracking.failure_marks_row(p, generator, "evaluate"):
+        raise KeyboardInterrupt
+    assert rows(tmp_path)[run.info.run_id]["status"] == "KILLED"

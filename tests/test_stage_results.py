@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from pipeline.stage_results import held_results, later_stages
+from pipeline.stage_results import held_results, later_stages, trained_under_these_params
 
 PIPELINE = {"stages": {
     "a": {"cmd": "python a.py", "deps": ["a.py"], "params": ["seed", "a"],
@@ -57,6 +57,20 @@ def ws(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(_lock(tmp_path)))
     return tmp_path
+
+
+def test_an_output_made_under_these_params_is_told_from_one_made_under_others(ws):
+    # `dvc repro -s generate` after a change of train's params: generate made a row that claimed
+    # params the generator was not trained under
+    assert trained_under_these_params("out_b.bin", "c", ws)
+    (ws / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "b": {"lr": 0.1, "other": 1}}))  # b's param
+    assert not trained_under_these_params("out_b.bin", "c", ws)
+    (ws / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "a": {"n": 4}}))  # a param of the stage before b
+    assert not trained_under_these_params("out_b.bin", "c", ws)
+    (ws / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    (ws / "out_b.bin").write_text("other weights\n")  # not the bytes the lock records
+    assert not trained_under_these_params("out_b.bin", "c", ws)
+    assert not trained_under_these_params("nobody-makes-this", "c", ws)
 
 
 def test_every_other_stage_holds_after_a_full_run(ws):
