@@ -262,7 +262,10 @@ def from_folder(source: Path, raw: Path) -> dict[str, str]:
         found = tfrecord_files(source / folder)
         if not found:
             zips = sorted(f.name for f in source.glob("*.zip") if f.is_file())
+            packed = sorted(f.name for f in (source / folder).glob("*")
+                            if ".tfrec" in f.name.lower() and not f.name.startswith("._"))  # photo00.tfrec.gz
             hint = (f"; it holds {zips[0]}: give that zip as ingest.source" if zips
+                    else f"; it holds {packed[0]}, not a TFRecord by its name: decompress it first" if packed
                     else _jpeg_copies_hint(d.name for d in [*source.glob("*"), *source.glob("*/*")] if d.is_dir())
                     or f" (is this the {COMPETITION} folder?)")
             raise DataError(f"{source / folder}: no .tfrec files{hint}")

@@ -70,7 +70,8 @@ def _not_plain(start: bytes) -> str:
 def verify(path: str | Path, label: str | None = None) -> int:
     """Check framing and both masked CRC32Cs of every record, one record in memory at a time;
     returns the record count. A length the rest of the file cannot hold, or above MAX_RECORD,
-    is refused before anything is read. Errors name the file as `label` (default: its path)."""
+    is refused before anything is read; so is a file of no record. Errors name the file as `label`
+    (default: its path)."""
     path = Path(path)
     label = label or str(path)
     size, pos, count = path.stat().st_size, 0, 0
@@ -94,6 +95,10 @@ def verify(path: str | Path, label: str | None = None) -> int:
             if crc != TFRecordWriter.masked_crc(body):
                 raise DataError(f"{where}: data checksum mismatch (corrupt file)")
             pos, count = pos + 16 + length, count + 1
+    # a copy cut short at a record's end has whole checksums, and the count in a file's name
+    # (photo00-352.tfrec) is a convention, not a promise; an empty file is a broken copy at least
+    if count == 0:
+        raise DataError(f"{label}: holds no record (an empty file, or a copy cut short: copy it again)")
     return count
 
 

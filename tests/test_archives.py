@@ -349,3 +349,22 @@ def test_a_tfrecord_folder_it_may_not_read_is_not_called_empty(tmp_path, good, m
     monkeypatch.setattr(Path, "iterdir", refused)
     with pytest.raises(PermissionError):
         _ingest(tmp_path, comp)
+
+
+def test_an_empty_tfrecord_is_refused_not_read_as_no_images(tmp_path, good):
+    # a copy cut short at a record's end (here: before its first) has no bad checksum to find, and
+    # its photos were missing without a word: the stage went on with the others
+    empty = {**good, "photo_tfrec/photo01-352.tfrec": b""}
+    for source in (_folder(tmp_path / "comp", empty), _zip(tmp_path / "empty.zip", empty)):
+        _refused(tmp_path / f"out-{source.name}", source,
+                 r"photo_tfrec/photo01-352.tfrec'?: holds no record \(an empty file, or a copy cut short")
+
+
+def test_a_compressed_tfrecord_folder_is_told_to_decompress(tmp_path, good):
+    import gzip
+
+    packed = {**good, "photo_tfrec/photo00-2.tfrec.gz": gzip.compress(good["photo_tfrec/photo00-2.tfrec"])}
+    del packed["photo_tfrec/photo00-2.tfrec"]
+    comp = _folder(tmp_path / "comp", packed)
+    _refused(tmp_path, comp, re.escape(f"{comp / 'photo_tfrec'}: no .tfrec files; it holds photo00-2.tfrec.gz, "
+                                       "not a TFRecord by its name: decompress it first"))
