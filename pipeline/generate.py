@@ -41,6 +41,8 @@ def write_jpegs(folder: Path, names: list[str], paintings: torch.Tensor, quality
 def generate(shards_dir: Path, manifest_path: Path, generator_path: Path, out: Path, device_name: str,
              precision: str, batch_size: int, quality: int) -> int:
     device = pick_device(device_name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # batches of one shape: pick the fastest convolutions once
     ctx = autocast(device, autocast_dtype(precision, device))
     net, config = generator_file.load(generator_path, device)
     manifest = shards.read_manifest(manifest_path)
