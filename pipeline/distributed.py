@@ -166,7 +166,10 @@ def wrap(net: nn.Module, world: World, device: torch.device) -> nn.Module:
     """DistributedDataParallel around `net` when there are several processes; `net` itself otherwise."""
     if world.size == 1:
         return net
-    return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    # no buffer changes in training (the resize taps are constants, InstanceNorm keeps no running
+    # statistics): nothing to send from rank 0 before each forward
+    return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
 
 
 def gather(obj: object, world: World) -> list:
