@@ -13,6 +13,7 @@ import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Iterator
 
 from pipeline.errors import PipelineError
@@ -28,6 +29,25 @@ def die_with_parent(parent: int | None = None) -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if parent is not None and os.getppid() != parent:
         os._exit(1)
+
+
+def dvc_execution() -> str | None:
+    """The DVC command this stage runs under, as '<pid>:<start time>' of the nearest ancestor
+    process running dvc (DVC names no execution to its stages, and a pid alone is reused), so the
+    stages of one `dvc repro` can tell each other from a later command; None when run by hand, or
+    where there is no /proc."""
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        if any(os.path.basename(arg) == b"dvc" for arg in argv[:3]):  # dvc, python .../dvc, python -m dvc
+            return f"{pid}:{fields[19]}"  # stat's 22nd field: the start, in clock ticks after boot
+        pid = int(fields[1])
+    return None
 
 
 def _pool_worker(parent: int) -> None:

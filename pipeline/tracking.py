@@ -44,6 +44,7 @@ import pandas as pd
 from pipeline.errors import FULL_DISK, PipelineError, existing_folder
 from pipeline.files import main_repo, under_main_repo, write_json
 from pipeline.params import Params, flatten
+from pipeline.processes import dvc_execution
 from pipeline.stage_results import all_hold, held_results, later_stages, trained_under_these_params
 
 EXPERIMENT = "monet-cyclegan"
@@ -455,7 +456,11 @@ def open_run(params: Params, generator_path: Path, stage: str, shards: Path, man
             # generate reproduces the locked JPEGs and DVC skips evaluate (its metrics are in git)
             # a forced rerun (`dvc repro -f -s evaluate`) on a row that holds this stage's results:
             # if its logging fails, the row stays as it was (those results still stand)
-            kept = found.info.end_time if found.info.status == "FINISHED" and _succeeded_for(found, stage) else None
+            # (not a later stage of the execution that filled it: `dvc repro -f` reruns them all, and
+            # train copied their results in when the lock said they held)
+            ours = _filled_in_this_execution(key)
+            kept = (found.info.end_time if found.info.status == "FINISHED" and _succeeded_for(found, stage)
+                    and not ours else None)
             run = mlflow.start_run(run_id=found.info.run_id)
             if f"{stage}.results_from" in found.data.tags:  # its own results follow: not another row's any more
                 mlflow.MlflowClient().delete_tag(run.info.run_id, f"{stage}.results_from")
@@ -465,8 +470,9 @@ def open_run(params: Params, generator_path: Path, stage: str, shards: Path, man
                                        found.data.tags.get(GENERATOR_TAG) or generator_sha(generator_path))
             # a forced rerun (`dvc repro -f -s package`) of a row that is complete already: the row is
             # the execution that made it, and keeps its duration
-            complete = found.info.status == "FINISHED" and any(k.startswith("package.") for k in found.data.metrics)
-            _note_row(key)
+            complete = (found.info.status == "FINISHED" and any(k.startswith("package.") for k in found.data.metrics)
+                        and not ours)
+            _note_row(key, this_execution=not complete)  # a later rerun's stages after this one keep it too
             return _active(run, keep_end_time=found.info.end_time if complete else None, kept_if_failed=kept)
         sha = generator_sha(generator_path)
         run = _new_run(mlflow, exp_id, params, manifest, {"pipeline_key": key, GENERATOR_TAG: sha})
@@ -519,22 +525,39 @@ def _row_note(key: str) -> dict:
     return {"store": tracking_uri(), "experiment": os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT), "key": key}
 
 
-def _note_row(key: str) -> None:
+def _note_row(key: str, this_execution: bool = True) -> None:
+    """Note the row a stage logs into, and with `this_execution` that the DVC command it runs under
+    spans it (made it, or extends its end), so the stages after it in that command do too."""
     # a note to spare MLflow's import: a read-only checkout (or a file named .cache) goes without
     with contextlib.suppress(OSError, PipelineError):
-        write_json(ROW_NOTE, _row_note(key))
+        write_json(ROW_NOTE, {**_row_note(key), "execution": dvc_execution() if this_execution else None})
+
+
+def _read_note() -> dict:
+    try:
+        note = json.loads(ROW_NOTE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return note if isinstance(note, dict) else {}
+
+
+def _filled_in_this_execution(key: str) -> bool:
+    """Whether the DVC command this stage runs under spans the row of `key`: a stage of it before
+    this one made the row or extended it (by hand, with no DVC command to tell, never)."""
+    note, execution = _read_note(), dvc_execution()
+    return execution is not None and note.get("execution") == execution and _notes_row(note, key)
+
+
+def _notes_row(note: dict, key: str) -> bool:
+    return {k: note.get(k) for k in ("store", "experiment", "key")} == _row_note(key)
 
 
 def _row_made(params: Params, generator_path: Path) -> bool:
     """Whether a stage made or filled the row of these params and generator in this store (train,
     when it ran in this execution), read from the note the stages leave in .cache/: loading MLflow
     to look costs generate 1.5 s, 1% of a first `dvc repro`."""
-    try:
-        note = json.loads(ROW_NOTE.read_text())
-    except (OSError, ValueError):
-        return False
     store = sqlite_file(tracking_uri())
-    return (store is None or store.exists()) and note == _row_note(run_key(params, generator_path))
+    return (store is None or store.exists()) and _notes_row(_read_note(), run_key(params, generator_path))
 
 
 @contextlib.contextmanager
@@ -550,12 +573,14 @@ def failure_marks_row(params: Params, generator_path: Path, stage: str):
             mlflow = _mlflow()
             with _serialized():
                 exp = _existing_experiment(mlflow)
-                found = exp and _row_by_key(mlflow, exp.experiment_id, run_key(params, generator_path))
+                key = run_key(params, generator_path)
+                found = exp and _row_by_key(mlflow, exp.experiment_id, key)
                 # a row with this stage's results already in it is found by a forced rerun (`dvc repro
                 # -f -s evaluate`): those results still stand, and DVC restores them from its run-cache
                 # afterwards, with no stage run to mend the row
                 # (generate logs nothing of its own: the results of the stages that read its JPEGs say it)
-                if found and not _succeeded_for(found, stage):
+                # (unless a stage of this very command filled them in: `dvc repro -f` that fails)
+                if found and (not _succeeded_for(found, stage) or _filled_in_this_execution(key)):
                     mlflow.MlflowClient().set_terminated(found.info.run_id, _failed_as(e))
         except Exception:  # the stage's own error is the line to show, not a second one about the store
             pass

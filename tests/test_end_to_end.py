@@ -220,6 +220,11 @@ def test_a_retraining_to_weights_made_before_gets_the_restored_stages_results_in
     # new row, which held train's alone
     root, env, _ = reproduced
     dvc(root, env, "repro", "-f")  # every stage runs: each in DVC's run-cache (another test empties it)
+    # its row spans them all: train copied in the later stages' results (the lock said they held),
+    # and the stages after it, forced all the same, had kept the row's end at training's
+    forced = max(rows(root).values(), key=lambda row: row["end_time"])
+    assert forced["status"] == "FINISHED"
+    assert forced["end_time"] / 1000 >= (root / "metrics/package.json").stat().st_mtime
     params = yaml.safe_load((root / "params.yaml").read_text())
     scores = json.loads((root / "metrics/evaluate.json").read_text())
     set_params(root, {"lambda_identity": params["lambda_identity"] + 0.25})

@@ -19,7 +19,7 @@ import readme_recipes
 import torch
 from workspace import TINY, assert_complete, dvc, make_repo, new_rows, rows, run, start_queue
 
-from pipeline.errors import PipelineError
+from pipeline.errors import DataError, PipelineError
 
 WAIT = 180  # seconds a server gets to come up
 
@@ -376,6 +376,64 @@ def test_a_forced_rerun_keeps_the_duration_of_a_complete_row(store, tmp_path, mo
         ends.append(rows(tmp_path)[run.info.run_id]["end_time"])
     assert ends[0] < ends[1] == ends[2] == ends[3]
     assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"]
+
+
+def test_the_stages_of_one_forced_repro_extend_and_fail_the_row(store, tmp_path, monkeypatch):
+    # `dvc repro -f`: train copies in the results of the stages after it that the lock says still
+    # hold, so the row was complete when training ended, and evaluate and package, forced to run all
+    # the same, took themselves for a later rerun: the row kept training's end (its duration 3 s of
+    # a 43 s execution), and a failure of theirs left it FINISHED
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    manifest, generator = store
+    p = parse({"train": {"lr": 1e-5}})
+    (tmp_path / "evaluate.json").write_text('{"fid": 1.5}')
+    (tmp_path / "package.json").write_text('{"images": 7028}')
+
+    def execution(name, stages):
+        monkeypatch.setattr(tracking, "dvc_execution", lambda: name)
+        ends = []
+        for stage in stages:
+            time.sleep(0.05)
+            with tracking.open_run(p, generator, stage, tmp_path, manifest):
+                tracking.log_metrics_file(tmp_path / f"{stage}.json")
+            ends.append(rows(tmp_path)[run.info.run_id]["end_time"])
+        return ends
+
+    monkeypatch.setattr(tracking, "dvc_execution", lambda: "41:1000")
+    with tracking.start_training(p, manifest, None) as run:
+        tracking.finish_training(p, generator)
+    first = execution("41:1000", ["evaluate", "package"])
+    again = execution("41:1000", ["evaluate", "package"])  # complete already, in the same command
+    assert first[0] < first[1] < again[0] < again[1]
+    later = execution("57:2000", ["evaluate", "package"])  # `dvc repro -f --downstream evaluate` later
+    assert later == [again[1]] * 2
+    with pytest.raises(DataError), tracking.failure_marks_row(p, generator, "evaluate"):
+        raise DataError("a later forced rerun fails: the row's results still stand")
+    assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"]
+    # a stage of the command that made the row fails after the row was complete: so did the command
+    p = parse({"train": {"lr": 2e-5}})
+    monkeypatch.setattr(tracking, "dvc_execution", lambda: "63:3000")
+    with tracking.start_training(p, manifest, None) as run:
+        tracking.finish_training(p, generator)
+    execution("63:3000", ["evaluate", "package"])
+    with pytest.raises(DataError), tracking.failure_marks_row(p, generator, "package"):
+        raise DataError("package, forced in the same dvc repro -f")
+    assert rows(tmp_path)[run.info.run_id]["status"] == "FAILED"
+
+
+def test_a_stage_under_dvc_knows_the_command_it_runs_under(tmp_path):
+    from pipeline import processes
+
+    assert processes.dvc_execution() is None  # by hand (pytest is no dvc)
+    fake = tmp_path / "dvc"  # a program named dvc that runs a stage through the shell, as DVC does
+    fake.write_text("import subprocess, sys\nfor _ in range(2):\n    subprocess.run(['sh', '-c', sys.argv[1]], check=True)\n")
+    probe = f"{sys.executable} -c 'from pipeline import processes; print(processes.dvc_execution())'"
+    ids = [subprocess.run([sys.executable, str(fake), probe], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).parents[1]).stdout.split() for _ in range(2)]
+    assert ids[0][0] == ids[0][1] != ids[1][0] == ids[1][1]  # one id per command, the same for its stages
+    assert re.fullmatch(r"\d+:\d+", ids[0][0])
 
 
 def test_a_full_disk_under_the_store_is_one_line_naming_it(store, tmp_path, monkeypatch):
