@@ -587,6 +587,30 @@ def test_logged_model_loads_back_and_translates(reproduced, tmp_path):
         model.predict(batch.astype(np.float32))  # the signature or the model refuses it, by name
 
 
+def test_the_logged_model_runs_its_own_code_whatever_pipeline_the_caller_imported(reproduced, tmp_path):
+    # MLflow puts the model's code first on sys.path, but a module imported before under the same
+    # name wins: a caller's own pipeline.py broke load_model (ImportError: cannot import name
+    # 'generator_file'), and a process that had imported this repository's ran its code instead
+    root, _ = reproduced
+    run_id, _ = the_row(root)
+    (tmp_path / "pipeline.py").write_text("def run():\n    return 'mine'\n")
+    batch = photos(root, 2)
+    np.save(tmp_path / "photos.npy", batch)
+    script = f"""
+import sys
+import mlflow, numpy as np
+import pipeline
+mlflow.set_tracking_uri({f"sqlite:///{root / 'mlflow.db'}"!r})
+model = mlflow.pyfunc.load_model('runs:/{run_id}/photo2monet', dst_path={str(tmp_path / 'model')!r})
+np.save('out.npy', model.predict(np.load('photos.npy')))
+assert sys.modules['pipeline'] is pipeline and pipeline.run() == 'mine'
+print(sorted(name for name in sys.modules if name.startswith('pipeline')))
+"""
+    done = run([sys.executable, "-c", script], cwd=tmp_path, env=dict(os.environ))
+    assert done.stdout.split()[-1] == "['pipeline']"  # the model's modules went with the load
+    assert np.array_equal(np.load(tmp_path / "out.npy"), expected_paintings(root, batch))
+
+
 def test_logging_the_model_prints_no_warning_nor_progress_of_mlflows_own_check(reproduced):
     root, _ = reproduced
     out = (root.parent / "repro.out").read_text()
