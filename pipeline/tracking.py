@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.errors import FULL_DISK, PipelineError, existing_folder
+from pipeline.errors import FULL_DISK, PipelineError, existing_folder, signals_deferred
 from pipeline.files import main_repo, under_main_repo, write_json
 from pipeline.params import Params, flatten
 from pipeline.processes import dvc_execution
@@ -329,8 +329,7 @@ def _failed_as(e: BaseException) -> str:
 @contextlib.contextmanager
 def _failing_ends(mlflow, keep_end_time: int | None = None):
     """Around work on the active row: an error ends the row FAILED (KILLED on ^C), under the store's
-    lock, instead of leaving it for MLflow to close FINISHED when the process exits. Also around
-    the logging that fills a row just started or resumed, before _active holds it. With
+    lock, instead of leaving it for MLflow to close FINISHED when the process exits. With
     `keep_end_time` (a row that holds this stage's results, logged into again by a forced rerun)
     it ends FINISHED then, as it was. A full store that cannot take even that leaves the row as it
     is: the stage's own error is the line to show."""
@@ -359,15 +358,29 @@ def logged_params(params: Params) -> dict[str, str]:
     return {key: shown(value) for key, value in flatten(params).items()}
 
 
-def _new_run(mlflow, exp_id: str, params: Params, manifest: Path, tags: dict[str, str]):
-    run = mlflow.start_run(experiment_id=exp_id, run_name=run_name(),
-                           tags={**tags, "dvc_exp_name": _exp_name()})
-    with _failing_ends(mlflow):
-        mlflow.log_params(logged_params(params))
-        log_dataset(params, manifest)
+def _open(mlflow, stack: contextlib.ExitStack, run_id: str | None = None, exp_id: str | None = None,
+          tags: dict[str, str] | None = None, **ending):
+    """Resume the row `run_id`, or start a new one in `exp_id` with `tags`, and put it in _active's
+    charge (`ending`: its keyword arguments) on `stack`. MLflow marks a row RUNNING as it opens it:
+    a SIGTERM or Ctrl-C before _active held it left the row RUNNING for good (a FINISHED one too),
+    so they wait until it does."""
+    with signals_deferred():
+        if run_id is not None:
+            run = mlflow.start_run(run_id=run_id)
+        else:
+            run = mlflow.start_run(experiment_id=exp_id, run_name=run_name(),
+                                   tags={**(tags or {}), "dvc_exp_name": _exp_name()})
+        stack.enter_context(_active(run, **ending))
     return run
 
 
+def _log_params_and_data(params: Params, manifest: Path) -> None:
+    mlflow = _mlflow()
+    mlflow.log_params(logged_params(params))
+    log_dataset(params, manifest)
+
+
+@contextlib.contextmanager
 def start_training(params: Params, manifest: Path, resumed_row: str | None):
     """`train`, before its first step: this execution's row, to use as a context around training.
     A training that was killed (or failed) and is run again resumes its row, renamed after the
@@ -378,19 +391,22 @@ def start_training(params: Params, manifest: Path, resumed_row: str | None):
     folder of its own) makes its own row, and never takes over another execution's unfinished one.
     (The stage has called check_store before loading the data.)"""
     mlflow = _mlflow()
-    with _serialized():
-        exp_id = _experiment_id(mlflow)
-        key = params_key(params)
-        if resumed_row is not None:
-            unfinished = [r for r in mlflow.search_runs([exp_id], filter_string=f"tags.training_of = '{key}'",
-                                                        output_format="list")
-                          if _training_unfinished(r) and r.info.run_id == (resumed_row or r.info.run_id)]
+    with contextlib.ExitStack() as stack:
+        with _serialized():
+            exp_id = _experiment_id(mlflow)
+            key = params_key(params)
+            unfinished = [] if resumed_row is None else [
+                r for r in mlflow.search_runs([exp_id], filter_string=f"tags.training_of = '{key}'",
+                                              output_format="list")
+                if _training_unfinished(r) and r.info.run_id == (resumed_row or r.info.run_id)]
             if unfinished:
-                run = mlflow.start_run(run_id=unfinished[0].info.run_id)
+                run = _open(mlflow, stack, run_id=unfinished[0].info.run_id)
                 mlflow.MlflowClient().update_run(run.info.run_id, name=run_name())
                 mlflow.set_tag("dvc_exp_name", _exp_name())
-                return _active(run)
-        return _active(_new_run(mlflow, exp_id, params, manifest, {"training_of": key}))
+            else:
+                run = _open(mlflow, stack, exp_id=exp_id, tags={"training_of": key})
+                _log_params_and_data(params, manifest)
+        yield run
 
 
 def _existing_experiment(mlflow):
@@ -442,46 +458,49 @@ def finish_training(params: Params, generator_path: Path) -> None:
         _copy_restored_results("train", params, generator_path, sha)
 
 
+@contextlib.contextmanager
 def open_run(params: Params, generator_path: Path, stage: str, shards: Path, manifest: Path):
     """`evaluate`, `package` (and `generate`, below): the row of this execution, found by its key,
     else a new one with every param, the data set, the generator as a model; either way with the
-    results of the other stages that still hold and are not in it yet."""
+    results of the other stages that still hold and are not in it yet. A context around the
+    stage's logging into it."""
     mlflow = _mlflow()
-    with _serialized():
-        exp_id = _experiment_id(mlflow)
-        key = run_key(params, generator_path)
-        found = _row_by_key(mlflow, exp_id, key)
-        if found:
-            # a stage DVC skipped after train made the row is not in it: in a fresh clone, say,
-            # generate reproduces the locked JPEGs and DVC skips evaluate (its metrics are in git)
-            # a forced rerun (`dvc repro -f -s evaluate`) on a row that holds this stage's results:
-            # if its logging fails, the row stays as it was (those results still stand)
-            # (not a later stage of the execution that filled it: `dvc repro -f` reruns them all, and
-            # train copied their results in when the lock said they held)
-            ours = _filled_in_this_execution(key)
-            kept = (found.info.end_time if found.info.status == "FINISHED" and _succeeded_for(found, stage)
-                    and not ours else None)
-            run = mlflow.start_run(run_id=found.info.run_id)
-            if f"{stage}.results_from" in found.data.tags:  # its own results follow: not another row's any more
-                mlflow.MlflowClient().delete_tag(run.info.run_id, f"{stage}.results_from")
-            with _failing_ends(mlflow, kept):
+    with contextlib.ExitStack() as stack:
+        with _serialized():
+            exp_id = _experiment_id(mlflow)
+            key = run_key(params, generator_path)
+            found = _row_by_key(mlflow, exp_id, key)
+            if found:
+                # a stage DVC skipped after train made the row is not in it: in a fresh clone, say,
+                # generate reproduces the locked JPEGs and DVC skips evaluate (its metrics are in git)
+                # a forced rerun (`dvc repro -f -s evaluate`) on a row that holds this stage's results:
+                # if its logging fails, the row stays as it was (those results still stand)
+                # (not a later stage of the execution that filled it: `dvc repro -f` reruns them all,
+                # and train copied their results in when the lock said they held)
+                ours = _filled_in_this_execution(key)
+                kept = (found.info.end_time if found.info.status == "FINISHED" and _succeeded_for(found, stage)
+                        and not ours else None)
+                # a forced rerun (`dvc repro -f -s package`) of a row that is complete already: the row
+                # is the execution that made it, and keeps its duration
+                complete = (found.info.status == "FINISHED" and not ours
+                            and any(k.startswith("package.") for k in found.data.metrics))
+                run = _open(mlflow, stack, run_id=found.info.run_id,
+                            keep_end_time=found.info.end_time if complete else None, kept_if_failed=kept)
+                if f"{stage}.results_from" in found.data.tags:  # its own results follow: not another row's any more
+                    mlflow.MlflowClient().delete_tag(run.info.run_id, f"{stage}.results_from")
                 _copy_held_results(stage, logged=found.data.metrics)
                 _copy_restored_results(stage, params, generator_path,
                                        found.data.tags.get(GENERATOR_TAG) or generator_sha(generator_path))
-            # a forced rerun (`dvc repro -f -s package`) of a row that is complete already: the row is
-            # the execution that made it, and keeps its duration
-            complete = (found.info.status == "FINISHED" and any(k.startswith("package.") for k in found.data.metrics)
-                        and not ours)
-            _note_row(key, this_execution=not complete)  # a later rerun's stages after this one keep it too
-            return _active(run, keep_end_time=found.info.end_time if complete else None, kept_if_failed=kept)
-        sha = generator_sha(generator_path)
-        run = _new_run(mlflow, exp_id, params, manifest, {"pipeline_key": key, GENERATOR_TAG: sha})
-        with _failing_ends(mlflow):
-            log_generator_model(generator_path, shards, manifest, params.precision)
-            _copy_held_results(stage)
-            _copy_restored_results(stage, params, generator_path, sha)
-        _note_row(key)
-        return _active(run)
+                _note_row(key, this_execution=not complete)  # a later rerun's stages after this one keep it too
+            else:
+                sha = generator_sha(generator_path)
+                run = _open(mlflow, stack, exp_id=exp_id, tags={"pipeline_key": key, GENERATOR_TAG: sha})
+                _log_params_and_data(params, manifest)
+                log_generator_model(generator_path, shards, manifest, params.precision)
+                _copy_held_results(stage)
+                _copy_restored_results(stage, params, generator_path, sha)
+                _note_row(key)
+        yield run
 
 
 def complete_row_if_rest_holds(params: Params, generator_path: Path, stage: str, later: tuple[str, ...],

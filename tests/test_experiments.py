@@ -423,6 +423,70 @@ def test_the_stages_of_one_forced_repro_extend_and_fail_the_row(store, tmp_path,
     assert rows(tmp_path)[run.info.run_id]["status"] == "FAILED"
 
 
+def test_a_sigterm_as_mlflow_opens_the_row_ends_it_as_any_other(store, tmp_path, monkeypatch):
+    # MLflow marks the row RUNNING inside start_run; a SIGTERM there, before the stage had charge
+    # of ending the row, left it RUNNING for good: a new training's row, and a FINISHED row that a
+    # forced rerun opened (found by sending the signal the moment the row turned RUNNING)
+    import signal
+
+    import mlflow
+
+    from pipeline import errors, tracking
+    from pipeline.params import parse
+
+    manifest, generator = store
+    p = parse({"train": {"lr": 1e-5}})
+    start_run = mlflow.start_run
+
+    def then_sigterm(*args, **kwargs):
+        run = start_run(*args, **kwargs)
+        signal.raise_signal(signal.SIGTERM)  # delivered here, as it would be inside start_run
+        return run
+
+    previous = signal.signal(signal.SIGTERM, errors._stop)  # as a stage's errors.cli sets it
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(mlflow, "start_run", then_sigterm)
+            with pytest.raises(errors.Stopped), tracking.start_training(p, manifest, None):
+                pass
+        assert [r["status"] for r in rows(tmp_path).values()] == ["KILLED"]
+        with tracking.start_training(p, manifest, ""):  # resumes the killed row
+            tracking.finish_training(p, generator)
+        for stage in ("evaluate", "package"):
+            (tmp_path / f"{stage}.json").write_text('{"n": 1}')
+            with tracking.open_run(p, generator, stage, tmp_path, manifest):
+                tracking.log_metrics_file(tmp_path / f"{stage}.json")
+        (before,) = rows(tmp_path).values()
+        with monkeypatch.context() as m:  # `dvc repro -f -s package`, stopped as it opens the row
+            m.setattr(mlflow, "start_run", then_sigterm)
+            with pytest.raises(errors.Stopped), tracking.open_run(p, generator, "package", tmp_path, manifest):
+                pass
+        (after,) = rows(tmp_path).values()
+        assert (after["status"], after["end_time"]) == ("FINISHED", before["end_time"])
+        assert mlflow.active_run() is None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_signals_deferred_hold_a_sigterm_to_the_end_of_the_step():
+    import signal
+
+    from pipeline import errors
+
+    previous = signal.signal(signal.SIGTERM, errors._stop)
+    steps = []
+    try:
+        with pytest.raises(errors.Stopped):
+            with errors.signals_deferred():
+                signal.raise_signal(signal.SIGTERM)
+                steps.append("the rest of the step")
+            steps.append("after the step")
+        assert steps == ["the rest of the step"]
+        assert signal.getsignal(signal.SIGTERM) is errors._stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_stage_under_dvc_knows_the_command_it_runs_under(tmp_path):
     from pipeline import processes
 
@@ -558,8 +622,9 @@ def test_a_new_row_whose_filling_fails_ends_failed(store, tmp_path, monkeypatch)
     from pipeline.params import parse
 
     manifest, _ = store
-    with pytest.raises(Exception):  # no shard to take the model's input example from
-        tracking.open_run(parse({}), tmp_path / "g.pt", "evaluate", tmp_path / "no-shards", manifest)
+    with pytest.raises(Exception), tracking.open_run(parse({}), tmp_path / "g.pt", "evaluate",
+                                                     tmp_path / "no-shards", manifest):
+        pass  # no shard to take the model's input example from
     assert mlflow.active_run() is None
     assert [r["status"] for r in rows(tmp_path).values()] == ["FAILED"]
 
