@@ -48,6 +48,7 @@ from pipeline.processes import dvc_execution
 from pipeline.stage_results import all_hold, held_results, later_stages, trained_under_these_params
 
 EXPERIMENT = "monet-cyclegan"
+TRAINING_DONE = "training_done"  # the tag of a row whose training logged all it had to
 MODEL_NAME = "photo2monet"  # the generator as an MLflow model: runs:/<run id>/photo2monet
 KAGGLE_URL = "https://www.kaggle.com/competitions/gan-getting-started"
 # MLflow 3's UI opens an experiment on its GenAI pages unless the address asks for the training view
@@ -407,6 +408,8 @@ def start_training(params: Params, manifest: Path, resumed_row: str | None):
                 run = _open(mlflow, stack, exp_id=exp_id, tags={"training_of": key})
                 _log_params_and_data(params, manifest)
         yield run
+        with _serialized():  # its logging done: a later failure of evaluate or package does not reopen it
+            mlflow.set_tag(TRAINING_DONE, "true")
 
 
 def _existing_experiment(mlflow):
@@ -439,11 +442,11 @@ def end_lost_training(params: Params, error: BaseException) -> None:
 
 def _training_unfinished(row) -> bool:
     """A row whose training stopped before its results were logged: not keyed yet (finish_training),
-    or keyed and then stopped while logging the rest (not FINISHED, and no later stage's results)."""
+    or keyed and then stopped while logging the rest (not FINISHED, and not tagged TRAINING_DONE: the
+    later stages' results it holds may be copies finish_training made before it was stopped)."""
     if "pipeline_key" not in row.data.tags:
         return True
-    return row.info.status != "FINISHED" and not any(k.startswith(("evaluate.", "package."))
-                                                     for k in row.data.metrics)
+    return row.info.status != "FINISHED" and TRAINING_DONE not in row.data.tags
 
 
 def finish_training(params: Params, generator_path: Path) -> None:

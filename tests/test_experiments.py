@@ -192,6 +192,31 @@ def test_a_training_run_again_resumes_its_row_until_it_finishes(store, tmp_path,
     assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"] * 3
 
 
+def test_a_training_stopped_after_it_copied_later_results_in_resumes_its_row(store, tmp_path):
+    # finish_training copies in the results of the later stages that still hold (or that an earlier
+    # row of the same generator holds); stopped after that, the row was taken for one whose training
+    # had finished (it held evaluate's results), and the rerun made a second row
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    manifest, generator = store
+    p = parse({"train": {"lr": 1e-5}})
+    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, manifest, None) as first:
+        tracking.finish_training(p, generator)
+        tracking.log_metrics_file(_json(tmp_path / "evaluate.json", {"fid": 1.5}))  # as the copies are
+        raise KeyboardInterrupt  # while train logs the rest (its grid, its model)
+    with tracking.start_training(p, manifest, first.info.run_id) as again:
+        assert again.info.run_id == first.info.run_id
+        tracking.finish_training(p, generator)
+    (row,) = rows(tmp_path).values()
+    assert row["status"] == "FINISHED" and row["tags"][tracking.TRAINING_DONE] == "true"
+    # a row whose training was done and whose package then failed is not taken up again
+    with pytest.raises(DataError), tracking.failure_marks_row(p, generator, "package"):
+        raise DataError("package failed")
+    with tracking.start_training(p, manifest, first.info.run_id) as new:
+        assert new.info.run_id != first.info.run_id
+
+
 @pytest.mark.parametrize("uri, artifacts", [("sqlite:///team.db", "repo/mlartifacts"),
                                             ("sqlite:///{tmp}/elsewhere/team.db", "elsewhere/mlartifacts")])
 def test_a_temp_experiment_keeps_its_artifacts_with_any_sqlite_store(tmp_path, monkeypatch, uri, artifacts):
