@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import io
 import json
@@ -81,21 +80,29 @@ def _pid_space() -> str:
 PID_SPACE = _pid_space()
 
 
-def _temp_beside(path: Path) -> str:
-    """The prefix of a temp name beside `path` (hidden, with the writer's pid and PID_SPACE), after
-    removing the temp files and folders that earlier writers of `path` in this pid space left when
-    they were killed outright (kill -9, the OOM killer: no `finally` runs), which would pile up:
-    ingest's are 1.5 GB. Only those whose process is gone; a live writer's (a queue worker's feature
-    cache) stays, and so does any of another host or container (its pids are not ours to check)."""
-    beside = f".{path.name}."
-    for stale in path.parent.glob(f"{glob.escape(beside)}*.tmp"):
-        pid, _, writer_space = stale.name[len(beside):].partition("+")[0].partition("@")
-        if writer_space == PID_SPACE and pid.isdigit() and not _alive(int(pid)):
+# a temp name: `.<output's name>.<pid>@<PID_SPACE>+<random>.tmp` (PID_SPACE holds no '@' nor '+')
+_TEMP_NAME = re.compile(r"\..+\.(\d+)@([A-Za-z0-9._-]+)\+[^/]*\.tmp")
+
+
+def sweep_stale_temps(folder: Path) -> None:
+    """Remove the temp files and folders that writers in `folder` left when they were killed
+    outright (kill -9, the OOM killer: no `finally` runs), which would pile up: ingest's are 1.5 GB.
+    Only those whose process is gone; a live writer's (a queue worker's feature cache) stays, and
+    so does any of another host or container (its pids are not ours to check)."""
+    for stale in folder.glob(".*.tmp"):
+        writer = _TEMP_NAME.fullmatch(stale.name)
+        if writer and writer[2] == PID_SPACE and not _alive(int(writer[1])):
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
-    return f"{beside}{os.getpid()}@{PID_SPACE}+"
+
+
+def _temp_beside(path: Path) -> str:
+    """The prefix of a temp name beside `path` (hidden, with the writer's pid and PID_SPACE), after
+    sweeping the folder of what killed writers left."""
+    sweep_stale_temps(path.parent)
+    return f".{path.name}.{os.getpid()}@{PID_SPACE}+"
 
 
 @contextlib.contextmanager
@@ -208,6 +215,10 @@ def check_outputs(stage: str, files: dict[str, Path], folders: dict[str, Path] |
     output holding the other's bytes). Found after the work, it was a traceback and the work lost."""
     folders = folders or {}
     seen: dict[Path, str] = {}
+    # what a killed run of any stage left beside these outputs: DVC restores its outputs from its
+    # cache without running it, so its own next write, which would sweep them, may never come
+    for folder in {path.parent for path in {**files, **folders}.values() if path.parent.is_dir()}:
+        sweep_stale_temps(folder)
     for flag, path in {**files, **folders}.items():
         if flag in files and path.is_dir():
             raise PipelineError(f"{stage}: --{flag} {path} is a folder; it names the file to write")

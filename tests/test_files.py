@@ -143,6 +143,24 @@ def test_what_a_writer_killed_outright_left_is_removed_by_the_next(tmp_path, rep
         live.wait()
 
 
+def test_what_a_writer_killed_outright_left_goes_with_any_stage_writing_beside_it(tmp_path, repo_root):
+    # DVC restores a killed stage's outputs from its cache without running it: its temps (ingest's
+    # 1.5 GB) stayed for good, gitignored and unseen, since only a next writer of the same output
+    # removed them. Any stage that checks an output in that folder, or writes one there, does now
+    from pipeline.files import check_outputs
+
+    data = tmp_path / "data"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(data / "shards"), str(data / "manifest.csv")],
+                            cwd=repo_root)
+    assert killed.returncode == -signal.SIGKILL and len(list(data.iterdir())) == 2
+    check_outputs("package", {"out": data / "images.zip"})
+    assert list(data.iterdir()) == []
+    subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(data / "generated"), str(data / "x.csv")],
+                   cwd=repo_root)
+    save_torch({"step": 1}, data / "other.pt")
+    assert [p.name for p in data.iterdir()] == ["other.pt"]
+
+
 _LIVE_WRITER = """
 import sys, time
 from pipeline.files import atomic_path
