@@ -1,7 +1,6 @@
 """User-facing errors and the one place that turns them into a single line and an exit code."""
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import os
@@ -10,7 +9,6 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Iterator
 
 
 class PipelineError(Exception):
@@ -37,27 +35,6 @@ class Stopped(KeyboardInterrupt):
 
 def _stop(signum, frame):
     raise Stopped
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Ctrl-C and SIGTERM held back during a step that must not be cut in two, then taken as they
-    would have been. Python runs signal handlers in the main thread only: elsewhere, and where a
-    handler is not Python's to set, there is nothing to hold."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    if threading.current_thread() is not threading.main_thread() or None in handlers.values():
-        yield
-        return
-    held: list[int] = []
-    for sig in handlers:
-        signal.signal(sig, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        if held:
-            signal.raise_signal(held[0])
 
 
 def brief(e: BaseException) -> str:

@@ -173,7 +173,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         old = path.with_name(f".{path.name}.old")
         # the swap and the old folder's removal (7,028 files: a second) as one step: a Ctrl-C or
         # SIGTERM in it waits until it is done, so none leaves the old folder beside the new one
-        with _signals_held():
+        with signals_held():
             shutil.rmtree(old, ignore_errors=True)
             if path.exists():
                 os.replace(path, old)
@@ -182,7 +182,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
+def signals_held() -> Iterator[None]:
     """SIGINT and SIGTERM taken as they would be only once the block is done (handlers can only be
     set in the main thread: elsewhere nothing is held). Not a signal mask: torch's threads would
     take the signal, and Python runs its handler in the main thread at once."""

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.errors import FULL_DISK, PipelineError, existing_folder, signals_deferred
-from pipeline.files import main_repo, under_main_repo, write_json
+from pipeline.errors import FULL_DISK, PipelineError, existing_folder
+from pipeline.files import main_repo, signals_held, under_main_repo, write_json
 from pipeline.params import Params, flatten
 from pipeline.processes import dvc_execution
 from pipeline.stage_results import all_hold, held_results, later_stages, trained_under_these_params
@@ -365,7 +365,7 @@ def _open(mlflow, stack: contextlib.ExitStack, run_id: str | None = None, exp_id
     charge (`ending`: its keyword arguments) on `stack`. MLflow marks a row RUNNING as it opens it:
     a SIGTERM or Ctrl-C before _active held it left the row RUNNING for good (a FINISHED one too),
     so they wait until it does."""
-    with signals_deferred():
+    with signals_held():
         if run_id is not None:
             run = mlflow.start_run(run_id=run_id)
         else:

@@ -493,16 +493,16 @@ def test_a_sigterm_as_mlflow_opens_the_row_ends_it_as_any_other(store, tmp_path,
         signal.signal(signal.SIGTERM, previous)
 
 
-def test_signals_deferred_hold_a_sigterm_to_the_end_of_the_step():
+def test_signals_held_hold_a_sigterm_to_the_end_of_the_step():
     import signal
 
-    from pipeline import errors
+    from pipeline import errors, files
 
     previous = signal.signal(signal.SIGTERM, errors._stop)
     steps = []
     try:
         with pytest.raises(errors.Stopped):
-            with errors.signals_deferred():
+            with files.signals_held():
                 signal.raise_signal(signal.SIGTERM)
                 steps.append("the rest of the step")
             steps.append("after the step")
