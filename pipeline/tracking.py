@@ -49,6 +49,9 @@ from pipeline.stage_results import all_hold, held_results, later_stages, trained
 
 EXPERIMENT = "monet-cyclegan"
 TRAINING_DONE = "training_done"  # the tag of a row whose training logged all it had to
+# the tag of a row a retraining made from a finished checkpoint, naming the row that checkpoint names
+# (the checkpoint is not rewritten, so the tag is how a rerun of that stopped retraining finds its row)
+RETRAINED_FROM = "retrained_from_row"
 MODEL_NAME = "photo2monet"  # the generator as an MLflow model: runs:/<run id>/photo2monet
 KAGGLE_URL = "https://www.kaggle.com/competitions/gan-getting-started"
 # MLflow 3's UI opens an experiment on its GenAI pages unless the address asks for the training view
@@ -387,7 +390,8 @@ def start_training(params: Params, manifest: Path, resumed_row: str | None):
     A training that was killed (or failed) and is run again resumes its row, renamed after the
     execution that resumes it (`dvc exp run -n NAME`). Only when the training itself resumes from
     its checkpoint, and only the row that checkpoint names (`resumed_row`; "" for a checkpoint
-    from before it named one: the newest unfinished row of these params): one that starts afresh
+    from before it named one: the newest unfinished row of these params), or, when that row's
+    training finished, the row a stopped retraining from it made: one that starts afresh
     (the checkpoint deleted, or a queued experiment of the same params training beside it in a
     folder of its own) makes its own row, and never takes over another execution's unfinished one.
     (The stage has called check_store before loading the data.)"""
@@ -399,13 +403,15 @@ def start_training(params: Params, manifest: Path, resumed_row: str | None):
             unfinished = [] if resumed_row is None else [
                 r for r in mlflow.search_runs([exp_id], filter_string=f"tags.training_of = '{key}'",
                                               output_format="list")
-                if _training_unfinished(r) and r.info.run_id == (resumed_row or r.info.run_id)]
+                if _training_unfinished(r) and (not resumed_row or resumed_row in (
+                    r.info.run_id, r.data.tags.get(RETRAINED_FROM)))]
             if unfinished:
                 run = _open(mlflow, stack, run_id=unfinished[0].info.run_id)
                 mlflow.MlflowClient().update_run(run.info.run_id, name=run_name())
                 mlflow.set_tag("dvc_exp_name", _exp_name())
-            else:
-                run = _open(mlflow, stack, exp_id=exp_id, tags={"training_of": key})
+            else:  # a checkpoint whose row finished is a retraining of it (`dvc repro -f`): a row of its own
+                tags = {"training_of": key, **({RETRAINED_FROM: resumed_row} if resumed_row else {})}
+                run = _open(mlflow, stack, exp_id=exp_id, tags=tags)
                 _log_params_and_data(params, manifest)
         yield run
         with _serialized():  # its logging done: a later failure of evaluate or package does not reopen it

@@ -217,6 +217,28 @@ def test_a_training_stopped_after_it_copied_later_results_in_resumes_its_row(sto
         assert new.info.run_id != first.info.run_id
 
 
+def test_a_stopped_retraining_of_a_finished_checkpoint_resumes_its_own_row(store, tmp_path):
+    # `dvc repro -f` with a finished checkpoint retrains 0 steps into a row of its own; the checkpoint
+    # still names the first row, so a rerun of that retraining after kill -9 (or ^C) made a third row
+    # and left the second RUNNING (KILLED) for good
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    manifest, generator = store
+    p = parse({"train": {"lr": 1e-5}})
+    with tracking.start_training(p, manifest, None) as first:
+        tracking.finish_training(p, generator)
+    with pytest.raises(KeyboardInterrupt), tracking.start_training(p, manifest, first.info.run_id) as retraining:
+        raise KeyboardInterrupt
+    assert retraining.info.run_id != first.info.run_id
+    with tracking.start_training(p, manifest, first.info.run_id) as again:
+        assert again.info.run_id == retraining.info.run_id
+        tracking.finish_training(p, generator)
+    with tracking.start_training(p, manifest, first.info.run_id) as next_one:  # that one finished: a new row
+        assert next_one.info.run_id not in (first.info.run_id, retraining.info.run_id)
+    assert [r["status"] for r in rows(tmp_path).values()] == ["FINISHED"] * 3
+
+
 @pytest.mark.parametrize("uri, artifacts", [("sqlite:///team.db", "repo/mlartifacts"),
                                             ("sqlite:///{tmp}/elsewhere/team.db", "elsewhere/mlartifacts")])
 def test_a_temp_experiment_keeps_its_artifacts_with_any_sqlite_store(tmp_path, monkeypatch, uri, artifacts):
