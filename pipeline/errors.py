@@ -53,8 +53,18 @@ def existing_folder(path: str | Path) -> Path | None:
 
 
 # what each stage's memory grows with: the line an out-of-memory error ends with
-MEMORY_PARAMS = {"train": "train.batch_size (per process), train.gen_filters, train.disc_filters or image_size",
-                 "generate": "generate.batch_size", "evaluate": "evaluate.batch_size"}
+MEMORY_PARAMS = {"train": "train.batch_size (per process), train.gen_filters, train.disc_filters, "
+                          "train.resnet_blocks or image_size",
+                 "generate": "generate.batch_size", "evaluate": "evaluate.batch_size or evaluate.kid_subsets"}
+
+
+def _size(count: float) -> str:
+    """Bytes as people read them: 28.6 GiB, 512.0 MiB (not '0.0 GiB' for many small allocations)."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
 
 
 def out_of_memory(e: BaseException) -> str | None:
@@ -64,10 +74,12 @@ def out_of_memory(e: BaseException) -> str | None:
     text = str(e)
     if isinstance(e, MemoryError):
         return ""
+    if isinstance(e, RuntimeError) and "Storage size calculation overflowed" in text:
+        return "it asked for more than a 64-bit size can count"  # sizes multiplied past 2**63 bytes
     if type(e).__name__ == "OutOfMemoryError" or (isinstance(e, RuntimeError) and "can't allocate memory" in text):
         cpu = re.search(r"tried to allocate (\d+) bytes", text)
         if cpu:
-            return f"it asked for {int(cpu[1]) / 2**30:.1f} GiB at once"
+            return f"it asked for {_size(int(cpu[1]))} at once"
         gpu = re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", text)
         return f"it asked the GPU for {gpu[1]} more" if gpu else ""
     return None

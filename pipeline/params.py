@@ -181,9 +181,9 @@ def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, key, f"is {value!r}; expected one of {', '.join(allowed)}")
 
 
-def _build(cls, raw: object, prefix: str):
+def _build(cls, raw: object, prefix: str, source: str = "params.yaml"):
     """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
-    where = prefix.rstrip(".") or "params.yaml"
+    where = prefix.rstrip(".") or source
     if not isinstance(raw, dict):
         raise ParamsError(f"params: '{where}' must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
@@ -208,6 +208,9 @@ def _coerce(value: object, kind: type, key: str):
         ok = isinstance(value, bool)
     elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+        # torch and NumPy hold sizes and counts in 64 bits: beyond that a stage failed late, with a traceback
+        if ok and not -2**63 <= value < 2**63:
+            raise ParamsError(f"params: '{key}' must be below 2**63 (torch and NumPy count in 64 bits), got {value}")
     elif kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         try:
@@ -226,8 +229,8 @@ def _coerce(value: object, kind: type, key: str):
     return value
 
 
-def parse(raw: object) -> Params:
-    params = _build(Params, raw if raw is not None else {}, "")
+def parse(raw: object, source: str = "params.yaml") -> Params:
+    params = _build(Params, raw if raw is not None else {}, "", source)
     params.check()
     return params
 
@@ -252,7 +255,14 @@ def load(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"params: {path} is not UTF-8 text (byte {e.start}: {byte!r})") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"params: {path} is not valid YAML: {yaml12.one_line(e)}") from None
-    return parse(raw)
+    if path.resolve() == Path("params.yaml").resolve():  # DVC's, which every line of the README names
+        return parse(raw)
+    try:
+        return parse(raw, str(path))
+    except ParamsError as e:  # a stage run by hand with --params: say which file
+        if str(path) in str(e):
+            raise
+        raise ParamsError(f"{e} (in {path})") from None
 
 
 def flatten(params: Params) -> dict[str, object]:

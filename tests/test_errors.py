@@ -79,8 +79,24 @@ def test_params_that_ask_for_more_memory_than_there_is_are_one_line_and_exit_2(m
         error = e
     assert _stage(error, monkeypatch, "train") == 2
     assert capsys.readouterr().err == (
-        "error: train: out of memory (it asked for 4294967296.0 GiB at once); lower train.batch_size (per process), "
-        "train.gen_filters, train.disc_filters or image_size (no output was left half-written)\n")
+        "error: train: out of memory (it asked for 4194304.0 TiB at once); lower train.batch_size (per process), "
+        "train.gen_filters, train.disc_filters, train.resnet_blocks or image_size (no output was left "
+        "half-written)\n")
+    # many small allocations (train.resnet_blocks: 100000000) fail on a small one: its size, not '0.0 GiB'
+    small = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 2359296 bytes.")
+    assert _stage(small, monkeypatch, "train") == 2
+    assert "(it asked for 2.2 MiB at once)" in capsys.readouterr().err
+    # sizes multiplied past what 64 bits count (train.batch_size near 2**62): torch's own error
+    try:
+        torch.randint(0, 2, (2**62,))
+    except RuntimeError as e:
+        overflowed = e
+    assert _stage(overflowed, monkeypatch, "train") == 2
+    assert capsys.readouterr().err.startswith("error: train: out of memory (it asked for more than a 64-bit size ")
+    # a KID of many subsets (evaluate.kid_subsets: 10000000000) runs out of memory in NumPy, not in a batch
+    assert _stage(MemoryError(), monkeypatch, "evaluate") == 2
+    assert capsys.readouterr().err == ("error: evaluate: out of memory; lower evaluate.batch_size or "
+                                       "evaluate.kid_subsets (no output was left half-written)\n")
     gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
                                  "79.19 GiB of which 1.10 GiB is free.")
     assert _stage(gpu, monkeypatch, "generate") == 2

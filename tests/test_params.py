@@ -1,5 +1,6 @@
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -63,6 +64,10 @@ def test_a_key_left_out_of_params_yaml_takes_the_committed_value(repo_root):
     ({"train": {"lr": 1e39}}, "'train.lr' must be in (0, 1]"),  # overflowed Adam's float32 step: a traceback
     ({"train": {"lr": 0}}, "'train.lr' must be in (0, 1]"),
     ({"lr_typo": 1, 1: 2}, "unknown key '1'"),  # keys of two types: sorting them was a TypeError
+    # beyond 64 bits each failed late with torch's traceback ("Overflow when unpacking long long")
+    ({"train": {"batch_size": 10**20}}, "'train.batch_size' must be below 2**63 (torch and NumPy count in 64 "),
+    ({"evaluate": {"kid_subsets": 2**63}}, "'evaluate.kid_subsets' must be below 2**63"),
+    ({"seed": -2**63 - 1}, "'seed' must be below 2**63"),
 ])
 def test_bad_params_are_one_clear_error(raw, needle):
     with pytest.raises(ParamsError) as e:
@@ -76,6 +81,21 @@ def test_int_accepted_for_float_and_result_is_frozen():
     assert p.lambda_cycle == 5.0 and isinstance(p.lambda_cycle, float)
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.lambda_cycle = 1.0
+
+
+def test_a_params_file_other_than_params_yaml_is_named_in_its_errors(tmp_path, monkeypatch):
+    # `python -m pipeline.train --params other.yaml`: its errors named params.yaml, or no file
+    monkeypatch.chdir(tmp_path)
+    other = tmp_path / "other.yaml"
+    other.write_text("- 1\n")
+    with pytest.raises(ParamsError, match=f"^params: '{re.escape(str(other))}' must be a mapping, got list$"):
+        load(other)
+    other.write_text("image_size: 33\n")
+    with pytest.raises(ParamsError, match=rf"^params: 'image_size' must be a multiple of 32 .* \(in {re.escape(str(other))}\)$"):
+        load(other)
+    Path("params.yaml").write_text("image_size: 33\n")
+    with pytest.raises(ParamsError, match="^params: 'image_size' must be a multiple of 32 between 32 and 256$"):
+        load("params.yaml")
 
 
 def test_missing_and_invalid_files(tmp_path):
