@@ -24,6 +24,17 @@ positive_int = _at_least(1, "a whole number above 0")
 count = _at_least(0, "a whole number, 0 or more")  # 0: none
 
 
+def positive_seconds(text: str) -> float:
+    """A time budget: a finite number of seconds above 0 ("480", "0.5")."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
+
+
 def positive_ints(text: str) -> list[int]:
     """Comma-separated whole numbers, each above 0 ("64,128")."""
     return [positive_int(part.strip()) for part in text.split(",") if part.strip()]

@@ -78,7 +78,7 @@ def steps_per_second(p: Params, photos, monets, device, probe: int = 16) -> floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=480, help="training budget of every configuration")
+    ap.add_argument("--seconds", type=argtypes.positive_seconds, default=480, help="training budget of every configuration")
     ap.add_argument("--images", type=argtypes.positive_int, default=1000, help="photos translated and scored")
     ap.add_argument("--data", type=Path, default=ROOT / "data", help="folder with shards/ and manifest.csv (ingested)")
     ap.add_argument("--picture", type=Path, help="PNG: the same photos through the default and the best")
@@ -86,18 +86,18 @@ def main() -> None:
                     help="comma-separated px: score the ground truth through a generator of that size")
     ap.add_argument("--ceilings-only", action="store_true", help="print the ceilings only (no training)")
     args = ap.parse_args()
-    p = load(ROOT / "params.yaml")
-    device = pick_device(p.device)
-    e, quality = p.evaluate, p.generate.jpeg_quality
-    try:  # data not ingested, or damaged: the stages' one line
+    try:  # params.yaml invalid, data not ingested, or damaged: the stages' one line
+        p = load(ROOT / "params.yaml")
+        device = pick_device(p.device)
+        e, quality = p.evaluate, p.generate.jpeg_quality
         manifest = shards.read_manifest(args.data / "manifest.csv")
         _, photos = shards.load_domain(args.data / "shards", manifest, "photo", p.image_size)
         _, monets = shards.load_domain(args.data / "shards", manifest, "monet", p.image_size)
         _, paintings = shards.load_domain(args.data / "shards", manifest, "monet")
         n = min(args.images, len(photos))
         first = evaluate.first_photos(args.data / "shards", manifest, n)
-    except PipelineError as e:
-        raise SystemExit(f"error: {e}") from None
+    except PipelineError as error:
+        raise SystemExit(f"error: {error}") from None
 
     extractor = load_extractor("offline", "", False, e.offline_image_size, paintings, device)
     features = lambda images, what: extract(extractor, images, e.batch_size, device, desc=what)  # noqa: E731

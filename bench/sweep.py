@@ -70,51 +70,54 @@ def main() -> None:
                     help="OMP_NUM_THREADS for the queued experiments (default: unset)")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="sweep-bench-"))
-    repo = work / "repo"
-    if subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)]).returncode:
-        raise SystemExit(f"error: git clone of {ROOT} into {repo} failed (its message above)")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@localhost", GIT_COMMITTER_NAME="bench",
-               GIT_COMMITTER_EMAIL="bench@localhost")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in SMALL.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "commit", "-qam", "bench: smaller recipe"], cwd=repo, env=env, check=True)
-    dvc(repo, env, "repro", "ingest")  # cached: every experiment restores it
+    try:
+        repo = work / "repo"
+        if subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)]).returncode:
+            raise SystemExit(f"error: git clone of {ROOT} into {repo} failed (its message above)")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+        env.update(GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@localhost", GIT_COMMITTER_NAME="bench",
+                   GIT_COMMITTER_EMAIL="bench@localhost")
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        for section, values in SMALL.items():
+            params[section].update(values)
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        subprocess.run(["git", "commit", "-qam", "bench: smaller recipe"], cwd=repo, env=env, check=True)
+        dvc(repo, env, "repro", "ingest")  # cached: every experiment restores it
 
-    one_after_other = sum(timed(lambda c=c: dvc(repo, env, "exp", "run", "-S", f"lambda_cycle={c}")) for c in (3, 5))
-    dvc(repo, env, "exp", "run", "--queue", "-S", "lambda_cycle=4,6")
+        one_after_other = sum(timed(lambda c=c: dvc(repo, env, "exp", "run", "-S", f"lambda_cycle={c}")) for c in (3, 5))
+        dvc(repo, env, "exp", "run", "--queue", "-S", "lambda_cycle=4,6")
 
-    def queued() -> None:
-        # the workers' output to a file, not to a pipe of ours: a worker that outlives its queue
-        # (DVC's do, now and then) would hold the pipe open, and subprocess.run would wait forever
-        with open(work / "queue.log", "ab") as log:
-            subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo, check=True,
-                           env={**env, "OMP_NUM_THREADS": str(args.threads)} if args.threads else env,
-                           stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        while True:
-            status = dvc(repo, env, "queue", "status")
-            finished = status.count("Success") + status.count("Failed")
-            if finished >= 2 and "Queued" not in status and "Running" not in status:
-                break
-            time.sleep(2)
-        if status.count("Success") != 2:
-            raise SystemExit(f"queued experiments failed:\n{status}")
+        def queued() -> None:
+            # the workers' output to a file, not to a pipe of ours: a worker that outlives its queue
+            # (DVC's do, now and then) would hold the pipe open, and subprocess.run would wait forever
+            with open(work / "queue.log", "ab") as log:
+                subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo, check=True,
+                               env={**env, "OMP_NUM_THREADS": str(args.threads)} if args.threads else env,
+                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            while True:
+                status = dvc(repo, env, "queue", "status")
+                finished = status.count("Success") + status.count("Failed")
+                if finished >= 2 and "Queued" not in status and "Running" not in status:
+                    break
+                time.sleep(2)
+            if status.count("Success") != 2:
+                raise SystemExit(f"queued experiments failed:\n{status}")
 
-    parallel = timed(queued)
-    problem = rows_problem(repo / "mlflow.db")
-    print(f"\nrepo: {repo}")
-    if not problem:  # else the last line says what is wrong
-        print("MLflow rows: one finished row per experiment")
-    print(f"\n{'way':<40} {'seconds':>8} {'ratio':>6}")
-    print(f"{'two experiments one after the other':<40} {one_after_other:>8.1f} {1.0:>6.3f}")
-    way = f"two queued, -j 2, OMP_NUM_THREADS={args.threads or 'unset'}"
-    print(f"{way:<40} {parallel:>8.1f} {parallel / one_after_other:>6.3f}")
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
-    if problem:
-        raise SystemExit(problem)
+        parallel = timed(queued)
+        problem = rows_problem(repo / "mlflow.db")
+        if args.keep:
+            print(f"\nrepo: {repo}")
+        if not problem:  # else the last line says what is wrong
+            print("MLflow rows: one finished row per experiment")
+        print(f"\n{'way':<40} {'seconds':>8} {'ratio':>6}")
+        print(f"{'two experiments one after the other':<40} {one_after_other:>8.1f} {1.0:>6.3f}")
+        way = f"two queued, -j 2, OMP_NUM_THREADS={args.threads or 'unset'}"
+        print(f"{way:<40} {parallel:>8.1f} {parallel / one_after_other:>6.3f}")
+        if problem:
+            raise SystemExit(problem)
+    finally:  # a failed step too (its message says which): its clone, DVC cache and store are gigabytes
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

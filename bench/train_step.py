@@ -62,6 +62,7 @@ import argtypes  # noqa: E402
 import readme_recipes  # noqa: E402
 from pipeline import cyclegan, generator_file, sample, shards  # noqa: E402
 from pipeline.cyclegan import LossMeter, Trainer, build_nets  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.generate import generate  # noqa: E402
 from pipeline.networks import ResizeConv2d, to_model_input  # noqa: E402
 from pipeline.package import check_images, write_zip  # noqa: E402
@@ -342,7 +343,10 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the train stage sets it (for every row, the reference too)
     name = args.recipe or ("competition" if device.type == "cuda" else "default")
-    p = recipe(name, device)
+    try:
+        p = recipe(name, device)
+    except PipelineError as error:  # params.yaml invalid: the stages' one line
+        raise SystemExit(f"error: {error}") from None
     steps = args.steps if args.steps is not None else (30 if device.type == "cuda" else 5)
     count = args.generate if args.generate is not None else (7028 if device.type == "cuda" else 0)
     evaluate_count = args.evaluate if args.evaluate is not None else (7028 if device.type == "cuda" else 0)

@@ -3,6 +3,7 @@ rows also need pytorch-fid, and say so where it is missing. Every bench script r
 with one line, and writes nothing into the working tree or the user's MLflow store."""
 import contextlib
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -148,9 +149,37 @@ def test_recipe_options_each_change_the_default(repo_root):
 
 
 @pytest.mark.parametrize("args", [["--data", "/nonexistent"], ["--images", "0"], ["--images", "-3"],
-                                  ["--ceilings", "abc"], ["--ceilings", "0"]])
+                                  ["--ceilings", "abc"], ["--ceilings", "0"], ["--seconds", "nan"],
+                                  ["--seconds", "inf"], ["--seconds", "-100"], ["--seconds", "0"]])
 def test_recipe_bench_refuses_bad_arguments(repo_root, args):
     assert args[1] in refused(repo_root, "recipe.py", *args, "--ceilings-only")
+
+
+@pytest.mark.parametrize("script, args", [("recipe.py", ["--ceilings-only"]),
+                                          ("train_step.py", ["--steps", "1", "--rounds", "1"])])
+def test_benches_refuse_an_invalid_params_yaml_in_one_line(repo_root, tmp_path, script, args):
+    # they read the repository's params.yaml as the stages do; invalid, it was a 16-line traceback
+    for folder in ("bench", "pipeline"):
+        shutil.copytree(repo_root / folder, tmp_path / folder)
+    shutil.copy(repo_root / "README.md", tmp_path)  # the GPU check's recipes are the README's commands
+    (tmp_path / "params.yaml").write_text("image_size: 33\n")
+    line = refused(tmp_path, script, *args, cwd=tmp_path)
+    assert line == "error: params: 'image_size' must be a multiple of 32 between 32 and 256"
+
+
+def test_a_failed_sweep_bench_leaves_no_temp_clone(repo_root, tmp_path):
+    # its clone, DVC cache and store were removed only when every step succeeded
+    repo = tmp_path / "repo"
+    shutil.copytree(repo_root / "bench", repo / "bench")
+    shutil.copy(repo_root / "params.yaml", repo)  # no dvc.yaml: `dvc repro ingest` fails in the clone
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@localhost", "TMPDIR": str(tmp_path / "tmp")}
+    subprocess.run("git init -q && git add -A && git commit -qm repo", shell=True, cwd=repo, env=env, check=True)
+    (tmp_path / "tmp").mkdir()
+    res = subprocess.run([sys.executable, str(repo / "bench" / "sweep.py")], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "dvc repro ingest failed" in res.stderr, res.stderr[-2000:]
+    assert list((tmp_path / "tmp").glob("sweep-bench-*")) == []  # (DVC's own daemon may still hold a tmp* folder)
 
 
 @pytest.mark.parametrize("args", [["--images", "-5"], ["--images", "0"], ["--rounds", "0", "--images", "8"],
