@@ -33,8 +33,27 @@ class Stopped(KeyboardInterrupt):
     the temp outputs go and the MLflow row is marked KILLED (the default was to die on the spot)."""
 
 
+REDELIVER_SECONDS = 0.05  # long after this hook has returned (microseconds), short for a person
+
+
 def _stop(signum, frame):
     raise Stopped
+
+
+def _redeliver_lost_stops(previous_hook):
+    """sys.unraisablehook for a stage: a signal whose handler ran inside a weakref or GC callback
+    raised its Stopped (or KeyboardInterrupt) where Python only prints it, and the stage went on to
+    finish and exit 0. Send the signal again, a moment later from a thread: the handler then runs in
+    the stage's own code (sent from here, it would run inside this hook and be lost the same way)."""
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            signum = signal.SIGTERM if isinstance(unraisable.exc_value, Stopped) else signal.SIGINT
+            again = threading.Timer(REDELIVER_SECONDS, os.kill, (os.getpid(), signum))
+            again.daemon = True
+            again.start()
+        else:
+            previous_hook(unraisable)
+    return hook
 
 
 def brief(e: BaseException) -> str:
@@ -117,6 +136,9 @@ def cli(main):
             previous = signal.SIG_DFL
         if main_thread and _while_starting(signal.getsignal(signal.SIGINT)):
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        previous_hook = sys.unraisablehook
+        if catch:
+            sys.unraisablehook = _redeliver_lost_stops(previous_hook)
         try:
             return main(*args, **kwargs)
         except PipelineError as e:
@@ -160,5 +182,6 @@ def cli(main):
         finally:
             if catch:
                 signal.signal(signal.SIGTERM, previous)
+                sys.unraisablehook = previous_hook
 
     return wrapper
