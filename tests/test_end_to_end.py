@@ -4,6 +4,7 @@ Each test stands alone (`pytest -k NAME`): the `reproduced` fixture runs the fir
 once per module, and a test that changes the workspace counts the MLflow rows it adds itself."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -78,11 +79,20 @@ def test_every_file_the_stages_write_is_declared_in_dvc_yaml(reproduced):
     assert written and not undeclared
 
 
-def test_dvc_plots_show_draws_the_three_plots_and_git_ignores_its_page(reproduced):
+def test_dvc_plots_show_draws_each_plot_once_and_git_ignores_its_page(reproduced):
     root, env, _ = reproduced
     dvc(root, env, "plots", "show")
     page = (root / "dvc_plots" / "index.html").read_text()
     assert all(name in page for name in ("training losses", "grid.png", "memorization.png"))
+    # each once: stage plots that the top-level plots also named were drawn twice; the loss curve's
+    # stage plot is its seconds per epoch, as its title says (it was an untitled chart of them)
+    drawn = json.loads(dvc(root, env, "plots", "show", "--json").stdout)["data"]
+    assert sorted(drawn) == ["metrics/grid.png", "metrics/memorization.png", "metrics/train_curve.csv",
+                             "training losses"], sorted(drawn)
+    assert sorted(re.findall(r'id ?= ?"([^"]+)"', page)) == ["metrics_grid_png", "metrics_memorization_png",
+                                                            "metrics_train_curve_csv", "training_losses"]
+    (curve,) = drawn["metrics/train_curve.csv"]
+    assert curve["content"]["title"]["text"] == "seconds per epoch" and '"field": "seconds"' in json.dumps(curve)
     untracked = run(["git", "status", "--porcelain", "--untracked-files=all"], root, env).stdout
     assert "dvc_plots" not in untracked, untracked
 
