@@ -30,7 +30,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -119,6 +121,9 @@ def check_store() -> None:
         elif db.exists() and not os.access(db, os.R_OK | os.W_OK):
             problem, mend = "is a file this user may not write", "allow it, correct the address"
         else:
+            deleted = db.exists() and _deleted_in_sqlite(db)
+            if deleted:  # else MLflow says so only when the stage first logs: evaluate's after its work
+                raise PipelineError(_deleted_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT), deleted))
             return
         if uri == default_store():
             raise PipelineError(f"tracking: its store {uri} {problem}; mend that, or set MLFLOW_TRACKING_URI "
@@ -158,6 +163,24 @@ def check_generator(path: Path, stage: str) -> None:
     generator_file.load(Path(path), torch.device("cpu"))  # DataError, one line, when it is no generator
 
 
+class ServerLost(PipelineError):
+    """The MLflow server stopped answering while a stage logged (after MLflow's own retries)."""
+
+
+def _server_lost(e: BaseException, uri: str) -> ServerLost | None:
+    """One line for MLflow's failure to reach its server once it has given up retrying (a chain of
+    tracebacks, its address with the password in it), else None."""
+    text = str(e)
+    if not (type(e).__name__ == "MlflowException" and text.startswith("API request to ")
+            and " failed with exception " in text):
+        return None
+    errno_text = re.search(r"\[Errno -?\d+\] ([^\"')]+)", text)
+    why = errno_text[1].strip() if errno_text else "timed out" if "timed out" in text.lower() else "no answer"
+    return ServerLost(f"tracking: the MLflow server at MLFLOW_TRACKING_URI={_without_password(uri)} stopped "
+                      f"answering ({why}, after MLflow's retries); start it and run the stage again (the "
+                      f"run it was logging into is taken up again)")
+
+
 _held = 0  # depth of _serialized in this process (flock is per open file: a nested open would block)
 _seconds = 0.0  # time spent in MLflow calls by this process, reported by the stages
 
@@ -176,6 +199,9 @@ def _serialized():
         try:
             yield
         except Exception as e:
+            lost = None if isinstance(e, PipelineError) else _server_lost(e, uri)
+            if lost:
+                raise lost from None
             full = None if isinstance(e, PipelineError) else _full_disk(e, uri)
             if full is None:
                 raise
@@ -289,6 +315,29 @@ def _store_named(uri: str) -> str:
     return f"MLFLOW_TRACKING_URI={_without_password(uri)} (unset, the pipeline logs into {default_store()})"
 
 
+def _deleted_experiment(name: str, exp_id: str) -> str:
+    """The line for an experiment deleted in the UI: MLflow will not log into it, nor make another
+    of its name."""
+    uri = _without_password(tracking_uri())
+    return (f"tracking: the MLflow experiment '{name}' in {uri} is deleted; restore it "
+            f"(MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {exp_id}), or set "
+            f"MLFLOW_EXPERIMENT_NAME to log into another experiment")
+
+
+def _deleted_in_sqlite(db: Path) -> str | None:
+    """The id of this pipeline's experiment in the SQLite store `db` when it is deleted, else None
+    (read without MLflow, which takes seconds to import; a store MLflow has not made yet, or of
+    another layout, is MLflow's to judge)."""
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as con:
+            row = con.execute("select experiment_id from experiments where name = ? and lifecycle_stage = 'deleted'",
+                              (name,)).fetchone()
+    except sqlite3.Error:
+        return None
+    return str(row[0]) if row else None
+
+
 def _experiment_id(mlflow) -> str:
     mlflow.set_tracking_uri(tracking_uri())
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
@@ -306,6 +355,8 @@ def _experiment_id(mlflow) -> str:
                     f"({Path.cwd()}); rename the folder ({said[:160]})")
         raise PipelineError(f"tracking: MLflow cannot use {store}: {said}") from None
     if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise PipelineError(_deleted_experiment(name, exp.experiment_id))
         return exp.experiment_id
     try:
         return mlflow.create_experiment(name, artifact_location=artifact_location(tracking_uri()))
@@ -340,6 +391,9 @@ def _failing_ends(mlflow, keep_end_time: int | None = None):
     try:
         yield
     except BaseException as e:
+        if isinstance(e, ServerLost):  # marking the row would wait out MLflow's retries a second time
+            _let_go_of_row(mlflow)
+            raise
         run = mlflow.active_run()
         try:
             with _serialized():
@@ -349,6 +403,24 @@ def _failing_ends(mlflow, keep_end_time: int | None = None):
         except PipelineError:  # the disk full (_serialized says so)
             pass
         raise
+
+
+def _let_go_of_row(mlflow) -> None:
+    """After the server stopped answering: one quick try to end the active row FAILED, which also
+    takes it off MLflow's stack (MLflow ends what is on it as the process exits, waiting out its
+    retries once more). Unreached, the row stays RUNNING for the rerun to take up."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    before = {name: os.environ.get(name) for name in quick}
+    os.environ.update(quick)
+    try:
+        with contextlib.suppress(Exception):
+            mlflow.end_run("FAILED")
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def logged_params(params: Params) -> dict[str, str]:
@@ -597,6 +669,8 @@ def failure_marks_row(params: Params, generator_path: Path, stage: str):
     try:
         yield
     except BaseException as e:
+        if isinstance(e, ServerLost):  # see _failing_ends
+            raise
         try:
             mlflow = _mlflow()
             with _serialized():

@@ -831,6 +831,68 @@ def test_an_unreachable_tracking_server_stops_train_before_any_step(reproduced, 
     assert not checkpoint.exists() and not list(tmp_path.iterdir())
 
 
+def test_a_server_that_stops_answering_while_a_stage_logs_is_one_line_and_no_second_wait(store, monkeypatch):
+    # after training (the server killed meanwhile): MLflow's retries, then ~250 lines of chained
+    # tracebacks showing the password, the last about marking the row FAILED, which waited out
+    # the retries a second time
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    manifest, generator = store
+    p = parse({})
+    with tracking.start_training(p, manifest, None) as run:
+        pass
+    mlflow = tracking._mlflow()
+    mlflow.start_run(run_id=run.info.run_id)  # the row a stage logs into, on MLflow's stack
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cretPW@127.0.0.1:{free_port()}")  # nothing there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)  # put back afterwards
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    ended, end_run = [], mlflow.end_run
+
+    def ending(*args):  # with no retries: the first try did not reach the server, nor will this one
+        ended.append((args, os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"], os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]))
+        end_run(*args)
+
+    monkeypatch.setattr(mlflow, "end_run", ending)
+    with pytest.raises(tracking.ServerLost) as e, tracking._failing_ends(mlflow), tracking._serialized():
+        mlflow.MlflowClient().get_run(run.info.run_id)
+    assert str(e.value).startswith("tracking: the MLflow server at MLFLOW_TRACKING_URI=http://alice:***@127.0.0.1:")
+    assert "(Connection refused, after MLflow's retries); start it and run the stage again" in str(e.value)
+    assert "s3cretPW" not in str(e.value) and "\n" not in str(e.value)
+    # one quick try to end the row, which takes it off MLflow's stack: MLflow ended it at exit,
+    # waiting out its retries once more
+    assert ended == [(("FAILED",), "0", "5")] and mlflow.active_run() is None
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+    with pytest.raises(tracking.ServerLost), tracking.failure_marks_row(p, generator, "evaluate"):
+        with tracking._serialized():
+            mlflow.MlflowClient().get_run(run.info.run_id)
+    assert len(ended) == 1  # (no row open yet there: nothing to try)
+
+
+def test_a_deleted_experiment_is_one_line_before_the_work(store, tmp_path, monkeypatch):
+    # deleted in the UI: MLflow refused to log into it with a traceback, evaluate's after its work
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    manifest, _ = store
+    with tracking.start_training(parse({}), manifest, None) as run:
+        pass
+    tracking._mlflow().MlflowClient().delete_experiment(run.info.experiment_id)
+    expected = (f"tracking: the MLflow experiment 'monet-cyclegan' in sqlite:///{tmp_path / 'mlflow.db'} is deleted; "
+                f"restore it (MLFLOW_TRACKING_URI=sqlite:///{tmp_path / 'mlflow.db'} mlflow experiments restore "
+                f"--experiment-id {run.info.experiment_id}), or set MLFLOW_EXPERIMENT_NAME to log into another "
+                f"experiment")
+    with pytest.raises(PipelineError, match=f"^{re.escape(expected)}$"):
+        tracking.check_store()  # the stages' first step: no MLflow import
+    with pytest.raises(PipelineError, match=f"^{re.escape(expected)}$"):
+        tracking._experiment_id(tracking._mlflow())  # a server store: when the row opens
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "another")
+    tracking.check_store()
+    with tracking.start_training(parse({}), manifest, None) as other:
+        assert other.info.experiment_id != run.info.experiment_id
+
+
 def test_a_store_mlflow_will_not_open_stops_train_before_any_step(reproduced, tmp_path):
     """A file store (`./mlruns`, what many MLflow users have), which MLflow 3 refuses unless
     MLFLOW_ALLOW_FILE_STORE is set: one line with MLflow's advice, not its traceback."""
