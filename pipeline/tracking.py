@@ -247,6 +247,9 @@ def _mlflow():
     # MLflow logs each SQLite error with its traceback, then raises it: the error is what the stage
     # shows (one line where it is the user's to mend, a full disk), and the log said it twice more
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    # MLflow prints a server's run and experiment pages as it ends a run, with the password that
+    # MLFLOW_TRACKING_URI holds; report() says where the run is, without it
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if _held == 0:  # inside _serialized the time is counted already
         _seconds += time.perf_counter() - started
     return mlflow
@@ -256,7 +259,7 @@ def report(stage: str) -> str:
     """One line for the stage's log: where it logged, what that cost, and the run's page (in
     `mlflow ui` on its default port for a local store)."""
     mlflow = _mlflow()
-    uri = tracking_uri()
+    uri = _without_password(tracking_uri())  # a log is no place for a server's password
     run = mlflow.last_active_run()
     ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     page = f"{ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}{TRAINING_VIEW}" if run else "?"

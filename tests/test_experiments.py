@@ -870,6 +870,19 @@ def test_a_server_that_stops_answering_while_a_stage_logs_is_one_line_and_no_sec
     assert len(ended) == 1  # (no row open yet there: nothing to try)
 
 
+def test_a_stage_prints_no_password_of_its_tracking_server(monkeypatch, capsys):
+    # report()'s line and MLflow's own "View run ... at:" lines showed http://alice:s3cretPW@...
+    from pipeline import tracking
+
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)  # (as it was, afterwards)
+    mlflow = tracking._mlflow()
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)  # put back afterwards
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cretPW@127.0.0.1:5077")
+    line = tracking.report("train")
+    assert line.startswith("train: logged to http://alice:***@127.0.0.1:5077 in ") and "s3cretPW" not in line
+    assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
+
+
 def test_a_deleted_experiment_is_one_line_before_the_work(store, tmp_path, monkeypatch):
     # deleted in the UI: MLflow refused to log into it with a traceback, evaluate's after its work
     from pipeline import tracking
