@@ -36,8 +36,25 @@ class Stopped(KeyboardInterrupt):
 REDELIVER_SECONDS = 0.05  # long after this hook has returned (microseconds), short for a person
 
 
+_resends: list[threading.Timer] = []  # signals lost in a callback, to be sent again (_redeliver_lost_stops)
+
+
+def _stand_down() -> None:
+    """No signal sent again after all: a stop reached the stage's own code, or the stage ended
+    (sent then, it would interrupt the stop's cleanup, or kill the process after its work)."""
+    while _resends:
+        _resends.pop().cancel()
+
+
 def _stop(signum, frame):
+    _stand_down()
     raise Stopped
+
+
+def _interrupt(signum, frame):
+    """Ctrl-C, as Python's own handler takes it."""
+    _stand_down()
+    raise KeyboardInterrupt
 
 
 def _redeliver_lost_stops(previous_hook):
@@ -46,13 +63,14 @@ def _redeliver_lost_stops(previous_hook):
     finish and exit 0. Send the signal again, a moment later from a thread: the handler then runs in
     the stage's own code (sent from here, it would run inside this hook and be lost the same way)."""
     def hook(unraisable):
-        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous_hook(unraisable)
+        elif not _resends:  # one stop is enough
             signum = signal.SIGTERM if isinstance(unraisable.exc_value, Stopped) else signal.SIGINT
             again = threading.Timer(REDELIVER_SECONDS, os.kill, (os.getpid(), signum))
             again.daemon = True
+            _resends.append(again)
             again.start()
-        else:
-            previous_hook(unraisable)
     return hook
 
 
@@ -134,8 +152,9 @@ def cli(main):
         previous = signal.signal(signal.SIGTERM, _stop) if catch else None
         if _while_starting(previous):  # pipeline/__init__'s, for the imports: this process's own after
             previous = signal.SIG_DFL
-        if main_thread and _while_starting(signal.getsignal(signal.SIGINT)):
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        interrupt = signal.getsignal(signal.SIGINT) if main_thread else None
+        if _while_starting(interrupt) or interrupt is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _interrupt)  # (not where Ctrl-C is ignored: a background job)
         previous_hook = sys.unraisablehook
         if catch:
             sys.unraisablehook = _redeliver_lost_stops(previous_hook)
@@ -180,8 +199,11 @@ def cli(main):
                   file=sys.stderr)
             sys.exit(128 + (signal.SIGTERM if isinstance(e, Stopped) else signal.SIGINT))  # as a shell reports it
         finally:
+            _stand_down()
             if catch:
                 signal.signal(signal.SIGTERM, previous)
                 sys.unraisablehook = previous_hook
+            if _while_starting(interrupt) or interrupt is signal.default_int_handler:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
 
     return wrapper

@@ -64,20 +64,25 @@ def test_sigterm_is_one_line_and_exit_143(monkeypatch, capsys):
     assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler back
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_that_lands_in_a_weakref_callback_still_stops_the_stage(signum, code, monkeypatch, capsys):
-    # its handler's exception raised inside the callback, where Python only prints it: the stage went
-    # on, wrote its outputs and exited 0 (seen once in 13 SIGTERMs of evaluate)
+def _lose_a_signal(signum):
+    """A signal whose handler runs inside a weakref callback (its exception lost there)."""
     import weakref
 
     class Held:
         pass
 
+    held = Held()
+    ref = weakref.ref(held, lambda _: signal.raise_signal(signum))
+    del held
+    assert ref() is None
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_that_lands_in_a_weakref_callback_still_stops_the_stage(signum, code, monkeypatch, capsys):
+    # its handler's exception raised inside the callback, where Python only prints it: the stage went
+    # on, wrote its outputs and exited 0 (seen once in 13 SIGTERMs of evaluate)
     def main():
-        held = Held()
-        ref = weakref.ref(held, lambda _: signal.raise_signal(signum))  # the signal arrives in the callback
-        del held
-        assert ref() is None
+        _lose_a_signal(signum)
         time.sleep(10)
 
     monkeypatch.setattr(sys, "argv", ["/repo/pipeline/evaluate.py"])
@@ -89,6 +94,39 @@ def test_a_signal_that_lands_in_a_weakref_callback_still_stops_the_stage(signum,
     assert said.startswith("error: evaluate: stopped by SIGTERM" if signum == signal.SIGTERM else
                            "error: evaluate: interrupted") and "Exception ignored" not in said, said
     assert sys.unraisablehook is hook
+
+
+def test_a_lost_signal_is_not_sent_again_once_the_stage_has_ended(monkeypatch):
+    # a stage that returned within the 50 ms was then killed by the signal sent again, with the
+    # caller's handler back (the default: the process died after its work was done)
+    monkeypatch.setattr(sys, "argv", ["/repo/pipeline/evaluate.py"])
+    received = []
+    before = signal.signal(signal.SIGTERM, lambda *_: received.append("SIGTERM"))
+    try:
+        assert cli(lambda: _lose_a_signal(signal.SIGTERM) or "done")() == "done"
+        time.sleep(0.3)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert received == []
+
+
+def test_a_stop_that_arrives_after_a_lost_one_is_not_interrupted_by_it(monkeypatch, capsys):
+    # the lost one sent again 50 ms later landed in the cleanup of the one that got through
+    monkeypatch.setattr(sys, "argv", ["/repo/pipeline/evaluate.py"])
+    cleaned = []
+
+    def main():
+        _lose_a_signal(signal.SIGTERM)
+        try:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C, in the stage's own code
+        finally:
+            time.sleep(0.3)  # removing temp files, marking the row
+            cleaned.append(True)
+
+    with pytest.raises(SystemExit) as e:
+        cli(main)()
+    assert e.value.code == 130 and cleaned == [True]
+    assert capsys.readouterr().err.startswith("error: evaluate: interrupted")
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
