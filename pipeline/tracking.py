@@ -171,11 +171,11 @@ def _server_lost(e: BaseException, uri: str) -> ServerLost | None:
     """One line for MLflow's failure to reach its server once it has given up retrying (a chain of
     tracebacks, its address with the password in it), else None."""
     text = str(e)
-    if not (type(e).__name__ == "MlflowException" and text.startswith("API request to ")
-            and " failed with exception " in text):
+    if not (type(e).__name__ == "MlflowException" and re.match(r"API request to \S+ failed with (timeout )?exception ", text)):
         return None
     errno_text = re.search(r"\[Errno -?\d+\] ([^\"')]+)", text)
-    why = errno_text[1].strip() if errno_text else "timed out" if "timed out" in text.lower() else "no answer"
+    timed_out = " failed with timeout exception " in text or "timed out" in text.lower()
+    why = errno_text[1].strip() if errno_text else "timed out" if timed_out else "no answer"
     return ServerLost(f"tracking: the MLflow server at MLFLOW_TRACKING_URI={_without_password(uri)} stopped "
                       f"answering ({why}, after MLflow's retries); start it and run the stage again (the "
                       f"run it was logging into is taken up again)")
@@ -261,7 +261,9 @@ def report(stage: str) -> str:
     mlflow = _mlflow()
     uri = _without_password(tracking_uri())  # a log is no place for a server's password
     run = mlflow.last_active_run()
-    ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    parts = urllib.parse.urlsplit(uri)  # a page to open: the browser asks for the credentials itself
+    ui = (urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/")
+          if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000")
     page = f"{ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}{TRAINING_VIEW}" if run else "?"
     return f"{stage}: logged to {uri} in {_seconds:.1f} s: {page}"
 
@@ -347,7 +349,7 @@ def _experiment_id(mlflow) -> str:
     try:  # the first call that opens the store: what fails here is the store, as the user named it
         exp = mlflow.get_experiment_by_name(name)
     except Exception as e:  # e.g. a file store (MLflow 3 refuses them), a database without its driver
-        if _full_disk(e, tracking_uri()):
+        if _full_disk(e, tracking_uri()) or _server_lost(e, tracking_uri()):
             raise  # _serialized says so
         said = f"{type(e).__name__}: {' '.join(str(e).split())}"  # MLflow's own advice, on one line
         store = _store_named(tracking_uri())
@@ -394,30 +396,29 @@ def _failing_ends(mlflow, keep_end_time: int | None = None):
     try:
         yield
     except BaseException as e:
-        if isinstance(e, ServerLost):  # marking the row would wait out MLflow's retries a second time
-            _let_go_of_row(mlflow)
-            raise
+        lost = isinstance(e, ServerLost)  # the server stopped answering: one quick try (_quick_requests)
         run = mlflow.active_run()
         try:
-            with _serialized():
+            with _quick_requests() if lost else contextlib.nullcontext(), _serialized():
                 mlflow.end_run(_failed_as(e) if keep_end_time is None else "FINISHED")
                 if keep_end_time is not None:
                     mlflow.MlflowClient().set_terminated(run.info.run_id, "FINISHED", end_time=keep_end_time)
-        except PipelineError:  # the disk full (_serialized says so)
+        except Exception if lost else PipelineError:  # the disk full (_serialized says so), the server gone
             pass
         raise
 
 
-def _let_go_of_row(mlflow) -> None:
-    """After the server stopped answering: one quick try to end the active row FAILED, which also
-    takes it off MLflow's stack (MLflow ends what is on it as the process exits, waiting out its
-    retries once more). Unreached, the row stays RUNNING for the rerun to take up."""
+@contextlib.contextmanager
+def _quick_requests():
+    """MLflow's requests to its server tried once, briefly: after it stopped answering, ending the
+    row would wait out MLflow's retries a second time. end_run takes the row off MLflow's stack
+    before it asks (MLflow ends what is on it as the process exits, waiting once more); unreached,
+    the row stays RUNNING for the rerun to take up."""
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
     before = {name: os.environ.get(name) for name in quick}
     os.environ.update(quick)
     try:
-        with contextlib.suppress(Exception):
-            mlflow.end_run("FAILED")
+        yield
     finally:
         for name, value in before.items():
             if value is None:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.request
 import warnings
 from pathlib import Path
@@ -842,13 +843,13 @@ def test_a_server_that_stops_answering_while_a_stage_logs_is_one_line_and_no_sec
     p = parse({})
     with tracking.start_training(p, manifest, None) as run:
         pass
-    mlflow = tracking._mlflow()
+    mlflow, sqlite_store = tracking._mlflow(), tracking.tracking_uri()
     mlflow.start_run(run_id=run.info.run_id)  # the row a stage logs into, on MLflow's stack
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cretPW@127.0.0.1:{free_port()}")  # nothing there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)  # put back afterwards
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    ended, end_run = [], mlflow.end_run
+    ended, end_run, timeout_before = [], mlflow.end_run, os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")
 
     def ending(*args):  # with no retries: the first try did not reach the server, nor will this one
         ended.append((args, os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"], os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]))
@@ -863,23 +864,47 @@ def test_a_server_that_stops_answering_while_a_stage_logs_is_one_line_and_no_sec
     # one quick try to end the row, which takes it off MLflow's stack: MLflow ended it at exit,
     # waiting out its retries once more
     assert ended == [(("FAILED",), "0", "5")] and mlflow.active_run() is None
-    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+    assert os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") == timeout_before
     with pytest.raises(tracking.ServerLost), tracking.failure_marks_row(p, generator, "evaluate"):
         with tracking._serialized():
             mlflow.MlflowClient().get_run(run.info.run_id)
     assert len(ended) == 1  # (no row open yet there: nothing to try)
+    # a forced rerun on a complete row: that one quick try ends it FINISHED, as it was
+    lost_server = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(sqlite_store)
+    mlflow.start_run(run_id=run.info.run_id)
+    mlflow.set_tracking_uri(lost_server)
+    with pytest.raises(tracking.ServerLost), tracking._failing_ends(mlflow, keep_end_time=1):
+        with tracking._serialized():
+            mlflow.MlflowClient().get_run(run.info.run_id)
+    assert ended[1] == (("FINISHED",), "0", "5")
+    # the first MLflow call of evaluate and package, after their work: the same line, not "MLflow
+    # cannot use" the store with MLflow's message (and the password) in it
+    with pytest.raises(tracking.ServerLost, match="^tracking: the MLflow server at .*alice:\\*\\*\\*@"), \
+            tracking._serialized():
+        tracking._experiment_id(mlflow)
+    from mlflow.exceptions import MlflowException  # a host that drops packets: MLflow words it so
+    timed_out = tracking._server_lost(MlflowException(
+        "API request to http://alice:s3cretPW@10.0.0.1/api failed with timeout exception ConnectTimeoutError(...)"),
+        tracking.tracking_uri())
+    assert timed_out is not None and "(timed out, after MLflow's retries)" in str(timed_out)
 
 
 def test_a_stage_prints_no_password_of_its_tracking_server(monkeypatch, capsys):
     # report()'s line and MLflow's own "View run ... at:" lines showed http://alice:s3cretPW@...
     from pipeline import tracking
 
-    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)  # (as it was, afterwards)
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "")  # so that it is put back as it was:
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")  # delenv alone records no absent variable
     mlflow = tracking._mlflow()
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)  # put back afterwards
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cretPW@127.0.0.1:5077")
+    run = types.SimpleNamespace(info=types.SimpleNamespace(experiment_id="1", run_id="abc"))
+    monkeypatch.setattr(mlflow, "last_active_run", lambda: run)
     line = tracking.report("train")
     assert line.startswith("train: logged to http://alice:***@127.0.0.1:5077 in ") and "s3cretPW" not in line
+    # the page without the credentials (the browser asks for them), not with '***' as the password
+    assert line.endswith(": http://127.0.0.1:5077/#/experiments/1/runs/abc?workflowType=machine_learning")
     assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
 
 
