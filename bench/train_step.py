@@ -66,13 +66,13 @@ from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.generate import generate  # noqa: E402
 from pipeline.networks import ResizeConv2d, to_model_input  # noqa: E402
 from pipeline.package import check_images, write_zip  # noqa: E402
-from pipeline.params import Params, parse, read_yaml  # noqa: E402
+from pipeline.params import Params, parse, read_file  # noqa: E402
 from pipeline.runtime import autocast, autocast_dtype, place  # noqa: E402
 
 
 def recipe(name: str, device: torch.device) -> Params:
     """params.yaml, with the README's command `name` applied ("default": as committed)."""
-    raw = read_yaml(ROOT / "params.yaml")
+    raw = read_file(ROOT / "params.yaml")
     if name != "default":
         raw = readme_recipes.apply(raw, {**readme_recipes.overrides(name), "device": device.type})
     return parse(raw)
@@ -291,7 +291,7 @@ out.write_text(json.dumps(result))
 def evaluation_rows(device: torch.device, count: int, work: Path, log: Path) -> list[tuple[str, dict]]:
     if importlib.util.find_spec("pytorch_fid") is None:  # the extractor's graph is pytorch-fid's
         return [("evaluate stage", {"error": "not run: needs pytorch-fid (pip install pytorch-fid==0.3.0)"})]
-    raw = read_yaml(ROOT / "params.yaml")
+    raw = read_file(ROOT / "params.yaml")
     p = parse(raw)
     shards_dir, manifest = sample_data(work, p.seed, count, p.ingest.sample_paintings)
     torch.manual_seed(0)  # the images' quality does not change the stage's work: a fresh generator

@@ -210,7 +210,8 @@ def _coerce(value: object, kind: type, key: str):
         ok = isinstance(value, int) and not isinstance(value, bool)
         # torch and NumPy hold sizes and counts in 64 bits: beyond that a stage failed late, with a traceback
         if ok and not -2**63 <= value < 2**63:
-            raise ParamsError(f"params: '{key}' must be below 2**63 (torch and NumPy count in 64 bits), got {value}")
+            raise ParamsError(f"params: '{key}' must be a whole number from -2**63 to 2**63 - 1 (torch and NumPy "
+                              f"count in 64 bits), got {value}")
     elif kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         try:
@@ -242,10 +243,10 @@ def read_yaml(path: str | Path) -> object:
     return yaml12.read(path)
 
 
-def load(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
+def read_file(path: Path) -> object:
+    """A params file's values as YAML reads them; one line for a file that cannot be read."""
     try:
-        raw = read_yaml(path)
+        return read_yaml(path)
     except FileNotFoundError:
         raise ParamsError(f"params: {path} not found") from None
     except IsADirectoryError:
@@ -255,12 +256,17 @@ def load(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"params: {path} is not UTF-8 text (byte {e.start}: {byte!r})") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"params: {path} is not valid YAML: {yaml12.one_line(e)}") from None
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    raw = read_file(path)
     if path.resolve() == Path("params.yaml").resolve():  # DVC's, which every line of the README names
         return parse(raw)
     try:
         return parse(raw, str(path))
     except ParamsError as e:  # a stage run by hand with --params: say which file
-        if str(path) in str(e):
+        if str(e).startswith(f"params: '{path}' "):  # names it already: it is no mapping
             raise
         raise ParamsError(f"{e} (in {path})") from None
 
