@@ -70,13 +70,13 @@ def main() -> None:
                     help="OMP_NUM_THREADS for the queued experiments (default: unset)")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="sweep-bench-"))
+    repo = work / "repo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@localhost", GIT_COMMITTER_NAME="bench",
+               GIT_COMMITTER_EMAIL="bench@localhost")
     try:
-        repo = work / "repo"
         if subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)]).returncode:
             raise SystemExit(f"error: git clone of {ROOT} into {repo} failed (its message above)")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-        env.update(GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@localhost", GIT_COMMITTER_NAME="bench",
-                   GIT_COMMITTER_EMAIL="bench@localhost")
         params = yaml.safe_load((repo / "params.yaml").read_text())
         for section, values in SMALL.items():
             params[section].update(values)
@@ -117,6 +117,9 @@ def main() -> None:
             raise SystemExit(problem)
     finally:  # a failed step too (its message says which): its clone, DVC cache and store are gigabytes
         if not args.keep:
+            if (repo / ".dvc").is_dir():  # queue workers still training in it (a failure or ^C while they ran)
+                subprocess.run([sys.executable, "-m", "dvc", "queue", "stop", "--kill"], cwd=repo, env=env,
+                               capture_output=True)
             shutil.rmtree(work, ignore_errors=True)
 
 
