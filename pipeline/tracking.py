@@ -99,6 +99,11 @@ def check_store() -> None:
     not answer (MLflow itself would retry for minutes, and only after training), or a SQLite file
     MLflow could not write: in a folder that is not there or this user may not write, a file this
     user may not write, a folder."""
+    if os.environ.get("MLFLOW_EXPERIMENT_ID") and not os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        # MLflow's other way to name an experiment: the stages pick theirs by name (and make it)
+        raise PipelineError(f"tracking: MLFLOW_EXPERIMENT_ID={os.environ['MLFLOW_EXPERIMENT_ID']} is set, but the "
+                            f"pipeline names its experiment: set MLFLOW_EXPERIMENT_NAME to that experiment's name, "
+                            f"or unset MLFLOW_EXPERIMENT_ID to log into '{EXPERIMENT}'")
     uri = tracking_uri()
     db = sqlite_file(uri)
     repo = str(main_repo())

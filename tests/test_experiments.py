@@ -908,6 +908,18 @@ def test_a_stage_prints_no_password_of_its_tracking_server(monkeypatch, capsys):
     assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
 
 
+def test_an_experiment_named_by_its_id_is_one_line_before_the_work(store, monkeypatch):
+    # MLFLOW_EXPERIMENT_ID was ignored without a word: the runs went to monet-cyclegan
+    from pipeline import tracking
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "3")
+    with pytest.raises(PipelineError, match=r"^tracking: MLFLOW_EXPERIMENT_ID=3 is set, but the pipeline names its "
+                                            r"experiment: set MLFLOW_EXPERIMENT_NAME to that experiment's name"):
+        tracking.check_store()
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team")  # named as well: the name is the one taken
+    tracking.check_store()
+
+
 def test_a_deleted_experiment_is_one_line_before_the_work(store, tmp_path, monkeypatch):
     # deleted in the UI: MLflow refused to log into it with a traceback, evaluate's after its work
     from pipeline import tracking
