@@ -55,14 +55,16 @@ def read_jpegs(folder: Path, names: list[str], batch_size: int, threads: int = 1
             path = folder / f"{name}.jpg"
             try:
                 with Image.open(path) as img:
-                    pixels = np.asarray(img.convert("RGB"))
+                    kind = (img.format, *img.size, img.mode)
+                    pixels = np.asarray(img) if kind == ("JPEG", 256, 256, "RGB") else None
             except FileNotFoundError:
                 raise DataError(f"{path}: generated image missing (run the generate stage)") from None
             except Exception as e:  # Pillow raises many types for a damaged file
                 raise DataError(f"{path}: generated image does not decode ({type(e).__name__}: {e}); "
                                 f"run the generate stage again") from None
-            if pixels.shape != (256, 256, 3):
-                raise DataError(f"{path}: generated image is {pixels.shape[1]}x{pixels.shape[0]}, expected 256x256")
+            if pixels is None:  # scored as it was converted, it was an image package would refuse
+                raise DataError(f"{path}: generated image is a {kind[0]} {kind[1]}x{kind[2]} {kind[3]}; expected a "
+                                f"256x256 RGB JPEG, as generate writes and package takes")
             batch.append(pixels)
         return torch.from_numpy(np.stack(batch))
 

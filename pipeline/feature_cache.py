@@ -1,7 +1,8 @@
 """Features of the reference images (the paintings, the untranslated photos, the ground-truth
 paintings) computed once and reused: they do not change when only the model does, so a second
 evaluation extracts the generated images' features alone. One file per (images, extractor and its
-options), written atomically; a file that does not read back is recomputed, never trusted."""
+options), written atomically, with a digest of what it holds and what it was computed for; a file
+that does not read back as that (damaged, or another file's bytes) is recomputed, never trusted."""
 from __future__ import annotations
 
 import hashlib
@@ -39,7 +40,14 @@ class FeatureCache:
 
     def path(self, label: str, key: str) -> Path:
         digest = hashlib.sha256(f"{self.extractor_key}|{key}".encode()).hexdigest()[:32]
-        return self.folder / f"{label}-{digest}.npy"
+        return self.folder / f"{label}-{digest}.npz"
+
+    def _check(self, path: Path, array: np.ndarray) -> np.ndarray:
+        """The digest stored beside `array`: of its bytes and of the file it belongs in (a flipped
+        bit, or one cache file copied over another, gave other scores without a word)."""
+        h = hashlib.sha256(f"{path.name}|{array.dtype.str}|{array.shape}|".encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+        return np.frombuffer(h.digest(), dtype=np.uint8)
 
     def get(self, label: str, key: str, compute: Callable[[], np.ndarray], what: str = "features",
             shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -49,16 +57,19 @@ class FeatureCache:
         path = self.path(label, key)
         if path.exists():
             try:
-                array = np.load(path, allow_pickle=False)
+                with np.load(path, allow_pickle=False) as stored:
+                    array, check = stored["features"], stored["check"]
                 if shape is not None and array.shape != shape:
                     raise ValueError(f"shape {array.shape}, not {shape}")
+                if not np.array_equal(check, self._check(path, array)):
+                    raise ValueError("its bytes are not those it was written with")
                 self.say(f"evaluate: {label} {what} from the cache ({path})")
                 return array
             except Exception as e:  # an empty file (a crash before the rename reached the disk) is EOFError
                 self.say(f"evaluate: {path} does not read back ({type(e).__name__}: {e}); computing it again")
         array = compute()
         buffer = io.BytesIO()  # into memory first: numpy's writer says a full disk without its errno
-        np.save(buffer, array, allow_pickle=False)
+        np.savez(buffer, features=array, check=self._check(path, array))
         write_bytes(path, buffer.getbuffer())
         self.say(f"evaluate: {label} {what} computed and cached ({path})")
         return array

@@ -110,6 +110,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it replaces `path` in one rename."""
     path = Path(path)
     _make_folder(path.parent)
+    if path.is_dir() and not path.is_symlink():  # the rename would fail after the work, with a traceback
+        raise PipelineError(f"{path} is a folder where a file is to be written; move it away and run again")
     fd, tmp = tempfile.mkstemp(prefix=_temp_beside(path), suffix=".tmp", dir=path.parent)
     os.fchmod(fd, FILE_MODE)
     os.close(fd)

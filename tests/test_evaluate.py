@@ -121,13 +121,36 @@ def test_an_empty_or_misshapen_cache_file_is_recomputed(tmp_path, damage):
     path = cache.path("x", "images")
     if damage == "empty":
         path.write_bytes(b"")
-    else:
-        np.save(path, np.ones((5, 2)))
+    else:  # whole, with its digest: only its shape is not the one asked for
+        with open(path, "wb") as f:
+            np.savez(f, features=np.ones((5, 2)), check=cache._check(path, np.ones((5, 2))))
     said = []
     cache.say = said.append
     again = cache.get("x", "images", lambda: np.full((3, 2), 2.0), shape=(3, 2))
     assert np.array_equal(again, np.full((3, 2), 2.0)) and "does not read back" in said[0]
-    assert np.array_equal(np.load(path), again)
+    assert np.array_equal(np.load(path)["features"], again)
+
+
+@pytest.mark.parametrize("damage", ["a flipped bit", "another file's bytes"])
+def test_a_cache_file_that_reads_back_as_other_numbers_is_recomputed(tmp_path, damage):
+    # trusted as long as it loaded with the right shape: one flipped bit moved the scores, a copy of
+    # the photos' features over the ground truth's made FID/ground truth 0.002, both without a word
+    cache = FeatureCache(tmp_path, "extractor-key", say=lambda s: None)
+    cache.get("truth", "images", lambda: np.arange(6.0).reshape(3, 2), shape=(3, 2))
+    cache.get("photos", "images", lambda: np.ones((3, 2)), shape=(3, 2))
+    path = cache.path("truth", "images")
+    if damage == "a flipped bit":
+        data = bytearray(path.read_bytes())
+        at = data.index(np.float64(5.0).tobytes())  # the last number of the array, stored uncompressed
+        data[at + 6] ^= 8
+        path.write_bytes(bytes(data))
+    else:
+        path.write_bytes(cache.path("photos", "images").read_bytes())
+    said = []
+    cache.say = said.append
+    again = cache.get("truth", "images", lambda: np.arange(6.0).reshape(3, 2), shape=(3, 2))
+    assert np.array_equal(again, np.arange(6.0).reshape(3, 2)), again
+    assert "its bytes are not those it was written with" in said[0] or "does not read back" in said[0], said
 
 
 def test_the_memorization_picture_shows_the_copies_first(data, monkeypatch):
@@ -197,8 +220,13 @@ def test_pair_l1_is_the_mean_pixel_error_on_a_0_to_1_scale():
 
 @pytest.mark.parametrize("damage, needle", [
     (lambda path: path.write_bytes(path.read_bytes()[:300]), "a.jpg: generated image does not decode"),
-    (lambda path: Image.new("RGB", (128, 128)).save(path), "a.jpg: generated image is 128x128, expected 256x256"),
+    (lambda path: Image.new("RGB", (128, 128)).save(path, "JPEG"), "a.jpg: generated image is a JPEG 128x128 RGB; "
+                                                                     "expected a 256x256 RGB JPEG"),
     (lambda path: path.unlink(), "a.jpg: generated image missing"),
+    # scored as converted to RGB, where package refuses them: the score was of images not submitted
+    (lambda path: Image.new("L", (256, 256)).save(path, "JPEG"), "a.jpg: generated image is a JPEG 256x256 L;"),
+    (lambda path: Image.new("CMYK", (256, 256)).save(path, "JPEG"), "a.jpg: generated image is a JPEG 256x256 CMYK;"),
+    (lambda path: Image.new("RGB", (256, 256)).save(path, "PNG"), "a.jpg: generated image is a PNG 256x256 RGB;"),
 ])
 def test_a_damaged_generated_image_is_named(tmp_path, damage, needle):
     for name in ("a", "b"):

@@ -224,6 +224,16 @@ def test_ctrl_c_while_a_folder_is_swapped_in_waits_until_it_is_done(tmp_path, mo
     assert [p.name for p in out.iterdir()] == ["new.jpg"]
 
 
+def test_a_folder_where_a_file_is_written_is_refused_before_the_write(tmp_path):
+    # a folder in the feature cache where a file goes: the rename failed after the work, with a traceback
+    cache = FeatureCache(tmp_path, "offline", say=lambda s: None)
+    path = cache.path("x", "k")
+    path.mkdir()
+    with pytest.raises(PipelineError, match=f"^{path} is a folder where a file is to be written; move it away"):
+        cache.get("x", "k", lambda: np.ones((2, 2)))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name] and path.is_dir()  # kept, and nothing else written
+
+
 def test_a_file_where_a_folder_is_written_is_refused(tmp_path):
     # `generate --out somefile`: the file was replaced by a folder, and kept as .somefile.old
     (tmp_path / "notes.txt").write_text("mine")
