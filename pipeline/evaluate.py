@@ -18,6 +18,7 @@ The reference images' features are cached (`--features-cache`, under the main re
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 from typing import Iterator
@@ -138,7 +139,7 @@ def evaluate(p: Params, shards_dir: Path, manifest_path: Path, images: Path, cac
         raise ScoreError(f"evaluate: the extractor gives all {len(real)} paintings the same features: it tells "
                          f"no images apart (weights of the right shapes but degenerate?); nothing can be scored")
     if len(real) < FEW_PAINTINGS:
-        said = " (the offline extractor's BatchNorm statistics come from them too)" if extractor.id == "offline" else ""
+        said = " (the offline extractor's BatchNorm statistics come from them too)" if extractor.id.startswith("offline") else ""
         say(f"evaluate: warning: {len(real)} paintings: scores against so few are far larger and noisier "
             f"than against hundreds{said}; compare runs on the same image sets only")
     # on the CPU the network takes every core; beside a GPU the host's cores are free to decode
@@ -216,6 +217,10 @@ def main(argv=None) -> None:
     with tracking.failure_marks_row(p, args.generator, "evaluate"):
         result, extractor = evaluate(p, args.shards, args.manifest, args.images,
                                      main_repo() / args.features_cache, args.memorization)
+        unbounded = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
+        if unbounded:  # json.dumps would write Infinity or NaN: not JSON, and no score to compare
+            raise ScoreError(f"evaluate: {', '.join(unbounded)} came out {result[unbounded[0]]}, not a number to "
+                             f"compare (features that overflow or tell no images apart?); {args.out} was not written")
         # numbers to 7 significant digits and short ids only: `dvc exp show` stays readable
         write_json(args.out, {k: float(f"{v:.7g}") if isinstance(v, float) else v for k, v in result.items()})
 

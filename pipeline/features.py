@@ -45,6 +45,15 @@ def code_version() -> str:
 
 
 EXTRACTORS = ("offline", "fid-inception")
+OFFLINE_IMAGE_SIZE = 75  # params.yaml's evaluate.offline_image_size (tested): the id `offline` stands for it
+
+
+def offline_id(image_size: int) -> str:
+    """The offline extractor's id: at another input size it scores on another scale (fid_vs_ground_truth
+    1.96 at 75 px, 2.52 at 99 px on a tiny sample), so runs filtered by the id must not mix them."""
+    return "offline" if int(image_size) == OFFLINE_IMAGE_SIZE else f"offline-{int(image_size)}px"
+
+
 OTHER_FID_WEIGHTS = "fid-inception-other"  # the id of fid-inception with weights that are not the published file
 
 
@@ -205,7 +214,7 @@ def offline_extractor(reference: torch.Tensor, image_size: int, device: torch.de
     n = reference.shape[0]
     name = (f"OFFLINE random-init Inception-v3 (seed {seed}, BatchNorm recalibrated on {n} paintings in "
             f"batches of {RECALIBRATION_BATCH}, {int(image_size)} px) — not comparable to Kaggle MiFID")
-    return Extractor(model=model, id="offline", name=name, comparable=False, image_size=int(image_size),
+    return Extractor(model=model, id=offline_id(image_size), name=name, comparable=False, image_size=int(image_size),
                      key=f"{identity}/{FOLDED}", runs=fold_batchnorm(copy.deepcopy(model)))
 
 

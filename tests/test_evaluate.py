@@ -288,6 +288,27 @@ def test_the_metrics_file_holds_numbers_and_short_ids(data, tmp_path, monkeypatc
     assert all(isinstance(v, (int, float)) for k, v in metrics.items() if k != "extractor")
 
 
+def test_a_score_that_is_no_finite_number_is_one_line_and_no_metrics_file(data, tmp_path, monkeypatch, capsys):
+    # features that overflow gave MiFID inf and KID nan, written as Infinity and NaN: not JSON, and
+    # `dvc metrics show` listed them, with exit 0
+    from pipeline import generator_file
+
+    root, _ = data
+    monkeypatch.setattr(stage, "evaluate", lambda *a: ({"mifid": float("inf"), "kid_mean": float("nan"),
+                                                        "extractor": "offline"}, None))
+    generator = tmp_path / "g.pt"
+    config = generator_file.config_of(parse({"image_size": 32, "train": {"gen_filters": 4, "resnet_blocks": 1}}))
+    generator_file.save(generator_file.build(config), config, generator)
+    out = tmp_path / "evaluate.json"
+    with pytest.raises(SystemExit) as e:
+        stage.main(["--shards", str(root / "shards"), "--manifest", str(root / "manifest.csv"), "--images",
+                    str(root / "generated"), "--generator", str(generator), "--out", str(out), "--memorization",
+                    str(tmp_path / "m.png"), "--features-cache", str(tmp_path / "cache")])
+    assert e.value.code == 2 and not out.exists()
+    assert capsys.readouterr().err == (f"error: evaluate: mifid, kid_mean came out inf, not a number to compare "
+                                       f"(features that overflow or tell no images apart?); {out} was not written\n")
+
+
 def test_weights_that_tell_no_images_apart_are_one_line(data, tmp_path):
     # the right shapes, every weight 0: every image the same features, and a ZeroDivisionError
     # traceback (fid_vs_identity = 0 / 0) after all of the work

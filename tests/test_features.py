@@ -17,7 +17,7 @@ import torch
 
 from pipeline import fid_weights
 from pipeline.errors import FeatureError
-from pipeline.features import Extractor, extract, fold_batchnorm, load_extractor, offline_extractor
+from pipeline.features import Extractor, extract, fold_batchnorm, load_extractor, offline_extractor, offline_id
 from pipeline.fid_weights import FID_WEIGHTS_NAME
 
 CPU = torch.device("cpu")
@@ -230,6 +230,16 @@ def test_offline_is_asked_for_and_never_looks_for_weights(paintings, isolated_hu
                          device=CPU)
     assert ext.id == "offline" and not ext.comparable and "OFFLINE" in ext.name and "not comparable" in ext.name
     assert ext.image_size == OFFLINE_PX and f"{OFFLINE_PX} px" in ext.name and "8 paintings" in ext.name
+
+
+def test_the_offline_extractor_at_another_size_has_an_id_of_its_own(paintings):
+    # its scores are on another scale at another input size (fid_vs_ground_truth 1.96 at 75 px, 2.52
+    # at 99 on a tiny sample): under one id, `tags.evaluate.extractor = "offline"` mixed them
+    from pipeline.params import Evaluate
+
+    ext = load_extractor("offline", "", download=False, offline_image_size=99, reference=paintings, device=CPU)
+    assert ext.id == "offline-99px" and "99 px" in ext.name
+    assert Evaluate().offline_image_size == 75 and offline_id(75) == "offline"  # params.yaml's size keeps the id
 
 
 def test_unknown_extractor_is_refused(paintings):
