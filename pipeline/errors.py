@@ -37,13 +37,22 @@ REDELIVER_SECONDS = 0.05  # long after this hook has returned (microseconds), sh
 
 
 _resends: list[threading.Timer] = []  # signals lost in a callback, to be sent again (_redeliver_lost_stops)
+_resending = threading.RLock()  # a timer past its wait sends only while still in _resends (RLock: a
+# signal handler that stands down may run inside _stand_down itself)
 
 
 def _stand_down() -> None:
     """No signal sent again after all: a stop reached the stage's own code, or the stage ended
     (sent then, it would interrupt the stop's cleanup, or kill the process after its work)."""
-    while _resends:
-        _resends.pop().cancel()
+    with _resending:
+        while _resends:
+            _resends.pop().cancel()
+
+
+def _resend(signum: int) -> None:
+    with _resending:
+        if any(timer is threading.current_thread() for timer in _resends):
+            os.kill(os.getpid(), signum)
 
 
 def _stop(signum, frame):
@@ -67,7 +76,7 @@ def _redeliver_lost_stops(previous_hook):
             previous_hook(unraisable)
         elif not _resends:  # one stop is enough
             signum = signal.SIGTERM if isinstance(unraisable.exc_value, Stopped) else signal.SIGINT
-            again = threading.Timer(REDELIVER_SECONDS, os.kill, (os.getpid(), signum))
+            again = threading.Timer(REDELIVER_SECONDS, _resend, (signum,))
             again.daemon = True
             _resends.append(again)
             again.start()
