@@ -138,11 +138,15 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
 def fid(generated: Any, real: Any) -> float:
     """FID between two feature matrices (rows = images)."""
     g, r = _check_pair(generated, real)
-    lg, lr = _factors(g, r)
+    try:
+        lg, lr = _factors(g, r)
+        tr_sqrt = _trace_sqrt_from_factors(lg, lr)
+    except np.linalg.LinAlgError as e:  # features so large that their products overflow (inf, NaN)
+        raise ScoreError(f"FID: the features' covariances cannot be compared ({e}): features that overflow?") from None
     gc, rc = g - g.mean(axis=0), r - r.mean(axis=0)
     tr_g = float((gc * gc).sum()) / (g.shape[0] - 1)    # Tr of the (unbiased) covariances
     tr_r = float((rc * rc).sum()) / (r.shape[0] - 1)
-    return _frechet(g.mean(axis=0) - r.mean(axis=0), tr_g, tr_r, _trace_sqrt_from_factors(lg, lr))
+    return _frechet(g.mean(axis=0) - r.mean(axis=0), tr_g, tr_r, tr_sqrt)
 
 
 def _unit_rows(x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:

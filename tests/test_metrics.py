@@ -231,6 +231,16 @@ def test_features_that_cannot_be_scored_are_one_line_from_a_stage(capsys):
     assert capsys.readouterr().err == "error: generated features: 1 row(s) contain NaN or inf\n"
 
 
+def test_features_whose_covariances_overflow_are_one_line_from_a_stage(capsys):
+    # finite features of 1e154 and more: NumPy's eigensolver gave up, a LinAlgError traceback
+    rng = np.random.default_rng(0)
+    stage = cli(lambda: fid(rng.normal(size=(20, 8)) * 1e160, rng.normal(size=(20, 8)) * 1e160))
+    with pytest.raises(SystemExit) as e, np.errstate(over="ignore", invalid="ignore"):
+        stage()
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("error: FID: the features' covariances cannot be compared (")
+
+
 def test_frechet_distance_shape_check():
     with pytest.raises(ValueError):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
