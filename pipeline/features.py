@@ -160,17 +160,36 @@ def _batchnorm_stats(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.cpu() for k, v in model.state_dict().items() if k.endswith(BATCHNORM_STATS)}
 
 
+def _stats_check(path: Path, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A SHA-256 of the statistics' numbers and of the file they belong in, stored beside them (as
+    feature_cache does for features: a changed number, or another file copied over, moved scores)."""
+    h = hashlib.sha256(path.name.encode())
+    for name in sorted(stats):
+        h.update(f"|{name}|{stats[name].dtype}|{tuple(stats[name].shape)}|".encode())
+        h.update(stats[name].contiguous().numpy().tobytes())
+    return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
+
+
+def _save_batchnorm_stats(model: nn.Module, path: Path) -> None:
+    stats = _batchnorm_stats(model)
+    save_torch({"statistics": stats, "check": _stats_check(path, stats)}, path)
+
+
 def _load_batchnorm_stats(model: nn.Module, path: Path, say: Callable[[str], None]) -> bool:
     """Put the BatchNorm statistics saved at `path` into `model`; False (and `model` untouched)
-    when there is no such file or it does not read back as exactly these layers' statistics."""
+    when there is no such file or it does not read back as exactly these layers' statistics, as
+    they were written."""
     if not path.exists():
         return False
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        saved, check = stored["statistics"], stored["check"]
         expected = _batchnorm_stats(model)
         if not isinstance(saved, dict) or saved.keys() != expected.keys() \
                 or any(saved[k].shape != v.shape or saved[k].dtype != v.dtype for k, v in expected.items()):
             raise ValueError("not this network's BatchNorm statistics")
+        if not torch.equal(check, _stats_check(path, saved)):
+            raise ValueError("its numbers are not those it was written with")
     except Exception as e:  # any unreadable cache file is recomputed, never trusted
         say(f"evaluate: {path} does not read back ({type(e).__name__}); recalibrating BatchNorm")
         return False
@@ -209,7 +228,7 @@ def offline_extractor(reference: torch.Tensor, image_size: int, device: torch.de
     if stats is None or not _load_batchnorm_stats(model, stats, say):
         recalibrate_batchnorm(model, reference, RECALIBRATION_BATCH, device)
         if stats is not None:
-            save_torch(_batchnorm_stats(model), stats)
+            _save_batchnorm_stats(model, stats)
     model.eval()
     n = reference.shape[0]
     name = (f"OFFLINE random-init Inception-v3 (seed {seed}, BatchNorm recalibrated on {n} paintings in "

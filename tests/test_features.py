@@ -301,9 +301,15 @@ def test_offline_batchnorm_statistics_are_cached_and_a_bad_file_recalibrates(off
 
     # a file that does not read back, or holds other statistics, is recomputed and replaced
     good = stats.read_bytes()
-    for bad in (b"not a torch file", None):
+    stored = torch.load(stats, weights_only=True)
+    changed = {k: v.clone() for k, v in stored["statistics"].items()}
+    first_mean = next(k for k in sorted(changed) if k.endswith("running_mean"))
+    changed[first_mean][0] += 2  # one number changed (a flipped bit): it loaded, and moved the scores
+    for bad in (b"not a torch file", None, {"statistics": changed, "check": stored["check"]}):
         if bad is None:
             torch.save({"Conv2d_1a_3x3.bn.running_mean": torch.zeros(3)}, stats)
+        elif isinstance(bad, dict):
+            torch.save(bad, stats)
         else:
             stats.write_bytes(bad)
         said.clear()
