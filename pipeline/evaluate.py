@@ -159,6 +159,10 @@ def evaluate(p: Params, shards_dir: Path, manifest_path: Path, images: Path, cac
     result["fid_vs_identity"] = fid_subset / result["fid_identity"]
     if on_sample:
         result.update(ground_truth(p, cache, names, photos, images, features, n, fid_subset, real))
+    unbounded = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
+    if unbounded:  # json.dumps would write Infinity or NaN: not JSON, and no score to compare
+        raise ScoreError(f"evaluate: {', '.join(unbounded)} came out {result[unbounded[0]]}, not a number to "
+                         f"compare (features that overflow or tell no images apart?); no output was written")
 
     if picture is not None:
         distance, nearest = nearest_real(generated, real)
@@ -217,10 +221,6 @@ def main(argv=None) -> None:
     with tracking.failure_marks_row(p, args.generator, "evaluate"):
         result, extractor = evaluate(p, args.shards, args.manifest, args.images,
                                      main_repo() / args.features_cache, args.memorization)
-        unbounded = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
-        if unbounded:  # json.dumps would write Infinity or NaN: not JSON, and no score to compare
-            raise ScoreError(f"evaluate: {', '.join(unbounded)} came out {result[unbounded[0]]}, not a number to "
-                             f"compare (features that overflow or tell no images apart?); {args.out} was not written")
         # numbers to 7 significant digits and short ids only: `dvc exp show` stays readable
         write_json(args.out, {k: float(f"{v:.7g}") if isinstance(v, float) else v for k, v in result.items()})
 

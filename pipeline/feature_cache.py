@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from pipeline.errors import PipelineError
 from pipeline.files import write_bytes
 
 
@@ -55,6 +56,8 @@ class FeatureCache:
         else computed and cached. A file that does not read back as an array (of `shape`, when
         given) is computed again, never trusted."""
         path = self.path(label, key)
+        if path.is_dir() and not path.is_symlink():  # said after the work, the work is lost
+            raise PipelineError(f"{path} is a folder where the features cache keeps a file; move it away and run again")
         if path.exists():
             try:
                 with np.load(path, allow_pickle=False) as stored:

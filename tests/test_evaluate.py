@@ -294,19 +294,21 @@ def test_a_score_that_is_no_finite_number_is_one_line_and_no_metrics_file(data, 
     from pipeline import generator_file
 
     root, _ = data
-    monkeypatch.setattr(stage, "evaluate", lambda *a: ({"mifid": float("inf"), "kid_mean": float("nan"),
-                                                        "extractor": "offline"}, None))
+    monkeypatch.setattr(stage, "mifid", lambda *a: {"mifid": float("inf"), "fid": float("nan")})
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"seed": SEED, "evaluate": {"batch_size": 16, "baseline_images": 16,
+                                                             "kid_subsets": 5}}))
     generator = tmp_path / "g.pt"
     config = generator_file.config_of(parse({"image_size": 32, "train": {"gen_filters": 4, "resnet_blocks": 1}}))
     generator_file.save(generator_file.build(config), config, generator)
     out = tmp_path / "evaluate.json"
     with pytest.raises(SystemExit) as e:
-        stage.main(["--shards", str(root / "shards"), "--manifest", str(root / "manifest.csv"), "--images",
-                    str(root / "generated"), "--generator", str(generator), "--out", str(out), "--memorization",
-                    str(tmp_path / "m.png"), "--features-cache", str(tmp_path / "cache")])
-    assert e.value.code == 2 and not out.exists()
-    assert capsys.readouterr().err == (f"error: evaluate: mifid, kid_mean came out inf, not a number to compare "
-                                       f"(features that overflow or tell no images apart?); {out} was not written\n")
+        stage.main(["--params", str(params), "--shards", str(root / "shards"), "--manifest", str(root / "manifest.csv"),
+                    "--images", str(root / "generated"), "--generator", str(generator), "--out", str(out),
+                    "--memorization", str(tmp_path / "m.png"), "--features-cache", str(tmp_path / "cache")])
+    assert e.value.code == 2 and not out.exists() and not (tmp_path / "m.png").exists()  # nor the picture
+    assert capsys.readouterr().err.endswith("error: evaluate: mifid, fid came out inf, not a number to compare "
+                                            "(features that overflow or tell no images apart?); no output was written\n")
 
 
 def test_weights_that_tell_no_images_apart_are_one_line(data, tmp_path):

@@ -229,8 +229,11 @@ def test_a_folder_where_a_file_is_written_is_refused_before_the_write(tmp_path):
     cache = FeatureCache(tmp_path, "offline", say=lambda s: None)
     path = cache.path("x", "k")
     path.mkdir()
+    with pytest.raises(PipelineError, match=f"^{path} is a folder where the features cache keeps a file; move it"):
+        cache.get("x", "k", lambda: pytest.fail("computed first: the work lost"))
     with pytest.raises(PipelineError, match=f"^{path} is a folder where a file is to be written; move it away"):
-        cache.get("x", "k", lambda: np.ones((2, 2)))
+        with atomic_path(path):  # any other output of the stages
+            pytest.fail("written")
     assert [p.name for p in tmp_path.iterdir()] == [path.name] and path.is_dir()  # kept, and nothing else written
 
 
