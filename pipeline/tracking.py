@@ -414,14 +414,10 @@ def _failing_ends(mlflow, keep_end_time: int | None = None):
 
 
 @contextlib.contextmanager
-def _quick_requests():
-    """MLflow's requests to its server tried once, briefly: after it stopped answering, ending the
-    row would wait out MLflow's retries a second time. end_run takes the row off MLflow's stack
-    before it asks (MLflow ends what is on it as the process exits, waiting once more); unreached,
-    the row stays RUNNING for the rerun to take up."""
-    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    before = {name: os.environ.get(name) for name in quick}
-    os.environ.update(quick)
+def _environment(values: dict[str, str]):
+    """os.environ with `values` set inside the block, and as it was after it."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -430,6 +426,14 @@ def _quick_requests():
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _quick_requests():
+    """MLflow's requests to its server tried once, briefly: after it stopped answering, ending the
+    row would wait out MLflow's retries a second time. end_run takes the row off MLflow's stack
+    before it asks (MLflow ends what is on it as the process exits, waiting once more); unreached,
+    the row stays RUNNING for the rerun to take up."""
+    return _environment({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
 
 
 def logged_params(params: Params) -> dict[str, str]:
@@ -867,17 +871,13 @@ def _without_progress_lines():
     """log_model loads the model back to check the input example, and says so: an INFO line and a
     download progress bar in the stage's output, which tell its user nothing. Warnings still show."""
     logger = logging.getLogger("mlflow")
-    level, bar = logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    level = logger.level
     logger.setLevel(logging.WARNING)
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
-        yield
+        with _environment({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+            yield
     finally:
         logger.setLevel(level)
-        if bar is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
 
 
 def log_file(path: Path, stage: str, step: int | None = None) -> None:
