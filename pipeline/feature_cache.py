@@ -35,6 +35,18 @@ def code_key(files: Iterable[str | Path], *versions: str) -> str:
     return h.hexdigest()[:16]
 
 
+def stored_digest(file_name: str, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """A SHA-256 (uint8) of `arrays` (names, dtypes, shapes, numbers) and of the file they are
+    stored in: kept beside them, it tells a file read back as written from a damaged one or from
+    another cache file copied over it (either gave other scores without a word)."""
+    h = hashlib.sha256(file_name.encode())
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        h.update(f"|{name}|{array.dtype.str}|{array.shape}|".encode())
+        h.update(array.tobytes())
+    return np.frombuffer(h.digest(), dtype=np.uint8)
+
+
 class FeatureCache:
     def __init__(self, folder: Path, extractor_key: str, say: Callable[[str], None] = print):
         self.folder, self.extractor_key, self.say = folder, extractor_key, say
@@ -42,13 +54,6 @@ class FeatureCache:
     def path(self, label: str, key: str) -> Path:
         digest = hashlib.sha256(f"{self.extractor_key}|{key}".encode()).hexdigest()[:32]
         return self.folder / f"{label}-{digest}.npz"
-
-    def _check(self, path: Path, array: np.ndarray) -> np.ndarray:
-        """The digest stored beside `array`: of its bytes and of the file it belongs in (a flipped
-        bit, or one cache file copied over another, gave other scores without a word)."""
-        h = hashlib.sha256(f"{path.name}|{array.dtype.str}|{array.shape}|".encode())
-        h.update(np.ascontiguousarray(array).tobytes())
-        return np.frombuffer(h.digest(), dtype=np.uint8)
 
     def get(self, label: str, key: str, compute: Callable[[], np.ndarray], what: str = "features",
             shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -64,7 +69,7 @@ class FeatureCache:
                     array, check = stored["features"], stored["check"]
                 if shape is not None and array.shape != shape:
                     raise ValueError(f"shape {array.shape}, not {shape}")
-                if not np.array_equal(check, self._check(path, array)):
+                if not np.array_equal(check, stored_digest(path.name, {"features": array})):
                     raise ValueError("its bytes are not those it was written with")
                 self.say(f"evaluate: {label} {what} from the cache ({path})")
                 return array
@@ -72,7 +77,7 @@ class FeatureCache:
                 self.say(f"evaluate: {path} does not read back ({type(e).__name__}: {e}); computing it again")
         array = compute()
         buffer = io.BytesIO()  # into memory first: numpy's writer says a full disk without its errno
-        np.savez(buffer, features=array, check=self._check(path, array))
+        np.savez(buffer, features=array, check=stored_digest(path.name, {"features": array}))
         write_bytes(path, buffer.getbuffer())
         self.say(f"evaluate: {label} {what} computed and cached ({path})")
         return array

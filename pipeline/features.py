@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pipeline import fid_inception, fid_weights
 from pipeline.errors import FeatureError
-from pipeline.feature_cache import code_key, images_key
+from pipeline.feature_cache import code_key, images_key, stored_digest
 from pipeline.files import save_torch
 from pipeline.fid_inception import FEATURE_DIM, FID_IMAGE_SIZE, MIN_IMAGE_SIZE, FIDInceptionPool, build_fid_inception
 
@@ -161,13 +161,8 @@ def _batchnorm_stats(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _stats_check(path: Path, stats: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A SHA-256 of the statistics' numbers and of the file they belong in, stored beside them (as
-    feature_cache does for features: a changed number, or another file copied over, moved scores)."""
-    h = hashlib.sha256(path.name.encode())
-    for name in sorted(stats):
-        h.update(f"|{name}|{stats[name].dtype}|{tuple(stats[name].shape)}|".encode())
-        h.update(stats[name].contiguous().numpy().tobytes())
-    return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
+    """The digest stored beside the statistics, as the feature cache stores one beside features."""
+    return torch.tensor(stored_digest(path.name, {name: t.numpy() for name, t in stats.items()}))
 
 
 def _save_batchnorm_stats(model: nn.Module, path: Path) -> None:
