@@ -94,6 +94,12 @@ def _without_password(uri: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
 
 
+def experiment_name() -> str:
+    """The MLflow experiment the stages log into: MLFLOW_EXPERIMENT_NAME, as MLflow reads it (set
+    but empty is unset), else the pipeline's own."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
+
+
 def check_store() -> None:
     """Fail fast, before a stage does any work, when MLFLOW_TRACKING_URI names a server that does
     not answer (MLflow itself would retry for minutes, and only after training), or a SQLite file
@@ -128,7 +134,7 @@ def check_store() -> None:
         else:
             deleted = db.exists() and _deleted_in_sqlite(db)
             if deleted:  # else MLflow says so only when the stage first logs: evaluate's after its work
-                raise PipelineError(_deleted_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT), deleted))
+                raise PipelineError(_deleted_experiment(deleted))
             return
         if uri == default_store():
             raise PipelineError(f"tracking: its store {uri} {problem}; mend that, or set MLFLOW_TRACKING_URI "
@@ -325,11 +331,11 @@ def _store_named(uri: str) -> str:
     return f"MLFLOW_TRACKING_URI={_without_password(uri)} (unset, the pipeline logs into {default_store()})"
 
 
-def _deleted_experiment(name: str, exp_id: str) -> str:
+def _deleted_experiment(exp_id: str) -> str:
     """The line for an experiment deleted in the UI: MLflow will not log into it, nor make another
     of its name."""
     uri = _without_password(tracking_uri())
-    return (f"tracking: the MLflow experiment '{name}' in {uri} is deleted; restore it "
+    return (f"tracking: the MLflow experiment '{experiment_name()}' in {uri} is deleted; restore it "
             f"(MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {exp_id}), or set "
             f"MLFLOW_EXPERIMENT_NAME to log into another experiment")
 
@@ -338,11 +344,10 @@ def _deleted_in_sqlite(db: Path) -> str | None:
     """The id of this pipeline's experiment in the SQLite store `db` when it is deleted, else None
     (read without MLflow, which takes seconds to import; a store MLflow has not made yet, or of
     another layout, is MLflow's to judge)."""
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     try:
         with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as con:
             row = con.execute("select experiment_id from experiments where name = ? and lifecycle_stage = 'deleted'",
-                              (name,)).fetchone()
+                              (experiment_name(),)).fetchone()
     except sqlite3.Error:
         return None
     return str(row[0]) if row else None
@@ -350,7 +355,7 @@ def _deleted_in_sqlite(db: Path) -> str | None:
 
 def _experiment_id(mlflow) -> str:
     mlflow.set_tracking_uri(tracking_uri())
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    name = experiment_name()
     try:  # the first call that opens the store: what fails here is the store, as the user named it
         exp = mlflow.get_experiment_by_name(name)
     except Exception as e:  # e.g. a file store (MLflow 3 refuses them), a database without its driver
@@ -366,7 +371,7 @@ def _experiment_id(mlflow) -> str:
         raise PipelineError(f"tracking: MLflow cannot use {store}: {said}") from None
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
-            raise PipelineError(_deleted_experiment(name, exp.experiment_id))
+            raise PipelineError(_deleted_experiment(exp.experiment_id))
         return exp.experiment_id
     try:
         return mlflow.create_experiment(name, artifact_location=artifact_location(tracking_uri()))
@@ -510,7 +515,7 @@ def _existing_experiment(mlflow):
     if sqlite_file(uri) and not sqlite_file(uri).exists():
         return None
     mlflow.set_tracking_uri(uri)
-    return mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+    return mlflow.get_experiment_by_name(experiment_name())
 
 
 def end_lost_training(params: Params, error: BaseException) -> None:
@@ -635,7 +640,7 @@ ROW_NOTE = Path(".cache/mlflow-row.json")  # the row a stage last logged into: s
 
 
 def _row_note(key: str) -> dict:
-    return {"store": tracking_uri(), "experiment": os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT), "key": key}
+    return {"store": tracking_uri(), "experiment": experiment_name(), "key": key}
 
 
 def _note_row(key: str, this_execution: bool = True) -> None:

@@ -943,6 +943,21 @@ def test_a_deleted_experiment_is_one_line_before_the_work(store, tmp_path, monke
         assert other.info.experiment_id != run.info.experiment_id
 
 
+def test_an_empty_experiment_name_is_no_name(store, monkeypatch):
+    # MLflow reads MLFLOW_EXPERIMENT_NAME= (set, empty) as unset; the stages asked for an experiment
+    # named '' and stopped on MLflow's traceback when it would not make one
+    from pipeline import tracking
+    from pipeline.params import parse
+
+    manifest, _ = store
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "")
+    tracking.check_store()
+    with tracking.start_training(parse({}), manifest, None) as run:
+        pass
+    experiment = tracking._mlflow().get_experiment(run.info.experiment_id)
+    assert experiment.name == "monet-cyclegan"
+
+
 def test_a_store_mlflow_will_not_open_stops_train_before_any_step(reproduced, tmp_path):
     """A file store (`./mlruns`, what many MLflow users have), which MLflow 3 refuses unless
     MLFLOW_ALLOW_FILE_STORE is set: one line with MLflow's advice, not its traceback."""
