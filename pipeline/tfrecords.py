@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import io
 import itertools
+import re
 import struct
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tfrecord import example_pb2
 from tfrecord.reader import example_loader
 from tfrecord.writer import TFRecordWriter
@@ -95,10 +96,14 @@ def verify(path: str | Path, label: str | None = None) -> int:
             if crc != TFRecordWriter.masked_crc(body):
                 raise DataError(f"{where}: data checksum mismatch (corrupt file)")
             pos, count = pos + 16 + length, count + 1
-    # a copy cut short at a record's end has whole checksums, and the count in a file's name
-    # (photo00-352.tfrec) is a convention, not a promise; an empty file is a broken copy at least
+    # a copy cut short at a record's end has whole checksums: what tells it is the count Kaggle's
+    # names end with (photo00-352.tfrec holds 352), or, for a file named otherwise, no record at all
     if count == 0:
         raise DataError(f"{label}: holds no record (an empty file, or a copy cut short: copy it again)")
+    named = re.search(r"\d-(\d+)\.tfrec$", path.name, re.IGNORECASE)
+    if named and count < int(named[1]):
+        raise DataError(f"{label}: holds {count} records where its name says {int(named[1])} (a copy cut short "
+                        f"at a record's end?); copy it again, or rename it if its name does not count its records")
     return count
 
 
@@ -137,6 +142,8 @@ def decode_image(jpeg: bytes, where: str) -> np.ndarray:
             if mode == "RGB" and size == IMAGE_SHAPE[1::-1]:
                 img.load()
                 pixels = np.asarray(img)
+    except UnidentifiedImageError:  # its message names the BytesIO object, an address
+        raise DataError(f"{where}: image does not decode (bytes of no image format Pillow reads)") from None
     except Exception as e:  # PIL raises many types for broken data
         raise DataError(f"{where}: image does not decode ({type(e).__name__}: {e})") from None
     if mode != "RGB" or size != IMAGE_SHAPE[1::-1]:

@@ -360,6 +360,30 @@ def test_an_empty_tfrecord_is_refused_not_read_as_no_images(tmp_path, good):
                  r"photo_tfrec/photo01-352.tfrec'?: holds no record \(an empty file, or a copy cut short")
 
 
+def test_a_tfrecord_cut_at_a_record_end_is_told_by_the_count_in_its_name(tmp_path, good):
+    # whole checksums, one record fewer than Kaggle's name says: its photo was lost without a word
+    cut = good["photo_tfrec/photo00-2.tfrec"]
+    cut = cut[:16 + int.from_bytes(cut[:8], "little")]  # the first record only
+    for name in ("photo00-2.tfrec", "PHOTO00-2.TFREC"):
+        short = {"monet_tfrec/monet00-2.tfrec": good["monet_tfrec/monet00-2.tfrec"], f"photo_tfrec/{name}": cut,
+                 "photo_tfrec/photo01-2.tfrec": good["photo_tfrec/photo00-2.tfrec"]}
+        for source in (_folder(tmp_path / f"comp-{name}", short), _zip(tmp_path / f"short-{name}.zip", short)):
+            _refused(tmp_path / f"out-{source.name}", source,
+                     rf"photo_tfrec/{name}'?: holds 1 records where its name says 2 \(a copy cut short at a "
+                     rf"record's end\?\); copy it again, or rename it if its name does not count its records$")
+    # a name that counts nothing, or more records than it counts, is read as it is
+    def records(*names):
+        path = tmp_path / "records.tfrec"
+        jpeg = tfrecords.encode_jpeg(np.full((256, 256, 3), 90, np.uint8))
+        tfrecords.write(path, [tfrecords.Example(name, jpeg, "photo") for name in names])
+        return path.read_bytes()
+
+    renamed = {"monet_tfrec/monet00-2.tfrec": good["monet_tfrec/monet00-2.tfrec"],
+               "photo_tfrec/photos.tfrec": records("a"), "photo_tfrec/photo02-1.tfrec": records("b", "c")}
+    manifest = _ingest(tmp_path / "renamed", _folder(tmp_path / "renamed-comp", renamed))
+    assert sorted(manifest.loc[manifest["domain"] == "photo", "image_name"]) == ["a", "b", "c"]
+
+
 def test_a_compressed_tfrecord_folder_is_told_to_decompress(tmp_path, good):
     import gzip
 
