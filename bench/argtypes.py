@@ -48,3 +48,7 @@ def keep_folder(text: str) -> Path:
     if repo.exists() and (not repo.is_dir() or any(repo.iterdir())):
         raise argparse.ArgumentTypeError(f"{folder / 'repo'} exists already: remove it or name another folder")
     return folder
+
+
+if __name__ == "__main__":  # `--help`, as for the scripts beside it, printed nothing
+    print(f"{__doc__}\n\n{Path(__file__).name} is a module the bench scripts import, not a script: see their --help.")

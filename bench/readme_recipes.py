@@ -51,3 +51,7 @@ def apply(raw: dict, over: dict[str, object]) -> dict:
             node = node.setdefault(part, {})
         node[leaf] = value
     return out
+
+
+if __name__ == "__main__":  # `--help`, as for the scripts beside it, printed nothing
+    print(f"{__doc__}\n\n{Path(__file__).name} is a module the bench scripts import, not a script: see their --help.")

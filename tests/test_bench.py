@@ -28,6 +28,15 @@ def refused(repo_root, script: str, *args: str, timeout: float = 300, **kwargs) 
     return errors[0]
 
 
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).parents[1] / "bench").glob("*.py")))
+def test_every_bench_file_answers_help(repo_root, script):
+    # the two modules the scripts import printed nothing and exited 0
+    res = subprocess.run([sys.executable, str(repo_root / "bench" / script), "--help"], cwd=repo_root,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and not res.stderr.strip(), res.stderr[-2000:]
+    assert res.stdout.startswith(f"usage: {script} ") or f"{script} is a module the bench scripts import" in res.stdout
+
+
 def test_gpu_check_imports_no_mlflow_dvc_tfrecord_or_pytorch_fid(repo_root):
     code = ("import runpy, sys; sys.argv = ['train_step.py', '--help']\n"
             "try:\n    runpy.run_path('bench/train_step.py', run_name='__main__')\n"
