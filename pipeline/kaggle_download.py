@@ -67,7 +67,8 @@ def kaggle_api():
             raise PipelineError(f"ingest.source=kaggle: {problem}") from None
         why = f"Kaggle refused the credentials (HTTP {status})" if status in (401, 403) else f"{type(e).__name__}: {e}"
         raise PipelineError(f"ingest.source=kaggle: signing in to Kaggle failed: {why}") from None
-    print(help_text.getvalue(), end="", file=sys.stderr)  # what it says when it signs in (a warning, say)
+    # what it says when it signs in (a warning, say), once: the import signs in too, and says it again
+    print("".join(dict.fromkeys(help_text.getvalue().splitlines(keepends=True))), end="", file=sys.stderr)
     return api
 
 
@@ -173,8 +174,9 @@ def _fetch(api, into: Path) -> list[Path]:
                 f"ingest.source=kaggle: Kaggle refused the credentials (HTTP 401); check KAGGLE_KEY or "
                 f"{_config_file()}, and that no expired token is set (KAGGLE_API_TOKEN or "
                 f"~/.kaggle/access_token, which the client uses first)") from None
-        if _unreachable(e):
-            raise Unreachable(f"ingest.source=kaggle: the download of {COMPETITION} broke off ({_cause(e)})") from None
+        if _unreachable(e):  # a username and key are not checked when signing in: here, first
+            what = f"the download of {COMPETITION} broke off" if received() else f"cannot reach Kaggle to download {COMPETITION}"
+            raise Unreachable(f"ingest.source=kaggle: {what} ({_cause(e)})") from None
         raise PipelineError(f"ingest.source=kaggle: download of {COMPETITION} failed: {e}") from None
     zips = sorted(into.glob("*.zip"))
     if not zips:

@@ -1,3 +1,4 @@
+import os
 import shutil
 import struct
 import subprocess
@@ -383,6 +384,29 @@ def test_kaggle_download_path_downloads_once(tmp_path, monkeypatch, capsys):
                        api_factory=lambda: _FakeApi(zpath))
     assert _FakeApi.downloads == 1 and len(m2) == 7
     assert "from the download cache" in capsys.readouterr().out
+
+
+def test_a_download_that_never_starts_is_not_said_to_break_off(tmp_path):
+    # a username and key are not checked when signing in: with no network the download is Kaggle's
+    # first request, and "the download broke off" was the line for it
+    error = requests.ConnectionError("HTTPSConnectionPool(host='www.kaggle.com', port=443): Max retries exceeded "
+                                     "(Caused by NameResolutionError(\"Failed to resolve 'www.kaggle.com'\"))")
+    with pytest.raises(PipelineError, match=r"^ingest\.source=kaggle: cannot reach Kaggle to download "
+                                            r"gan-getting-started \(NameResolutionError\)" + NO_NETWORK):
+        _run(tmp_path, "kaggle", api_factory=lambda: _FakeApi(error=error))
+    assert not list((tmp_path / "cache").iterdir())
+
+
+def test_what_the_client_says_when_signing_in_is_said_once(tmp_path):
+    # `import kaggle` signs in as well as the stage: its warning on a kaggle.json others may read came twice
+    (tmp_path / ".kaggle").mkdir()
+    (tmp_path / ".kaggle/kaggle.json").write_text('{"username": "bob", "key": "0123456789abcdef"}')
+    (tmp_path / ".kaggle/kaggle.json").chmod(0o644)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_")}
+    res = subprocess.run([sys.executable, "-c", "from pipeline import kaggle_download; kaggle_download.kaggle_api()"],
+                         env={**env, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=120, check=True)
+    warnings = [line for line in res.stderr.splitlines() if "readable by other users" in line]
+    assert len(warnings) == 1, res.stderr
 
 
 def test_interrupted_download_never_looks_complete(tmp_path, monkeypatch):
