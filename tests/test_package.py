@@ -1,4 +1,5 @@
 import hashlib
+import io
 import os
 import shutil
 import zipfile
@@ -99,15 +100,55 @@ def test_non_jpeg_entries_refused(tmp_path):
         check_images(gen, 5, 10)
 
 
-def test_a_jpeg_cut_short_is_refused(tmp_path):
-    # PIL's verify() reads a JPEG's headers only, and a truncated file passes it
+def test_a_jpeg_cut_short_or_damaged_inside_is_refused(tmp_path):
+    # PIL's verify() reads a JPEG's headers only: a truncated file passes it, and so did one whose
+    # data was overwritten inside (the zip then held an image no reader decodes)
     gen = _jpegs(tmp_path / "gen", 5)
+    noisy = np.random.default_rng(0).integers(0, 256, (256, 256, 3), np.uint8)  # data enough to damage
+    Image.fromarray(noisy).save(gen / "img002.jpg", quality=95)
     whole = (gen / "img002.jpg").read_bytes()
     (gen / "img002.jpg").write_bytes(whole[:len(whole) // 2])
-    with pytest.raises(DataError, match=r"img002\.jpg: a JPEG cut short \(no end-of-image marker\)"):
+    with pytest.raises(DataError, match=r"img002\.jpg: a damaged JPEG \(cut short: no end-of-image marker\); "
+                                        r"run the generate stage again$"):
         check_images(gen, 5, 10)
-    (gen / "img002.jpg").write_bytes(whole + bytes(16))  # zeros after the marker, as some writers pad
-    assert len(check_images(gen, 5, 10)) == 5
+    middle = len(whole) // 2
+    damaged = whole[:middle] + np.random.default_rng(1).integers(0, 256, 2000, np.uint8).tobytes() + whole[middle + 2000:]
+    (gen / "img002.jpg").write_bytes(damaged)
+    with pytest.raises(DataError, match=r"img002\.jpg: a damaged JPEG \((marker FF.. at byte \d+, where Pillow's decoder "
+                                        r"stops|no marker where one is due, at byte \d+)\); run the generate stage again$"):
+        check_images(gen, 5, 10)
+    # bytes after the end-of-image marker: zeros as some writers pad, or anything else, are no damage
+    # ("a JPEG cut short" was the line for the latter)
+    for tail in (bytes(16), b"trailer"):
+        (gen / "img002.jpg").write_bytes(whole + tail)
+        assert len(check_images(gen, 5, 10)) == 5
+
+
+@pytest.mark.parametrize("options", [{}, {"progressive": True}, {"restart_marker_rows": 1}, {"optimize": True},
+                                     {"comment": b"c", "icc_profile": b"p" * 100, "exif": b"Exif\0\0"},
+                                     {"quality": 10, "subsampling": 0}])
+def test_every_overwrite_pillow_cannot_decode_is_refused_and_whole_jpegs_pass(options):
+    # Pillow's own decoder is the reference: what it stops at, the structural check must refuse;
+    # every cut must be refused; and a JPEG however it was encoded (another set to package) passes
+    from pipeline.package import jpeg_damage
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), np.uint8)).save(buf, "JPEG", **options)
+    whole = buf.getvalue()
+    assert jpeg_damage(whole) is None and jpeg_damage(whole + b"tail") is None
+    assert all(jpeg_damage(whole[:cut]) for cut in range(0, len(whole) - 1, 331))
+    undecodable = 0
+    for seed in range(60):
+        at, count = len(whole) * (seed % 5 + 2) // 8, (2000, 50, 5)[seed % 3]
+        noise = np.random.default_rng(seed).integers(0, 256, count, np.uint8).tobytes()
+        damaged = whole[:at] + noise + whole[at + count:]
+        try:
+            with Image.open(io.BytesIO(damaged)) as img:
+                img.load()
+        except (OSError, SyntaxError):
+            undecodable += 1
+            assert jpeg_damage(damaged), (options, seed)
+    assert undecodable >= 10  # the reference found damage to compare with
 
 
 def test_out_naming_a_folder_is_one_line(tmp_path, repo_root, capsys):
