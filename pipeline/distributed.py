@@ -9,6 +9,7 @@ so the weights stay identical on every rank, and rank 0 alone writes outputs.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import re
@@ -141,12 +142,25 @@ def start(world: World, device: torch.device) -> torch.device:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     elif world.size > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
+        torch.set_num_threads(cpu_threads(world, os.environ, os.cpu_count() or 1))
     if world.size > 1:
         _die_with_launcher()
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank,
                                 world_size=world.size, timeout=TIMEOUT)
     return device
+
+
+def cpu_threads(world: World, environ, cores: int) -> int:
+    """A CPU worker's threads: the OMP_NUM_THREADS the user set (a sweep's `OMP_NUM_THREADS=1 dvc
+    queue start -j 2`), else its share of the cores. A plain torchrun with several workers here
+    sets OMP_NUM_THREADS=1 itself when it is unset (and warns), so there 1 reads as its default."""
+    share = max(1, cores // world.local_size)
+    told = environ.get("OMP_NUM_THREADS", "").strip()
+    if not told.isdigit() or int(told) < 1:
+        return share
+    if told == "1" and world.local_size > 1 and not environ.get(LAUNCHER):
+        return share
+    return int(told)
 
 
 def peer_lost(e: BaseException, world: World) -> bool:
@@ -167,9 +181,11 @@ def wrap(net: nn.Module, world: World, device: torch.device) -> nn.Module:
     if world.size == 1:
         return net
     # no buffer changes in training (the resize taps are constants, InstanceNorm keeps no running
-    # statistics): nothing to send from rank 0 before each forward
-    return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+    # statistics): nothing to send from rank 0 before each forward. PyTorch 2.14 renamed the option
+    # (the old name warns, once a worker); the GPU image's 2.11 knows only the old one
+    names = inspect.signature(DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in names else "broadcast_buffers": False}
+    return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None, **no_sync)
 
 
 def gather(obj: object, world: World) -> list:

@@ -44,6 +44,7 @@ def test_two_processes_through_dvc(repo, tmp_path):
     for stage in ("train", "generate", "evaluate", "package"):  # generate loads the generator in one process
         assert f"Running stage '{stage}'" in res.stdout
     assert "weights identical on all 2 processes" in res.stdout
+    assert "Warning" not in res.stdout + res.stderr  # torch 2.14's FutureWarning on DDP's broadcast_buffers, twice
     train = json.loads((root / "metrics/train.json").read_text())
     assert train["processes"] == 2 and train["steps"] == 6
     assert all(torch.isfinite(torch.tensor(v)) for k, v in train.items() if k.startswith("loss_"))
@@ -234,6 +235,23 @@ def test_more_processes_than_gpus_is_one_line_before_any_worker_starts(tmp_path,
         distributed.start(distributed.World(rank=1, size=2, local_rank=1, local_size=2), torch.device("cuda"))
     distributed.check_devices(1, torch.device("cuda"))  # one process, one GPU: fine
     distributed.check_devices(8, torch.device("cpu"))  # gloo on the CPU needs no GPU
+
+
+@pytest.mark.parametrize("local_size, environ, threads", [
+    (2, {}, 8),                                               # a share of the 16 cores each
+    (2, {"OMP_NUM_THREADS": "1", "PIPELINE_TRAIN_LAUNCHER": "7"}, 1),  # the user's, through the stage
+    (2, {"OMP_NUM_THREADS": "3"}, 3),                         # the user's, under a plain torchrun
+    (1, {"OMP_NUM_THREADS": "1"}, 1),                         # one worker a machine: torchrun sets nothing
+    (2, {"OMP_NUM_THREADS": "1"}, 8),                         # torchrun's own default, not a choice
+    (2, {"OMP_NUM_THREADS": "many"}, 8),
+])
+def test_a_cpu_worker_takes_the_threads_the_user_set_or_its_share(local_size, environ, threads):
+    # each worker took its share whatever OMP_NUM_THREADS said: a sweep's `OMP_NUM_THREADS=1 dvc
+    # queue start -j 2` oversubscribed the cores with train.processes > 1
+    from pipeline import distributed
+
+    world = distributed.World(rank=0, size=4, local_rank=0, local_size=local_size)
+    assert distributed.cpu_threads(world, environ, 16) == threads
 
 
 def _train_as(rank: int, port: int, checkpoints: list[str], out: str) -> None:
