@@ -86,17 +86,39 @@ def _read(checkpoint: Path) -> dict | None:
     return state
 
 
-def resumed_row(checkpoint: Path, resume_key: str) -> str | None:
-    """When `checkpoint` was written for this training (its params, data and code), so that `train`
-    takes it up: the MLflow run it logged into ("" if it names none), else None. Memory-mapped:
-    only these two are read. Unreadable is None (train says why)."""
+def _written_for(checkpoint: Path, resume_key: str) -> dict | None:
+    """`checkpoint`'s state when it was written for this training (its params, data and code), else
+    None. Memory-mapped: only what is looked at is read. Unreadable is None (train says why)."""
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return None
-    if not isinstance(state, dict) or state.get("fingerprint") != resume_key:
+    return state if isinstance(state, dict) and state.get("fingerprint") == resume_key else None
+
+
+def resumed_row(checkpoint: Path, resume_key: str) -> str | None:
+    """When `train` takes `checkpoint` up: the MLflow run it logged into ("" if it names none), else None."""
+    state = _written_for(checkpoint, resume_key)
+    return None if state is None else str(state.get("row", ""))
+
+
+def _count_refusal(state: dict, checkpoint: Path, processes: int, total: int) -> str | None:
+    """Why `processes` processes may not resume this training's checkpoint, or None: an unfinished
+    run resumes only as it was split."""
+    if state.get("processes", 1) == processes or state["trainer"]["step"] >= total:
         return None
-    return str(state.get("row", ""))
+    return (f"train: {checkpoint} stopped at step {state['trainer']['step']} of a run with "
+            f"{state['processes']} processes, and this run has {processes}: set train.processes="
+            f"{state['processes']} to resume it, or delete it to start afresh")
+
+
+def check_resumable(checkpoint: Path, resume_key: str, world: World, total: int) -> None:
+    """`_resume`'s refusal, made before rank 0 opens the MLflow row (a refused resume left a FAILED
+    row that trained no step): rank 0 reads the checkpoint, every rank raises."""
+    state = _written_for(checkpoint, resume_key) if world.main else None
+    refusal = distributed.broadcast(state and _count_refusal(state, checkpoint, world.size, total), world)
+    if refusal:
+        raise PipelineError(refusal)
 
 
 def _resume(trainer: Trainer, checkpoint: Path, resume_key: str, world: World, total: int,
@@ -119,11 +141,9 @@ def _resume(trainer: Trainer, checkpoint: Path, resume_key: str, world: World, t
         print_fn(f"train: {checkpoint} was written for other params, data or training code; starting afresh")
         return []
     if state.get("processes", 1) != world.size:
-        if state["trainer"]["step"] < total:  # an unfinished run resumes only as it was split
-            raise PipelineError(
-                f"train: {checkpoint} stopped at step {state['trainer']['step']} of a run with "
-                f"{state['processes']} processes, and this run has {world.size}: set train.processes="
-                f"{state['processes']} to resume it, or delete it to start afresh")
+        refusal = _count_refusal(state, checkpoint, world.size, total)
+        if refusal:
+            raise PipelineError(refusal)
         print_fn(f"train: {checkpoint} is a finished run with {state['processes']} processes; starting afresh")
         return []
     try:
@@ -290,6 +310,7 @@ def run(p: Params, args: argparse.Namespace, world: World, device: torch.device)
 
     # rank 0 opens the MLflow row before the first step, so its duration includes training
     key = fingerprint(p, args.manifest, f"{device.type} {autocast_dtype(p.precision, device)}")
+    check_resumable(args.checkpoint, key, world, p.train.epochs * p.train.steps_per_epoch)
     with (tracking.start_training(p, args.manifest, resumed_row(args.checkpoint, key))
           if world.main else contextlib.nullcontext()) as row:
         trainer, history = train(p, photos, monets, args.checkpoint, key, say, world, device,

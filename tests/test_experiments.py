@@ -821,6 +821,22 @@ def _train_alone(root: Path, env: dict, out: Path) -> subprocess.CompletedProces
                 str(out / "c.csv"), "--grid", str(out / "grid.png")], root, env, check=False, timeout=120)
 
 
+def test_a_resume_refused_for_its_process_count_opens_no_row(reproduced, tmp_path):
+    # refused inside training, after the row had opened: each refused try left a FAILED row with
+    # every param that trained no step
+    root, env = reproduced
+    state = torch.load(root / ".cache/train/checkpoint.pt", weights_only=True)
+    state["trainer"]["step"] = 1  # unfinished, written by two processes
+    torch.save({**state, "processes": 2, "ranks": state["ranks"] * 2}, tmp_path / "checkpoint.pt")
+    before = rows(root)
+    res = _train_alone(root, env, tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"error: train: {tmp_path / 'checkpoint.pt'} stopped at step 1 of a run with 2 processes, and this run "
+        f"has 1: set train.processes=2 to resume it, or delete it to start afresh")
+    assert new_rows(root, before) == [] and rows(root) == before
+
+
 def test_an_unreachable_tracking_server_stops_train_before_any_step(reproduced, tmp_path):
     root, env = reproduced
     port = free_port()  # nothing listens there
