@@ -52,18 +52,23 @@ def check_images(folder: Path, min_images: int, max_images: int) -> list[Path]:
 
 
 # the markers libjpeg (Pillow's decoder) reads: segments with a length (the frames it decodes,
-# tables, scans, APPn, comments), and TEM and the restarts without one. Any other stops it.
-_SEGMENTS = frozenset([0xC0, 0xC1, 0xC2, 0xC4, 0xC9, 0xCA, 0xCC, *range(0xDA, 0xDE), *range(0xE0, 0xF0), 0xFE])
+# lossless included, tables, scans, APPn, comments), and TEM and the restarts without one. Any
+# other stops it.
+_SEGMENTS = frozenset([0xC0, 0xC1, 0xC2, 0xC3, 0xC4, 0xC9, 0xCA, 0xCC, *range(0xDA, 0xDE), *range(0xE0, 0xF0), 0xFE])
 _STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])
-_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # in coded data FF 00 is a stuffed FF, FF Dn a restart
+# in a scan's coded data FF 00 is a stuffed FF and FF Dn a restart, either after fill bytes (FF):
+# the scan ends at the first FF run followed by anything else
+_SCAN_END = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+CUT_SHORT = "cut short: no end-of-image marker"
 
 
 def jpeg_damage(data: bytes) -> str | None:
     """What breaks a JPEG's marker structure between its start and its end-of-image marker, or
     None. A file cut short does, and so do bytes overwritten inside it wherever Pillow's decoder
-    stops at them (an unknown marker), and more often than it does: a decode finds less and costs
-    ten times as much. A few bytes overwritten inside the coded data may make no marker, and decode
-    as a blemish in any reader. Bytes after the end-of-image marker are no damage."""
+    stops at them (an unknown marker), and more often than it does (stray bytes between segments,
+    which libjpeg calls corrupt data and skips): a decode finds less and costs ten times as much.
+    A few bytes overwritten inside the coded data may make no marker, and decode as a blemish in
+    any reader. Bytes after the end-of-image marker are no damage."""
     if not data.startswith(b"\xff\xd8"):
         return "no start-of-image marker"
     pos, end = 2, len(data)
@@ -82,6 +87,8 @@ def jpeg_damage(data: bytes) -> str | None:
             continue
         if marker not in _SEGMENTS:
             return f"marker FF{marker:02X} at byte {at}, where Pillow's decoder stops"
+        if pos + 2 > end:
+            break
         length = int.from_bytes(data[pos:pos + 2], "big")
         if length < 2:
             return f"a segment of length {length} at byte {at}"
@@ -89,7 +96,7 @@ def jpeg_damage(data: bytes) -> str | None:
         if marker == 0xDA and pos < end:  # a scan: its coded data runs to the next marker
             found = _SCAN_END.search(data, pos)
             pos = found.start() if found else end
-    return "cut short: no end-of-image marker"
+    return CUT_SHORT
 
 
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can say: entries carry no file times

@@ -130,13 +130,24 @@ def test_a_jpeg_cut_short_or_damaged_inside_is_refused(tmp_path):
 def test_every_overwrite_pillow_cannot_decode_is_refused_and_whole_jpegs_pass(options):
     # Pillow's own decoder is the reference: what it stops at, the structural check must refuse;
     # every cut must be refused; and a JPEG however it was encoded (another set to package) passes
-    from pipeline.package import jpeg_damage
+    from pipeline.package import CUT_SHORT, jpeg_damage
 
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), np.uint8)).save(buf, "JPEG", **options)
     whole = buf.getvalue()
     assert jpeg_damage(whole) is None and jpeg_damage(whole + b"tail") is None
-    assert all(jpeg_damage(whole[:cut]) for cut in range(0, len(whole) - 1, 331))
+    # fill bytes (FF) before a marker, a restart or a stuffed FF 00 in the coded data: libjpeg skips
+    # them, and the check refused the first two
+    stuffed = whole.index(b"\xff\x00", whole.index(b"\xff\xda"))
+    filled = [whole[:stuffed] + b"\xff" + whole[stuffed:], whole[:-2] + b"\xff\xff" + whole[-2:]]
+    if b"\xff\xd0" in whole:
+        filled.append(whole.replace(b"\xff\xd0", b"\xff\xff\xd0", 1))
+    for data in filled:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+        assert jpeg_damage(data) is None
+    assert jpeg_damage(whole[:1]) == "no start-of-image marker"
+    assert {jpeg_damage(whole[:cut]) for cut in [*range(2, 30), *range(30, len(whole) - 1, 331)]} == {CUT_SHORT}
     undecodable = 0
     for seed in range(60):
         at, count = len(whole) * (seed % 5 + 2) // 8, (2000, 50, 5)[seed % 3]
