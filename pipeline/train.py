@@ -96,29 +96,34 @@ def _written_for(checkpoint: Path, resume_key: str) -> dict | None:
     return state if isinstance(state, dict) and state.get("fingerprint") == resume_key else None
 
 
-def resumed_row(checkpoint: Path, resume_key: str) -> str | None:
-    """When `train` takes `checkpoint` up: the MLflow run it logged into ("" if it names none), else None."""
-    state = _written_for(checkpoint, resume_key)
-    return None if state is None else str(state.get("row", ""))
+def _step(state: dict) -> int | None:
+    try:
+        return int(state["trainer"]["step"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _count_refusal(state: dict, checkpoint: Path, processes: int, total: int) -> str | None:
     """Why `processes` processes may not resume this training's checkpoint, or None: an unfinished
-    run resumes only as it was split."""
-    if state.get("processes", 1) == processes or state["trainer"]["step"] >= total:
+    run resumes only as it was split. A state of another layout is not judged here (loading it
+    into the trainer says what is wrong)."""
+    written, step = state.get("processes", 1), _step(state)
+    if written == processes or step is None or step >= total:
         return None
-    return (f"train: {checkpoint} stopped at step {state['trainer']['step']} of a run with "
-            f"{state['processes']} processes, and this run has {processes}: set train.processes="
-            f"{state['processes']} to resume it, or delete it to start afresh")
+    return (f"train: {checkpoint} stopped at step {step} of a run with {written} processes, and this run "
+            f"has {processes}: set train.processes={written} to resume it, or delete it to start afresh")
 
 
-def check_resumable(checkpoint: Path, resume_key: str, world: World, total: int) -> None:
-    """`_resume`'s refusal, made before rank 0 opens the MLflow row (a refused resume left a FAILED
-    row that trained no step): rank 0 reads the checkpoint, every rank raises."""
+def resumed_row(checkpoint: Path, resume_key: str, world: World, total: int) -> str | None:
+    """Before rank 0 opens the MLflow row: when `checkpoint` was written for this training (its
+    params, data and code), the row it logged into ("" if it names none), else None. A checkpoint
+    these processes may not resume is refused here, not in training, where the refusal left a
+    FAILED row that trained no step: rank 0 reads it, every rank raises."""
     state = _written_for(checkpoint, resume_key) if world.main else None
     refusal = distributed.broadcast(state and _count_refusal(state, checkpoint, world.size, total), world)
     if refusal:
         raise PipelineError(refusal)
+    return None if state is None else str(state.get("row", ""))
 
 
 def _resume(trainer: Trainer, checkpoint: Path, resume_key: str, world: World, total: int,
@@ -140,11 +145,11 @@ def _resume(trainer: Trainer, checkpoint: Path, resume_key: str, world: World, t
     if state.get("fingerprint") != resume_key:
         print_fn(f"train: {checkpoint} was written for other params, data or training code; starting afresh")
         return []
-    if state.get("processes", 1) != world.size:
+    if state.get("processes", 1) != world.size and _step(state) is not None:  # else the load below says what is wrong
         refusal = _count_refusal(state, checkpoint, world.size, total)
         if refusal:
             raise PipelineError(refusal)
-        print_fn(f"train: {checkpoint} is a finished run with {state['processes']} processes; starting afresh")
+        print_fn(f"train: {checkpoint} is a finished run with {state.get('processes', 1)} processes; starting afresh")
         return []
     try:
         trainer.load_state_dict(state["trainer"])
@@ -310,8 +315,8 @@ def run(p: Params, args: argparse.Namespace, world: World, device: torch.device)
 
     # rank 0 opens the MLflow row before the first step, so its duration includes training
     key = fingerprint(p, args.manifest, f"{device.type} {autocast_dtype(p.precision, device)}")
-    check_resumable(args.checkpoint, key, world, p.train.epochs * p.train.steps_per_epoch)
-    with (tracking.start_training(p, args.manifest, resumed_row(args.checkpoint, key))
+    resumed = resumed_row(args.checkpoint, key, world, p.train.epochs * p.train.steps_per_epoch)
+    with (tracking.start_training(p, args.manifest, resumed)
           if world.main else contextlib.nullcontext()) as row:
         trainer, history = train(p, photos, monets, args.checkpoint, key, say, world, device,
                                  row=row.info.run_id if row else "")

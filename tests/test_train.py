@@ -9,6 +9,7 @@ from tqdm import tqdm
 from pipeline import runtime
 from pipeline import train as train_stage
 from pipeline.cyclegan import NonFiniteLoss, Trainer, build_nets
+from pipeline.distributed import World
 from pipeline.errors import PipelineError, brief
 from pipeline.params import parse
 
@@ -135,8 +136,8 @@ def test_checkpoint_loads_with_weights_only_and_holds_the_rng_states(tmp_path):
     state = torch.load(tmp_path / "c.pt", weights_only=True)  # plain tensors and containers only
     assert set(state) == {"fingerprint", "processes", "trainer", "ranks", "history", "row"}
     # the MLflow row it logs into: the one a resumed training takes up
-    assert train_stage.resumed_row(tmp_path / "c.pt", "key") == "run-1"
-    assert train_stage.resumed_row(tmp_path / "c.pt", "other params") is None
+    assert train_stage.resumed_row(tmp_path / "c.pt", "key", World(), 6) == "run-1"
+    assert train_stage.resumed_row(tmp_path / "c.pt", "other params", World(), 6) is None
     assert state["processes"] == 1 and len(state["ranks"]) == 1 and state["trainer"]["step"] == 6
     mine = state["ranks"][0]  # what is this process's own: RNGs and pools
     assert mine["rng"]["cpu"].dtype == torch.uint8 and mine["data_rng"].dtype == torch.uint8
@@ -171,6 +172,15 @@ def test_an_unfinished_checkpoint_of_another_process_count_is_a_clear_error(tmp_
                                             r"set train.processes=2 to resume it"):
         train_stage.train(P, *_data(), ckpt, "key", print_fn=lambda *_: None)
     assert ckpt.read_bytes() == before  # kept for the resume the message offers
+    # the stage refuses it before opening the MLflow row, with the same line
+    with pytest.raises(PipelineError, match=r"step 2 of a run with 2 processes, and this run has 1: "):
+        train_stage.resumed_row(ckpt, "key", World(), 6)
+    # a state of another layout that names another process count is not taken for a finished run
+    # (a KeyError traceback before the row, or a fresh start over it in training): loading says so
+    torch.save({**state, "processes": 2, "trainer": {"weights": 1}}, ckpt)
+    assert train_stage.resumed_row(ckpt, "key", World(), 6) == ""
+    with pytest.raises(PipelineError, match=r"does not load into this code's training state"):
+        train_stage.train(P, *_data(), ckpt, "key", print_fn=lambda *_: None)
 
 
 @pytest.mark.parametrize("spoil, needle", [
