@@ -61,7 +61,7 @@ def launch(processes: int, module: str, argv: list[str]) -> None:
 
     stage = module.rsplit(".", 1)[-1]
     # each worker's share of the cores (torchrun would set 1 and warn); `start` sets torch's too
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(core_share(processes, os.cpu_count() or 1)))
     os.environ[LAUNCHER] = str(os.getpid())
     # the launcher keeps its workers' error reports in a log folder, by default a new /tmp/torchelastic_*
     # that every run leaves behind: here one that goes when the run ends (the reports are read by then)
@@ -150,11 +150,16 @@ def start(world: World, device: torch.device) -> torch.device:
     return device
 
 
+def core_share(processes: int, cores: int) -> int:
+    """The cores each of `processes` workers on this machine takes."""
+    return max(1, cores // processes)
+
+
 def cpu_threads(world: World, environ, cores: int) -> int:
     """A CPU worker's threads: the OMP_NUM_THREADS the user set (a sweep's `OMP_NUM_THREADS=1 dvc
     queue start -j 2`), else its share of the cores. A plain torchrun with several workers here
     sets OMP_NUM_THREADS=1 itself when it is unset (and warns), so there 1 reads as its default."""
-    share = max(1, cores // world.local_size)
+    share = core_share(world.local_size, cores)
     told = environ.get("OMP_NUM_THREADS", "").strip()
     if not told.isdigit() or int(told) < 1:
         return share
@@ -181,8 +186,9 @@ def wrap(net: nn.Module, world: World, device: torch.device) -> nn.Module:
     if world.size == 1:
         return net
     # no buffer changes in training (the resize taps are constants, InstanceNorm keeps no running
-    # statistics): nothing to send from rank 0 before each forward. PyTorch 2.14 renamed the option
-    # (the old name warns, once a worker); the GPU image's 2.11 knows only the old one
+    # statistics): nothing to send from rank 0 before each forward. PyTorch 2.13 renamed the option
+    # (the old name warns, once a worker; the new one still sends the buffers once, at the start,
+    # which for constants changes nothing); the GPU image's 2.11 knows only the old one
     names = inspect.signature(DistributedDataParallel).parameters
     no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in names else "broadcast_buffers": False}
     return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None, **no_sync)
