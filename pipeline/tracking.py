@@ -95,8 +95,8 @@ def _without_password(uri: str) -> str:
 
 
 def experiment_name() -> str:
-    """The MLflow experiment the stages log into: MLFLOW_EXPERIMENT_NAME, as MLflow reads it (set
-    but empty is unset), else the pipeline's own."""
+    """The MLflow experiment the stages log into: MLFLOW_EXPERIMENT_NAME, else the pipeline's own
+    (set but empty too: MLflow refuses an experiment named '')."""
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
 
 
