@@ -100,7 +100,7 @@ def verify(path: str | Path, label: str | None = None) -> int:
     # names end with (photo00-352.tfrec holds 352), or, for a file named otherwise, no record at all
     if count == 0:
         raise DataError(f"{label}: holds no record (an empty file, or a copy cut short: copy it again)")
-    named = re.search(r"\d-(\d+)\.tfrec$", path.name, re.IGNORECASE)
+    named = re.fullmatch(r"(?:monet|photo)\d+-(\d+)\.tfrec", path.name, re.IGNORECASE)
     if named and count < int(named[1]):
         raise DataError(f"{label}: holds {count} records where its name says {int(named[1])} (a copy cut short "
                         f"at a record's end?); copy it again, or rename it if its name does not count its records")

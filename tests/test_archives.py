@@ -379,9 +379,10 @@ def test_a_tfrecord_cut_at_a_record_end_is_told_by_the_count_in_its_name(tmp_pat
         return path.read_bytes()
 
     renamed = {"monet_tfrec/monet00-2.tfrec": good["monet_tfrec/monet00-2.tfrec"],
-               "photo_tfrec/photos.tfrec": records("a"), "photo_tfrec/photo02-1.tfrec": records("b", "c")}
+               "photo_tfrec/photos.tfrec": records("a"), "photo_tfrec/photo02-1.tfrec": records("b", "c"),
+               "photo_tfrec/photos_2023-12.tfrec": records("d")}  # a date, not a count
     manifest = _ingest(tmp_path / "renamed", _folder(tmp_path / "renamed-comp", renamed))
-    assert sorted(manifest.loc[manifest["domain"] == "photo", "image_name"]) == ["a", "b", "c"]
+    assert sorted(manifest.loc[manifest["domain"] == "photo", "image_name"]) == ["a", "b", "c", "d"]
 
 
 def test_a_compressed_tfrecord_folder_is_told_to_decompress(tmp_path, good):
