@@ -68,7 +68,9 @@ def kaggle_api():
         why = f"Kaggle refused the credentials (HTTP {status})" if status in (401, 403) else f"{type(e).__name__}: {e}"
         raise PipelineError(f"ingest.source=kaggle: signing in to Kaggle failed: {why}") from None
     # what it says when it signs in (a warning, say), once: the import signs in too, and says it again
-    print("".join(dict.fromkeys(help_text.getvalue().splitlines(keepends=True))), end="", file=sys.stderr)
+    said = help_text.getvalue()
+    half = len(said) // 2
+    print(said[:half] if said[:half] == said[half:] else said, end="", file=sys.stderr)
     return api
 
 
@@ -175,6 +177,7 @@ def _fetch(api, into: Path) -> list[Path]:
                 f"{_config_file()}, and that no expired token is set (KAGGLE_API_TOKEN or "
                 f"~/.kaggle/access_token, which the client uses first)") from None
         if _unreachable(e):  # a username and key are not checked when signing in: here, first
+            # (a break in the first 16 KiB, which the client writes at once, reads as never reached)
             what = f"the download of {COMPETITION} broke off" if received() else f"cannot reach Kaggle to download {COMPETITION}"
             raise Unreachable(f"ingest.source=kaggle: {what} ({_cause(e)})") from None
         raise PipelineError(f"ingest.source=kaggle: download of {COMPETITION} failed: {e}") from None
