@@ -960,8 +960,8 @@ def test_a_deleted_experiment_is_one_line_before_the_work(store, tmp_path, monke
 
 
 def test_an_empty_experiment_name_is_no_name(store, monkeypatch):
-    # MLflow reads MLFLOW_EXPERIMENT_NAME= (set, empty) as unset; the stages asked for an experiment
-    # named '' and stopped on MLflow's traceback when it would not make one
+    # MLFLOW_EXPERIMENT_NAME= (set, empty): the stages asked MLflow for an experiment named '', and
+    # stopped on its traceback when it would not make one (Invalid experiment name)
     from pipeline import tracking
     from pipeline.params import parse
 

@@ -129,7 +129,7 @@ def test_a_jpeg_cut_short_or_damaged_inside_is_refused(tmp_path):
                                      {"quality": 10, "subsampling": 0}])
 def test_every_overwrite_pillow_cannot_decode_is_refused_and_whole_jpegs_pass(options):
     # Pillow's own decoder is the reference: what it stops at, the structural check must refuse;
-    # every cut must be refused; and a JPEG however it was encoded (another set to package) passes
+    # every cut must be refused; and a whole JPEG of each of these encodings (another set to package) passes
     from pipeline.package import CUT_SHORT, jpeg_damage
 
     buf = io.BytesIO()
