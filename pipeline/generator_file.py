@@ -75,9 +75,14 @@ def translate(net: nn.Module, photos: torch.Tensor, image_size: int, device: tor
     out = []
     try:
         for chunk in photos.split(batch_size):
-            x = to_model_input(resize_uint8(chunk, image_size), device, channels_last)
+            # a batch of one is convolved with other kernels than a batch of several (on an AVX2
+            # CPU in fp32 it came out one level of 255 apart in a few values), so that a photo's
+            # painting depended on the batch it fell in: painted beside a copy of itself, it is not
+            alone = len(chunk) == 1
+            x = to_model_input(resize_uint8(chunk.expand(2, *chunk.shape[1:]) if alone else chunk, image_size),
+                               device, channels_last)
             with autocast():
-                y = net(x).float()
+                y = net(x).float()[:1 if alone else None]
             # upscaled 8 at a time: small float temporaries stay in the allocator's reuse
             # (measured 2× faster on the CPU than the whole batch at 256 px)
             out += [to_uint8(upscale(part, out_size)) for part in y.split(8)]

@@ -87,6 +87,22 @@ def test_translate_is_the_net_at_its_size_then_upscaled(saved):
     assert out64.shape == (2, 64, 64, 3) and torch.equal(out64, via32)
 
 
+def test_a_photo_is_painted_alike_whatever_batch_it_falls_in(saved):
+    # a batch of one is convolved with other kernels: on an AVX2 CPU in fp32 a lone photo (the last
+    # of a shard, or one sent to the served model) came out one level apart in a few values, and
+    # `-S generate.batch_size=5` made other JPEGs, so DVC reran evaluate and package
+    net, _ = saved
+    photos = _photos(24)
+
+    def painted(photos, batch_size):
+        return generator_file.translate(net, photos, 32, CPU, autocast(CPU, None), out_size=256, batch_size=batch_size)
+
+    whole = painted(photos, 24)
+    for batch_size in (1, 5, 16):
+        assert torch.equal(painted(photos, batch_size), whole), batch_size
+    assert torch.equal(painted(photos[7:8], 64), whole[7:8])
+
+
 @pytest.mark.parametrize("size, out_size", [(32, 256), (64, 256), (64, 128), (7, 20)])
 def test_upscale_is_torch_bicubic(size, out_size):
     y = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(size)) * 2 - 1
