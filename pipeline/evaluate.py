@@ -156,7 +156,11 @@ def evaluate(p: Params, shards_dir: Path, manifest_path: Path, images: Path, cac
     identity = cache.get("photos", images_key(photos), lambda: features(photos, "photos (untranslated)"),
                          shape=(n, FEATURE_DIM))
     result.update(baseline_images=n, fid_subset=fid_subset, fid_identity=fid(identity, real))
-    result["fid_vs_identity"] = fid_subset / result["fid_identity"]
+    if result["fid_identity"] > 0:
+        result["fid_vs_identity"] = fid_subset / result["fid_identity"]
+    else:  # was a ZeroDivisionError traceback after all of the work
+        say(f"evaluate: warning: the first {n} photos, untranslated, already score FID 0 against the paintings "
+            f"(the same images in both sets?): fid_vs_identity has no scale and is left out")
     if on_sample:
         result.update(ground_truth(p, cache, names, photos, images, features, n, fid_subset, real))
     unbounded = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]

@@ -343,3 +343,19 @@ def test_features_every_core_computed_are_not_taken_for_another_core_count(data)
     assert not any("paintings features from the cache" in line for line in said[1]), said[1]
     # the BatchNorm statistics are computed on one thread whatever the cores: those are shared
     assert any("BatchNorm statistics from the cache" in line for line in said[1]), said[1]
+
+
+def test_photos_that_are_the_paintings_leave_out_the_identity_ratio(data, monkeypatch):
+    # a local dataset with the same images as photos and paintings: the untranslated photos score
+    # FID 0, and fid_vs_identity was a ZeroDivisionError traceback after the whole evaluation
+    root, _ = data
+    manifest = stage.shards.read_manifest(root / "manifest.csv")
+    _, paintings = stage.shards.load_domain(root / "shards", manifest, "monet")
+    monkeypatch.setattr(stage, "first_photos", lambda *a: paintings.clone())
+    said = []
+    params = parse({"seed": SEED, "ingest": {"sample_photos": 24, "sample_paintings": 12},
+                    "evaluate": {"batch_size": 16, "baseline_images": 12, "kid_subsets": 5}})
+    result, _ = _evaluate(data, params=params, cache="cache-same", say=said.append)
+    assert result["fid_identity"] == 0 and "fid_vs_identity" not in result
+    assert result["fid_subset"] > 0 and np.isfinite(result["fid_vs_ground_truth"])
+    assert any("fid_vs_identity has no scale and is left out" in s for s in said)
