@@ -147,6 +147,48 @@ def test_recipe_ceiling_is_the_image_through_the_generator_size(repo_root):
     assert abs(small.float().mean() - stripes.float().mean()) < 1
 
 
+def test_recipe_unsharp_mask_amplifies_fine_detail_and_keeps_the_colour(repo_root):
+    """bench/recipe.py --unsharp: the ceilings' images with their fine detail amplified, more for a
+    larger percent, their mean colour and shape kept."""
+    import runpy
+
+    import torch
+    sharpened = runpy.run_path(str(repo_root / "bench" / "recipe.py"))["sharpened"]
+    g = torch.Generator().manual_seed(0)
+    soft = (torch.rand(2, 16, 16, 3, generator=g) * 100 + 80).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    images = soft.round().to(torch.uint8)  # 64×64 blocks of 4×4: edges every 4 px
+
+    def detail(x):  # mean absolute difference between horizontal neighbours
+        return (x[:, :, 1:].float() - x[:, :, :-1].float()).abs().mean()
+
+    more, most = sharpened(images, 100), sharpened(images, 300)
+    assert more.shape == images.shape and more.dtype == torch.uint8
+    assert detail(images) < detail(more) < detail(most)
+    assert abs(more.float().mean() - images.float().mean()) < 1
+
+
+def test_recipe_ceilings_score_a_generator_and_the_sharpened_images(repo_root, tmp_path):
+    """`bench/recipe.py --ceilings-only --unsharp P --generator FILE` on a tiny sample: a row for
+    each ceiling and for the generator, each also sharpened; a ground truth at full size is 1.0."""
+    from pipeline import generator_file, ingest
+    from pipeline.params import load, parse
+
+    seed = load(repo_root / "params.yaml").seed  # the bench renders the ground truth of params.yaml's seed
+    ingest.ingest(parse({"seed": seed, "ingest": {"sample_photos": 12, "sample_paintings": 10, "shard_size": 8}}),
+                  tmp_path / "raw", tmp_path / "shards", tmp_path / "manifest.csv", tmp_path / "cache")
+    config = generator_file.config_of(parse({"image_size": 32, "train": {"gen_filters": 4, "resnet_blocks": 1}}))
+    generator_file.save(generator_file.build(config), config, tmp_path / "g.pt")
+    res = subprocess.run([sys.executable, str(repo_root / "bench" / "recipe.py"), "--ceilings-only", "--images", "12",
+                          "--data", str(tmp_path), "--ceilings", "32,256", "--unsharp", "150",
+                          "--generator", str(tmp_path / "g.pt")], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = dict(line.rsplit(None, 1) for line in res.stdout.splitlines()[-6:])
+    assert list(rows) == ["32 px", "32 px, unsharp 150%", "256 px", "256 px, unsharp 150%",
+                          f"generator {tmp_path / 'g.pt'}", f"generator {tmp_path / 'g.pt'}, unsharp 150%"]
+    assert float(rows["256 px"]) == pytest.approx(1.0) and float(rows["256 px, unsharp 150%"]) != float(rows["256 px"])
+
+
 def test_recipe_options_each_change_the_default(repo_root):
     """bench/recipe.py measures each option against params.yaml: none may repeat the default, and
     the old default the README's table compares with, transposed convolutions, is among them."""
@@ -161,7 +203,8 @@ def test_recipe_options_each_change_the_default(repo_root):
 
 @pytest.mark.parametrize("args", [["--data", "/nonexistent"], ["--images", "0"], ["--images", "-3"],
                                   ["--ceilings", "abc"], ["--ceilings", "0"], ["--seconds", "nan"],
-                                  ["--seconds", "inf"], ["--seconds", "-100"], ["--seconds", "0"]])
+                                  ["--seconds", "inf"], ["--seconds", "-100"], ["--seconds", "0"],
+                                  ["--unsharp", "-5"]])
 def test_recipe_bench_refuses_bad_arguments(repo_root, args):
     assert args[1] in refused(repo_root, "recipe.py", *args, "--ceilings-only")
 
