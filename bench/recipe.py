@@ -125,16 +125,15 @@ def main() -> None:
     if trained:
         net, config = trained
         ctx = autocast(device, autocast_dtype(p.precision, device))
-        made_by[f"generator {args.generator}"] = lambda: translate(net, first, config["image_size"], device, ctx, out_size=256,
-                                                         batch_size=p.generate.batch_size)
+        made_by[f"generator {args.generator}"] = lambda: translate(  # as `generate` makes them
+            net, first, config["image_size"], device, ctx, out_size=256, batch_size=p.generate.batch_size)
     ceilings = {}
     for name, make in made_by.items():
         made = make()
         for percent in [0, *args.unsharp]:
             label = name + (f", unsharp {percent}%" if percent else "")
             images = sharpened(made, percent) if percent else made
-            ceilings[label] = fid(features(evaluate.as_jpeg(images.numpy(), quality), f"ground truth through {label}"),
-                                  real) / fid_truth
+            ceilings[label] = fid(features(evaluate.as_jpeg(images.numpy(), quality), label), real) / fid_truth
     print(f"\nfid_ground_truth {fid_truth:.2f} on the first {n} photos; extractor offline\n")
     width = max(34, *map(len, ceilings))
     print(f"{'ground truth through, or generator':<{width}} {'fid/gt':>7}")
