@@ -68,6 +68,7 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
     try:
         yield pool
     except BaseException as e:
+        manager = getattr(pool, "_executor_manager_thread", None)  # shutdown() forgets it
         # stopped now, not after their tasks; Python 3.14 has pool.kill_workers(), before it the
         # processes are in _processes
         for process in list((getattr(pool, "_processes", None) or {}).values()):
@@ -77,6 +78,12 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
         with contextlib.suppress(Exception):
             pool._result_queue._writer.close()
         pool.shutdown(wait=False, cancel_futures=True)
+        # the pool's thread closes its wake-up pipe as it ends, and the interpreter's exit writes
+        # to that pipe without a lock (CPython gh-125451, fixed in later releases than 3.11.7): now
+        # and then 16 lines of "Exception ignored ... Bad file descriptor" after the stage's one.
+        # Its workers are gone, so it ends within moments; the timeout only bounds a surprise
+        if manager is not None:
+            manager.join(timeout=10)
         if isinstance(e, BrokenProcessPool):
             raise PipelineError("a worker process of this stage ended abruptly (killed, or out of memory?); "
                                 "no output was left half-written") from None

@@ -29,9 +29,23 @@ main()
 """
 
 
-@pytest.fixture
-def stage(repo_root):
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=repo_root, stdout=subprocess.PIPE,
+# CPython's race at exit (gh-125451) made certain: the exit's wake-up of the pool's thread waits
+# between its check that the pipe is open and its write, while that thread closes the pipe
+RACY_EXIT = """
+import concurrent.futures.process, time
+
+def wakeup(self):
+    if not self._closed:
+        time.sleep(0.5)
+        self._writer.send_bytes(b"")
+
+concurrent.futures.process._ThreadWakeup.wakeup = wakeup
+"""
+
+
+@pytest.fixture(params=[""], ids=["plain"])
+def stage(repo_root, request):
+    proc = subprocess.Popen([sys.executable, "-c", request.param + SCRIPT], cwd=repo_root, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     said = ""
     while said.count("napping") < 2 or "started" not in said:  # (two processes' lines may interleave)
@@ -105,7 +119,10 @@ def test_workers_die_with_a_stage_killed_outright(stage):
     assert not alive, "workers outlived their stage"
 
 
+@pytest.mark.parametrize("stage", ["", RACY_EXIT], ids=["plain", "racy-exit"], indirect=True)
 def test_a_worker_killed_on_its_own_is_one_line(stage):
+    # with the race at exit, 16 lines of "Exception ignored ... Bad file descriptor" followed the
+    # stage's line now and then (1 run in 40 on a busy machine; fresh-clone CI once)
     proc, workers = stage
     workers[0].kill()  # the OOM killer's choice
     _, err = proc.communicate(timeout=30)
