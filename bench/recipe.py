@@ -121,19 +121,21 @@ def main() -> None:
     real = features(paintings, "paintings")
     rendered = torch.from_numpy(sample.render_parallel(p.seed, [sample.photo_index(i) for i in range(n)], "monet"))
     fid_truth = fid(features(evaluate.as_jpeg(rendered.numpy(), quality), "ground truth"), real)
-    made_by = {f"{size} px": lambda size=size: through_size(rendered, size, device) for size in args.ceilings}
-    if trained:
-        net, config = trained
-        ctx = autocast(device, autocast_dtype(p.precision, device))
-        made_by[f"generator {args.generator}"] = lambda: translate(  # as `generate` makes them
-            net, first, config["image_size"], device, ctx, out_size=256, batch_size=p.generate.batch_size)
     ceilings = {}
-    for name, make in made_by.items():
-        made = make()
+
+    def score(name: str, made: torch.Tensor) -> None:  # as made, then after each unsharp mask asked
         for percent in [0, *args.unsharp]:
             label = name + (f", unsharp {percent}%" if percent else "")
             images = sharpened(made, percent) if percent else made
             ceilings[label] = fid(features(evaluate.as_jpeg(images.numpy(), quality), label), real) / fid_truth
+
+    for size in args.ceilings:
+        score(f"{size} px", through_size(rendered, size, device))
+    if trained:
+        net, config = trained
+        ctx = autocast(device, autocast_dtype(p.precision, device))
+        score(f"generator {args.generator}", translate(net, first, config["image_size"], device, ctx, out_size=256,
+                                                       batch_size=p.generate.batch_size))  # as `generate` makes them
     print(f"\nfid_ground_truth {fid_truth:.2f} on the first {n} photos; extractor offline\n")
     width = max(34, *map(len, ceilings))
     print(f"{'ground truth through, or generator':<{width}} {'fid/gt':>7}")
